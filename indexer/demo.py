@@ -1,0 +1,168 @@
+"""The demo corpus: a few thousand short documents generated from templates, deterministically.
+
+Each document belongs to a topic (kept in its metadata), so a search for "a rocket leaving the launch
+pad" should return space documents: a real, checkable retrieval task with no third-party text.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from models.files import atomic_write_bytes
+
+TOPICS: dict[str, dict[str, list[str]]] = {
+    "space": {
+        "subject": [
+            "the rocket",
+            "an astronaut",
+            "the space probe",
+            "the telescope",
+            "a satellite",
+            "the lunar lander",
+        ],
+        "verb": ["orbits", "photographs", "launches towards", "drifts past", "signals from", "lands near"],
+        "object": [
+            "a distant galaxy",
+            "the red planet",
+            "the rings of Saturn",
+            "a comet",
+            "the far side of the moon",
+            "a nebula",
+        ],
+    },
+    "cooking": {
+        "subject": ["the chef", "my grandmother", "a baker", "the cook", "the pastry team", "a home cook"],
+        "verb": ["slowly simmers", "bakes", "seasons", "grills", "kneads", "whisks"],
+        "object": [
+            "a tomato sauce",
+            "sourdough bread",
+            "fresh pasta",
+            "a lemon tart",
+            "the vegetable soup",
+            "a chocolate cake",
+        ],
+    },
+    "football": {
+        "subject": ["the striker", "the goalkeeper", "the home team", "a young midfielder", "the referee", "the coach"],
+        "verb": [
+            "scores against",
+            "saves a penalty from",
+            "celebrates beating",
+            "argues with",
+            "trains with",
+            "defends against",
+        ],
+        "object": [
+            "the league champions",
+            "the visiting side",
+            "a rival club",
+            "the national team",
+            "the defenders",
+            "the crowd",
+        ],
+    },
+    "music": {
+        "subject": ["the violinist", "a jazz pianist", "the choir", "the drummer", "an orchestra", "the guitarist"],
+        "verb": ["performs", "improvises", "rehearses", "records", "composes", "tunes up for"],
+        "object": [
+            "a symphony",
+            "a slow ballad",
+            "the concert",
+            "an album of songs",
+            "a string quartet",
+            "the opening melody",
+        ],
+    },
+    "weather": {
+        "subject": [
+            "a thunderstorm",
+            "the heavy rain",
+            "a cold front",
+            "the morning fog",
+            "strong winds",
+            "the heatwave",
+        ],
+        "verb": ["sweeps across", "floods", "settles over", "batters", "lingers above", "moves towards"],
+        "object": [
+            "the coastal towns",
+            "the valley",
+            "the city streets",
+            "the northern hills",
+            "the harbour",
+            "the farmland",
+        ],
+    },
+    "medicine": {
+        "subject": ["the surgeon", "a nurse", "the doctor", "the hospital", "a pharmacist", "the researchers"],
+        "verb": ["treats", "examines", "vaccinates", "operates on", "prescribes medicine for", "monitors"],
+        "object": [
+            "the patient",
+            "a child with a fever",
+            "the injured runner",
+            "elderly patients",
+            "a broken leg",
+            "the infection",
+        ],
+    },
+    "gardening": {
+        "subject": ["the gardener", "my neighbour", "a volunteer", "the farmer", "the children", "a botanist"],
+        "verb": ["plants", "waters", "prunes", "harvests", "grows", "weeds around"],
+        "object": [
+            "the rose bushes",
+            "tomatoes in the greenhouse",
+            "an apple tree",
+            "the herb garden",
+            "tulip bulbs",
+            "the vegetable patch",
+        ],
+    },
+    "computing": {
+        "subject": [
+            "the programmer",
+            "a database",
+            "the compiler",
+            "the server",
+            "an engineer",
+            "the operating system",
+        ],
+        "verb": ["optimises", "crashes while running", "debugs", "compiles", "caches", "deploys"],
+        "object": [
+            "the source code",
+            "a slow query",
+            "the web application",
+            "a memory leak",
+            "the network service",
+            "a software update",
+        ],
+    },
+}
+TAILS = ["", " today", " again", " this morning", " late at night", " for the first time", " once more", " at last"]
+TEMPLATES = ["{s} {v} {o}{t}.", "Today {s} {v} {o}.", "News: {s} {v} {o}{t}.", "{S} {v} {o}, everyone says{t}."]
+
+
+def demo_items(n: int = 3200, seed: int = 7) -> list[dict]:
+    rng = random.Random(seed)
+    topics = sorted(TOPICS)
+    seen: set[str] = set()
+    out: list[dict] = []
+    while len(out) < n:
+        topic = topics[len(out) % len(topics)]
+        words = TOPICS[topic]
+        s, v, o = rng.choice(words["subject"]), rng.choice(words["verb"]), rng.choice(words["object"])
+        text = rng.choice(TEMPLATES).format(s=s, S=s.capitalize(), v=v, o=o, t=rng.choice(TAILS))
+        text = text[0].upper() + text[1:]
+        if text in seen:
+            continue
+        seen.add(text)
+        out.append({"id": f"doc-{len(out):05d}", "text": text, "metadata": {"topic": topic}})
+        if len(seen) > 40 * n:  # pragma: no cover - templates can make far more than asked
+            break
+    return out
+
+
+def write_demo_corpus(path: Path, n: int = 3200, seed: int = 7) -> Path:
+    lines = "".join(json.dumps(item, sort_keys=True) + "\n" for item in demo_items(n, seed))
+    atomic_write_bytes(path, lines.encode())
+    return path

@@ -1,0 +1,93 @@
+"""FAISS: import with a clear error, index construction from a factory key, GPU when present."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.errors import InvalidInput, MissingDependency
+
+log = logging.getLogger(__name__)
+EXACT_UP_TO = 50_000  # below this many vectors an exact (flat) index is both fast enough and perfect
+
+
+def import_faiss() -> Any:
+    try:
+        import faiss
+    except ImportError as exc:
+        raise MissingDependency(
+            "FAISS is not installed: install exactly one of the extras, "
+            "`pip install 'xmodal[cpu]'` or, on a CUDA machine, `pip install 'xmodal[gpu]'`"
+        ) from exc
+    return faiss
+
+
+def gpu_count(faiss: Any) -> int:
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get else 0
+
+
+def default_key(n: int) -> str:
+    """Flat (exact) for small corpora; HNSW above, which needs no training and keeps recall high."""
+    return "Flat" if n <= EXACT_UP_TO else "HNSW32,Flat"
+
+
+def build(vectors: np.ndarray, key: str, use_gpu: bool = True) -> tuple[Any, str]:
+    """Build an inner-product index over L2-normalised ``vectors``; returns (CPU index, where it was built)."""
+    faiss = import_faiss()
+    dim = vectors.shape[1]
+    try:
+        index = faiss.index_factory(dim, key, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise InvalidInput(f"invalid FAISS index key {key!r}: {exc}") from None
+    device = "cpu"
+    if use_gpu and gpu_count(faiss) > 0 and "HNSW" not in key:  # HNSW has no GPU build
+        index = faiss.index_cpu_to_all_gpus(index)
+        device = "gpu"
+    if not index.is_trained:
+        index.train(vectors)
+    index.add(vectors)
+    if device == "gpu":
+        index = faiss.index_gpu_to_cpu(index)  # files are always written from the CPU form
+    return index, device
+
+
+def apply_params(index: Any, params: dict) -> None:
+    """Search-time parameters recorded in the manifest (nprobe, efSearch)."""
+    faiss = import_faiss()
+    if params:
+        ps = faiss.ParameterSpace()
+        for name, value in params.items():
+            ps.set_index_parameter(index, name, value)
+
+
+def default_params(key: str) -> dict:
+    params: dict = {}
+    if "HNSW" in key:
+        params["efSearch"] = 128
+    if key.startswith("IVF") or ",IVF" in key:
+        params["nprobe"] = 16
+    return params
+
+
+def write(index: Any, path: Path) -> None:
+    import_faiss().write_index(index, str(path))
+
+
+def read(path: Path, mmap: bool = False) -> Any:
+    faiss = import_faiss()
+    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    return faiss.read_index(str(path), flags)
+
+
+def maybe_to_gpu(index: Any, use_gpu: bool) -> tuple[Any, str]:
+    faiss = import_faiss()
+    if use_gpu and gpu_count(faiss) > 0 and not isinstance(index, faiss.IndexHNSW):
+        try:
+            return faiss.index_cpu_to_all_gpus(index), "gpu"
+        except RuntimeError as exc:  # not every index type has a GPU twin; serve it from the CPU
+            log.warning("cannot move index to GPU (%s); searching on CPU", exc)
+    return index, "cpu"

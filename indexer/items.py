@@ -1,0 +1,58 @@
+"""The items store: row number → external id, modality, source, text and metadata, in SQLite."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE items (
+    row INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    modality TEXT NOT NULL,
+    source TEXT NOT NULL,
+    text TEXT,
+    metadata TEXT NOT NULL
+)
+"""
+
+
+def write_items(path: Path, rows: Iterable[tuple[int, str, str, str, str | None, dict]]) -> None:
+    con = sqlite3.connect(path)
+    try:
+        con.execute(SCHEMA)
+        con.executemany(
+            "INSERT INTO items VALUES (?, ?, ?, ?, ?, ?)",
+            ((r, i, m, s, t, json.dumps(md, sort_keys=True)) for r, i, m, s, t, md in rows),
+        )
+        con.commit()
+    finally:
+        con.close()
+
+
+class ItemStore:
+    """Read-only; one connection shared across threads (SQLite serialises access internally)."""
+
+    def __init__(self, path: Path) -> None:
+        self._con = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, check_same_thread=False)
+        self.count = self._con.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+
+    def get(self, rows: list[int]) -> dict[int, dict]:
+        if not rows:
+            return {}
+        marks = ",".join("?" * len(rows))
+        cur = self._con.execute(
+            f"SELECT row, id, modality, source, text, metadata FROM items WHERE row IN ({marks})", rows
+        )
+        return {
+            r: {"id": i, "modality": m, "source": s, "text": t, "metadata": json.loads(md)}
+            for r, i, m, s, t, md in cur
+        }
+
+    def modality_rows(self, modality: str) -> list[int]:
+        return [r for (r,) in self._con.execute("SELECT row FROM items WHERE modality = ?", (modality,))]
+
+    def close(self) -> None:
+        self._con.close()

@@ -1,0 +1,99 @@
+"""The index bundle on disk: ``<indexes>/<name>/{CURRENT, versions/<version>/...}``.
+
+A version is written into a staging folder, fsynced and renamed into ``versions/``; ``CURRENT`` is
+replaced last (os.replace), so a reader sees the old version or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import secrets
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from models.errors import BundleError, IndexNotFound, InvalidInput
+from models.files import atomic_write_bytes, read_json
+
+FORMAT = "xmodal.index/1"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MANIFEST = "manifest.json"
+DENSE = "dense.faiss"
+ITEMS = "items.sqlite"
+
+
+class IndexManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: str = FORMAT
+    name: str
+    version: str
+    created_at: str
+    model: dict = Field(description="name, fingerprint and dim of the model that encoded the items")
+    dim: int
+    faiss: dict = Field(description="factory key, metric and search params")
+    counts: dict[str, int] = Field(description="items by modality")
+    recall_at_10: dict = Field(description="recall@10 of the FAISS index against exact search, on a sample")
+    calibration: dict = Field(default_factory=dict, description="per-modality score statistics")
+    build: dict = Field(default_factory=dict)
+    files: dict[str, str] = Field(description="what each file is")
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise InvalidInput(
+            f"invalid index name {name!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit"
+        )
+    return name
+
+
+def new_version_name() -> str:
+    """Sortable by time, unique across concurrent builds."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+
+
+class IndexDir:
+    def __init__(self, indexes_dir: Path, name: str) -> None:
+        self.name = check_name(name)
+        self.root = indexes_dir / name
+        self.versions_dir = self.root / "versions"
+
+    def exists(self) -> bool:
+        return (self.root / "CURRENT").is_file()
+
+    def current(self) -> str:
+        try:
+            version = (self.root / "CURRENT").read_text().strip()
+        except FileNotFoundError:
+            raise IndexNotFound(f"index {self.name!r} does not exist or has no published version") from None
+        if not (self.versions_dir / version).is_dir():
+            raise BundleError(f"index {self.name!r}: CURRENT names version {version!r}, which is missing")
+        return version
+
+    def versions(self) -> list[str]:
+        if not self.versions_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.versions_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def version_dir(self, version: str) -> Path:
+        path = self.versions_dir / version
+        if version.startswith(".") or not (path / MANIFEST).is_file():
+            raise IndexNotFound(f"index {self.name!r} has no version {version!r}; it has {self.versions()}")
+        return path
+
+    def manifest(self, version: str | None = None) -> IndexManifest:
+        path = self.version_dir(version or self.current()) / MANIFEST
+        try:
+            return IndexManifest.model_validate(read_json(path))
+        except (ValidationError, ValueError) as exc:
+            raise BundleError(f"{path} is not a valid index manifest: {exc}") from exc
+
+    def publish(self, version: str) -> None:
+        self.version_dir(version)  # refuses unknown or staging versions
+        atomic_write_bytes(self.root / "CURRENT", (version + "\n").encode())
+
+
+def list_indexes(indexes_dir: Path) -> list[str]:
+    if not indexes_dir.is_dir():
+        return []
+    return sorted(p.name for p in indexes_dir.iterdir() if NAME_RE.match(p.name) and (p / "CURRENT").is_file())

@@ -1,0 +1,101 @@
+"""The model bundle format: ``<models>/<name>/manifest.json`` plus one ONNX graph per tower.
+
+The manifest is self-describing: it says which towers exist, their inputs, outputs and preprocessing, and
+carries a ``fingerprint`` (sha256 over the ONNX files, tokenizer files and preprocessing config) that
+index bundles record, so an index is never searched with vectors from another model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from models.errors import BundleError, FingerprintMismatch, ModelNotFound
+from models.files import read_json
+
+FORMAT = "xmodal.model/1"
+MANIFEST = "manifest.json"
+Modality = Literal["text", "image", "audio"]
+
+
+class TextPreprocessing(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tokenizer: str = Field(description="tokenizers-library JSON file, relative to the bundle")
+    max_length: int = Field(gt=0)
+
+
+class Tower(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    onnx: str
+    inputs: list[str]
+    outputs: list[str]
+    emits_tokens: bool
+    preprocessing: TextPreprocessing
+
+
+class ModelManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: Literal["xmodal.model/1"] = FORMAT
+    name: str
+    version: str
+    fingerprint: str
+    dim: int = Field(gt=0)
+    similarity: Literal["cosine"] = "cosine"
+    towers: dict[Modality, Tower]
+    source: dict = Field(default_factory=dict, description="where the weights came from and how")
+    parity: dict = Field(default_factory=dict, description="torch vs ONNX figures measured at export")
+    created_at: str
+
+
+def compute_fingerprint(bundle_dir: Path, towers: dict[str, Tower]) -> str:
+    """sha256 over each tower's ONNX and tokenizer bytes and its canonical preprocessing config."""
+    h = hashlib.sha256()
+    for modality in sorted(towers):
+        tower = towers[modality]
+        h.update(modality.encode())
+        h.update(json.dumps(tower.model_dump(), sort_keys=True).encode())
+        for rel in (tower.onnx, tower.preprocessing.tokenizer):
+            with open(bundle_dir / rel, "rb") as fh:
+                for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def load_manifest(bundle_dir: Path) -> ModelManifest:
+    path = bundle_dir / MANIFEST
+    if not path.is_file():
+        raise ModelNotFound(f"no model bundle at {bundle_dir} (missing {MANIFEST}); run `xmodal models prepare`")
+    try:
+        return ModelManifest.model_validate(read_json(path))
+    except (ValidationError, ValueError) as exc:
+        raise BundleError(f"{path} is not a valid model manifest: {exc}") from exc
+
+
+def verify_bundle(bundle_dir: Path) -> ModelManifest:
+    """Load the manifest and check every file is there and hashes to the recorded fingerprint."""
+    manifest = load_manifest(bundle_dir)
+    for tower in manifest.towers.values():
+        for rel in (tower.onnx, tower.preprocessing.tokenizer):
+            if not (bundle_dir / rel).is_file():
+                raise BundleError(f"model bundle {bundle_dir} lacks {rel}")
+    actual = compute_fingerprint(bundle_dir, manifest.towers)
+    if actual != manifest.fingerprint:
+        raise FingerprintMismatch(
+            f"model bundle {bundle_dir} is corrupt: its files hash to {actual[:12]}, "
+            f"the manifest says {manifest.fingerprint[:12]}; rebuild it with `xmodal models prepare --force`"
+        )
+    return manifest
+
+
+def list_bundles(models_dir: Path) -> list[ModelManifest]:
+    if not models_dir.is_dir():
+        return []
+    out = []
+    for child in sorted(models_dir.iterdir()):
+        if child.is_dir() and not child.name.startswith(".") and (child / MANIFEST).is_file():
+            out.append(load_manifest(child))
+    return out

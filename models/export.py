@@ -1,0 +1,205 @@
+"""Export a torch checkpoint to an xmodal model bundle (ONNX), with a parity check against torch.
+
+Needs the ``export`` extra (torch, transformers, onnx). Uses the dynamo exporter: with torch 2.13 and
+transformers 5 the legacy TorchScript exporter produced BERT graphs that were silently wrong.
+A bundle is only written when the ONNX graph reproduces the torch model on shapes it was not traced on.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.bundle import MANIFEST, ModelManifest, TextPreprocessing, Tower, compute_fingerprint
+from models.errors import ExportError, MissingDependency, ParityError
+from models.files import atomic_write_json, replace_dir, staging_dir
+from models.runtime import create_session
+from models.text import TextPreprocessor
+
+log = logging.getLogger(__name__)
+
+TEXT_INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
+OUTPUTS = ["embedding", "tokens", "token_mask"]
+# Parity: every row's cosine to the torch output, and the largest element difference.
+MIN_COSINE = 0.9999
+MAX_ABS = 1e-4
+# Texts of different lengths than the trace, so the dynamic axes are really exercised.
+PARITY_TEXTS = [
+    "A photograph of a red bicycle leaning against a brick wall.",
+    "jet",
+    "The boundary layer over a swept wing thickens towards the trailing edge under an adverse gradient.",
+    "Two dogs play in the snow",
+    "what is the lift coefficient of a thin aerofoil at small angles of attack?",
+]
+
+
+def _import_torch() -> tuple[Any, Any]:
+    try:
+        import torch
+        import transformers
+    except ImportError as exc:
+        raise MissingDependency(
+            "exporting a model needs torch and transformers: `pip install 'xmodal[export]'`"
+        ) from exc
+    return torch, transformers
+
+
+def _read_st_config(source: Path) -> tuple[str, bool, int]:
+    """(pooling, normalize, max_length) from a sentence-transformers checkpoint folder."""
+    modules = json.loads((source / "modules.json").read_text())
+    pooling, normalize = "mean", False
+    for mod in modules:
+        kind = mod["type"].rsplit(".", 1)[-1]
+        if kind == "Pooling":
+            cfg = json.loads((source / mod["path"] / "config.json").read_text())
+            if cfg.get("pooling_mode_cls_token"):
+                pooling = "cls"
+            elif cfg.get("pooling_mode_mean_tokens"):
+                pooling = "mean"
+            else:
+                raise ExportError(f"unsupported pooling in {source}: {cfg}")
+        elif kind == "Normalize":
+            normalize = True
+        elif kind not in ("Transformer",):
+            raise ExportError(f"unsupported sentence-transformers module {mod['type']} in {source}")
+    max_length = 512
+    st_cfg = source / "sentence_bert_config.json"
+    if st_cfg.is_file():
+        max_length = int(json.loads(st_cfg.read_text()).get("max_seq_length", max_length))
+    return pooling, normalize, max_length
+
+
+def _text_wrapper(torch: Any, encoder: Any, pooling: str) -> Any:
+    F = torch.nn.functional
+
+    class SentenceTower(torch.nn.Module):
+        """Transformer → pooled, L2-normalised sentence vector, plus L2-normalised token vectors."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids, attention_mask, token_type_ids):  # noqa: ANN001
+            hidden = self.encoder(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            ).last_hidden_state
+            if pooling == "cls":
+                pooled = hidden[:, 0]
+            else:
+                m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            # The cosine model is normalised either way; the manifest promises unit vectors.
+            return F.normalize(pooled, dim=-1), F.normalize(hidden, dim=-1), attention_mask.to(torch.int32)
+
+    return SentenceTower().eval()
+
+
+def _rename_outputs(model_proto: Any, wanted: list[str]) -> None:
+    """Give the graph outputs their contract names. The exporter may already use such a name for an
+    internal value (aten::embedding is called "embedding"), so internal clashes are renamed first."""
+    produced = {v for node in model_proto.graph.node for v in node.output}
+    mapping = {w: f"{w}__internal" for w in wanted if w in produced}
+    for out, name in zip(model_proto.graph.output, wanted, strict=True):
+        mapping[out.name] = name
+    for node in model_proto.graph.node:
+        node.input[:] = [mapping.get(v, v) for v in node.input]
+        node.output[:] = [mapping.get(v, v) for v in node.output]
+    for out in model_proto.graph.output:
+        out.name = mapping.get(out.name, out.name)
+
+
+def _export_graph(torch: Any, module: Any, path: Path) -> None:
+    import onnx
+
+    example = (
+        torch.randint(1000, 2000, (2, 8)),
+        torch.ones(2, 8, dtype=torch.int64),
+        torch.zeros(2, 8, dtype=torch.int64),
+    )
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    dyn = {name: {0: batch, 1: seq} for name in TEXT_INPUTS}
+    raw = path.with_suffix(".raw.onnx")
+    try:
+        torch.onnx.export(
+            module, example, str(raw), dynamo=True, input_names=TEXT_INPUTS,
+            output_names=[f"out_{o}" for o in OUTPUTS], dynamic_shapes=dyn, optimize=True, verbose=False,
+        )
+    except Exception as exc:  # the exporter raises many types; say which model failed
+        raise ExportError(f"torch.onnx.export failed: {exc}") from exc
+    proto = onnx.load(str(raw))  # pulls external weight data back in: one self-contained file
+    _rename_outputs(proto, OUTPUTS)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    for leftover in path.parent.glob(raw.name + "*"):
+        leftover.unlink()
+
+
+def check_parity(torch: Any, module: Any, onnx_path: Path, pre: TextPreprocessor) -> dict:
+    """Run torch and ONNX on texts of other batch sizes and lengths than the trace; raise on mismatch."""
+    session, providers = create_session(onnx_path, device="cpu")
+    worst_cos, worst_abs, shapes = 1.0, 0.0, []
+    for texts in (PARITY_TEXTS, PARITY_TEXTS[1:2], PARITY_TEXTS[:3]):
+        feed = pre(texts)
+        shapes.append(list(feed["input_ids"].shape))
+        with torch.inference_mode():
+            ref = [t.numpy() for t in module(*(torch.from_numpy(feed[n]) for n in TEXT_INPUTS))]
+        got = session.run(OUTPUTS, feed)
+        mask = feed["attention_mask"].astype(bool)
+        pairs = [(ref[0], got[0]), (ref[1][mask], got[1][mask])]  # padding tokens are not compared
+        for r, g in pairs:
+            cos = (r * g).sum(-1) / (np.linalg.norm(r, axis=-1) * np.linalg.norm(g, axis=-1) + 1e-12)
+            worst_cos = min(worst_cos, float(cos.min()))
+            worst_abs = max(worst_abs, float(np.abs(r - g).max()))
+        if not np.array_equal(ref[2], got[2]):
+            raise ParityError("token_mask differs between torch and ONNX")
+    report = {"min_cosine": worst_cos, "max_abs_diff": worst_abs, "shapes": shapes,
+              "trace_shape": [2, 8], "providers": providers}
+    if worst_cos < MIN_COSINE or worst_abs > MAX_ABS:
+        raise ParityError(
+            f"ONNX graph differs from torch: min row cosine {worst_cos:.6f} (need >= {MIN_COSINE}), "
+            f"max |diff| {worst_abs:.2e} (need <= {MAX_ABS:g}); no bundle written", **report
+        )
+    return report
+
+
+def export_sentence_transformers(source: Path, models_dir: Path, name: str, version: str = "1") -> ModelManifest:
+    """Export a sentence-transformers checkpoint folder as a text-only bundle ``<models_dir>/<name>``."""
+    torch, transformers = _import_torch()
+    source = Path(source)
+    if not (source / "modules.json").is_file():
+        raise ExportError(f"{source} is not a sentence-transformers checkpoint (no modules.json)")
+    if not (source / "tokenizer.json").is_file():
+        raise ExportError(f"{source} has no tokenizer.json (a fast tokenizer is required)")
+    pooling, _normalize, max_length = _read_st_config(source)
+    encoder = transformers.AutoModel.from_pretrained(str(source)).eval()
+    module = _text_wrapper(torch, encoder, pooling)
+    dim = int(encoder.config.hidden_size)
+
+    with staging_dir(models_dir, name) as tmp:
+        shutil.copyfile(source / "tokenizer.json", tmp / "tokenizer.json")
+        _export_graph(torch, module, tmp / "text.onnx")
+        pre = TextPreprocessor(tmp / "tokenizer.json", max_length)
+        parity = check_parity(torch, module, tmp / "text.onnx", pre)
+        towers = {
+            "text": Tower(
+                onnx="text.onnx", inputs=TEXT_INPUTS, outputs=OUTPUTS, emits_tokens=True,
+                preprocessing=TextPreprocessing(tokenizer="tokenizer.json", max_length=max_length),
+            )
+        }
+        manifest = ModelManifest(
+            name=name, version=version, fingerprint=compute_fingerprint(tmp, towers), dim=dim, towers=towers,
+            source={"kind": "sentence-transformers", "path": str(source), "pooling": pooling,
+                    "torch": torch.__version__, "transformers": transformers.__version__},
+            parity={"text": parity},
+            created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        )
+        atomic_write_json(tmp / MANIFEST, manifest.model_dump())
+        replace_dir(tmp, models_dir / name)
+    log.info("exported %s to %s (parity: %s)", source, models_dir / name, parity)
+    return manifest

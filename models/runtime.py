@@ -1,0 +1,62 @@
+"""ONNX Runtime sessions: provider selection and the providers actually active.
+
+onnxruntime-gpu silently falls back to the CPU when CUDA cannot load, so the active providers are read
+back from the session and reported, never assumed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+from models.errors import InvalidInput, MissingDependency
+
+log = logging.getLogger(__name__)
+Device = Literal["auto", "cpu", "cuda"]
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def import_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise MissingDependency(
+            "ONNX Runtime is not installed: install exactly one of the extras, "
+            "`pip install 'xmodal[cpu]'` or, on a CUDA machine, `pip install 'xmodal[gpu]'`"
+        ) from exc
+    return onnxruntime
+
+
+def choose_providers(available: list[str], device: Device = "auto") -> list[str]:
+    """The provider list to ask for: CUDA first when present (or demanded), the CPU always as fallback."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise InvalidInput(f"device must be auto, cpu or cuda, not {device!r}")
+    if device == "cpu":
+        return [CPU]
+    if CUDA in available:
+        return [CUDA, CPU]
+    if device == "cuda":
+        raise MissingDependency(
+            f"device=cuda was asked for, but this ONNX Runtime offers only {available}; "
+            "install `xmodal[gpu]` (onnxruntime-gpu) instead of `xmodal[cpu]`"
+        )
+    return [CPU]
+
+
+def create_session(path: Path, device: Device = "auto", threads: int = 0) -> tuple[Any, list[str]]:
+    """An inference session and the providers it really runs on."""
+    ort = import_onnxruntime()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads > 0:
+        opts.intra_op_num_threads = threads
+    wanted = choose_providers(ort.get_available_providers(), device)
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
+    active = session.get_providers()
+    if wanted[0] not in active:
+        log.warning("asked ONNX Runtime for %s, it runs on %s", wanted, active)
+        if device == "cuda":
+            raise MissingDependency(f"CUDA was demanded but ONNX Runtime fell back to {active}")
+    return session, active

