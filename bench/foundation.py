@@ -134,10 +134,12 @@ def _cpu_model() -> str:
 
 def _git_rev() -> str:
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True,
-                               check=True).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return rev + (" (with uncommitted changes)" if dirty else "")
@@ -157,9 +159,11 @@ def header(argv: list[str]) -> None:
     say(f"- command: `python {shlex.join(argv)}` (interpreter {sys.executable})")
     say(f"- date: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}")
     say(f"- machine: {platform.platform()}, {_cpu_model()}, os.cpu_count()={os.cpu_count()}, usable CPUs={affinity}")
-    say(f"- python {platform.python_version()}; onnxruntime {_version('onnxruntime')}, torch {_version('torch')}, "
+    say(
+        f"- python {platform.python_version()}; onnxruntime {_version('onnxruntime')}, torch {_version('torch')}, "
         f"faiss {_version('faiss')}, transformers {_version('transformers')}, fastapi {_version('fastapi')}, "
-        f"uvicorn {_version('uvicorn')}, redis-server {_redis_version(shutil.which('redis-server'))}")
+        f"uvicorn {_version('uvicorn')}, redis-server {_redis_version(shutil.which('redis-server'))}"
+    )
     say(f"- xmodal commit: {_git_rev()}")
     say()
 
@@ -178,27 +182,59 @@ def bench_build(data_dir: Path) -> tuple[Encoder, list[str]]:
     encoder.encode_text(["warm up"])  # first run allocates; the service does the same at start-up
 
     t0 = time.perf_counter()
-    result = build_index(indexes_dir=data_dir / "indexes", name=INDEX, items=items, encoder=encoder,
-                         corpus_path=corpus_path, publish=True)
+    result = build_index(
+        indexes_dir=data_dir / "indexes",
+        name=INDEX,
+        items=items,
+        encoder=encoder,
+        corpus_path=corpus_path,
+        publish=True,
+    )
     wall = time.perf_counter() - t0
     m = result.manifest
     b = m.build
     n = len(items)
     say("## 1. Index build (demo corpus)")
     say()
-    say(f"Model bundle `{DEFAULT_MODEL}`: {'exported to ONNX now' if built else 'reused'} in {t_prepare:.1f} s "
+    say(
+        f"Model bundle `{DEFAULT_MODEL}`: {'exported to ONNX now' if built else 'reused'} in {t_prepare:.1f} s "
         "(not part of the figures). Encoder warmed with one call; batch size "
-        f"{b['batch_size']}, providers {encoder.providers['text']}.")
+        f"{b['batch_size']}, providers {encoder.providers['text']}."
+    )
     say()
-    say(table(
-        ["items", "encode s", "encode docs/s", "total s", "total docs/s", "FAISS key", "built on", "recall@10",
-         "published"],
-        [[n, f"{b['encode_seconds']:.2f}", f"{n / b['encode_seconds']:.0f}", f"{wall:.2f}", f"{n / wall:.0f}",
-          m.faiss["key"], m.faiss["built_on"], f"{m.recall_at_10['value']:.3f}", result.published]],
-    ))
+    say(
+        table(
+            [
+                "items",
+                "encode s",
+                "encode docs/s",
+                "total s",
+                "total docs/s",
+                "FAISS key",
+                "built on",
+                "recall@10",
+                "published",
+            ],
+            [
+                [
+                    n,
+                    f"{b['encode_seconds']:.2f}",
+                    f"{n / b['encode_seconds']:.0f}",
+                    f"{wall:.2f}",
+                    f"{n / wall:.0f}",
+                    m.faiss["key"],
+                    m.faiss["built_on"],
+                    f"{m.recall_at_10['value']:.3f}",
+                    result.published,
+                ]
+            ],
+        )
+    )
     say()
-    say("total = the whole `build_index` call: encode, FAISS build, recall and calibration sampling, writing "
-        "the version (FAISS file, SQLite items, manifest) and publishing it.")
+    say(
+        "total = the whole `build_index` call: encode, FAISS build, recall and calibration sampling, writing "
+        "the version (FAISS file, SQLite items, manifest) and publishing it."
+    )
     say()
     return encoder, [it.text for it in items]
 
@@ -227,7 +263,8 @@ def redis_server(exe: str, workdir: Path) -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
         [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"redis://127.0.0.1:{port}/0"
     try:
@@ -252,8 +289,12 @@ def api_server(data_dir: Path, redis_url: str | None) -> Iterator[httpx.Client]:
     port = free_port()
     logfile = data_dir / f"server-{port}.log"
     with open(logfile, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-c", SERVER_CODE, str(data_dir), str(port), redis_url or ""],
-                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SERVER_CODE, str(data_dir), str(port), redis_url or ""],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
     try:
         deadline = time.monotonic() + 120
@@ -344,27 +385,64 @@ def bench_search(data_dir: Path, n: int, use_redis: bool) -> None:
 
     say("## 2. `/v1/search` latency (sequential, one client, keep-alive)")
     say()
-    say(f"Index `{INDEX}` as built above, k={K}, text queries; {n} requests per case after 10 warm-up requests. "
+    say(
+        f"Index `{INDEX}` as built above, k={K}, text queries; {n} requests per case after 10 warm-up requests. "
         "server = `took_ms` of the response; client = wall time of the HTTP call (httpx, same machine). "
         "The server is `create_app(Settings(data_dir=..., reload_interval_s=0[, redis_url=...]))` under uvicorn "
-        "in a subprocess on 127.0.0.1.")
+        "in a subprocess on 127.0.0.1."
+    )
     say()
     rows, ratios = [], []
     for name, res, status in backends:
         for case, r in res.items():
-            rows.append([name, case, len(r["took"]), f"{pct(r['took'], 50):.2f}", f"{pct(r['took'], 99):.2f}",
-                         f"{statistics.fmean(r['took']):.2f}", f"{pct(r['wall'], 50):.2f}",
-                         f"{pct(r['wall'], 99):.2f}", r["wrong"]])
+            rows.append(
+                [
+                    name,
+                    case,
+                    len(r["took"]),
+                    f"{pct(r['took'], 50):.2f}",
+                    f"{pct(r['took'], 99):.2f}",
+                    f"{statistics.fmean(r['took']):.2f}",
+                    f"{pct(r['wall'], 50):.2f}",
+                    f"{pct(r['wall'], 99):.2f}",
+                    r["wrong"],
+                ]
+            )
         miss, hit = res["miss"], res["hit"]
         server = pct(miss["took"], 50) / pct(hit["took"], 50)
         client = pct(miss["wall"], 50) / pct(hit["wall"], 50)
-        ratios.append([name, f"{server:.1f}x", f"{client:.1f}x", f">= {MISS_TARGET:g}x", verdict(server, MISS_TARGET),
-                       ", ".join(f"{k}={v}" for k, v in status.items())])
-    say(table(["cache", "case", "n", "server p50 ms", "server p99 ms", "server mean ms", "client p50 ms",
-               "client p99 ms", "unexpected `cached`"], rows))
+        ratios.append(
+            [
+                name,
+                f"{server:.1f}x",
+                f"{client:.1f}x",
+                f">= {MISS_TARGET:g}x",
+                verdict(server, MISS_TARGET),
+                ", ".join(f"{k}={v}" for k, v in status.items()),
+            ]
+        )
+    say(
+        table(
+            [
+                "cache",
+                "case",
+                "n",
+                "server p50 ms",
+                "server p99 ms",
+                "server mean ms",
+                "client p50 ms",
+                "client p99 ms",
+                "unexpected `cached`",
+            ],
+            rows,
+        )
+    )
     say()
-    say(table(["cache", "miss p50 / hit p50 (server)", "(client)", "target", "server-side", "cache status after"],
-              ratios))
+    say(
+        table(
+            ["cache", "miss p50 / hit p50 (server)", "(client)", "target", "server-side", "cache status after"], ratios
+        )
+    )
     if use_redis and not exe:
         say()
         say("redis-server is not on PATH: the Redis rows were skipped.")
@@ -408,8 +486,11 @@ def bench_towers(data_dir: Path, sentences: list[str], threads: int, repeats: in
     def ort_runner(session):  # noqa: ANN001, ANN202
         return lambda feed: session.run(OUTPUTS, feed)  # all outputs: the same work as the torch module
 
-    runners = {"torch eager": run_torch, "onnxruntime": ort_runner(sessions["ort"]),
-               "onnxruntime (threads=0)": ort_runner(sessions["ort-default"])}
+    runners = {
+        "torch eager": run_torch,
+        "onnxruntime": ort_runner(sessions["ort"]),
+        "onnxruntime (threads=0)": ort_runner(sessions["ort-default"]),
+    }
 
     # Real demo sentences, a fixed random sample (mixed lengths, each batch padded to its longest).
     rng = np.random.default_rng(3)
@@ -435,7 +516,8 @@ def bench_towers(data_dir: Path, sentences: list[str], threads: int, repeats: in
     ort_opts = sessions["ort"].get_session_options()
     say(f"## 3. Text tower: ONNX Runtime vs torch eager (`{DEFAULT_MODEL}`)")
     say()
-    say(f"Same tokenised inputs for both: 256 random demo sentences ({len(setups[32])} batches of 32, each padded "
+    say(
+        f"Same tokenised inputs for both: 256 random demo sentences ({len(setups[32])} batches of 32, each padded "
         f"to its longest sentence, {np.mean([b['input_ids'].shape[1] for b in setups[32]]):.1f} tokens wide on "
         f"average) and 64 of them one at a time (batch 1). torch eager = the exporter's wrapper module "
         f"(`models.export._text_wrapper` over transformers `AutoModel`) under `torch.inference_mode()`; "
@@ -443,7 +525,8 @@ def bench_towers(data_dir: Path, sentences: list[str], threads: int, repeats: in
         f"asked for the same three outputs. Threads: torch.get_num_threads()={torch.get_num_threads()}, "
         f"ORT intra_op_num_threads={ort_opts.intra_op_num_threads}; the `threads=0` row is the service default "
         f"(ORT chooses). {repeats} timed passes per runtime after a warm-up, alternating runtimes; median pass. "
-        f"Max |embedding difference| torch vs ORT: {max_diff:.1e}.")
+        f"Max |embedding difference| torch vs ORT: {max_diff:.1e}."
+    )
     say()
     rows = []
     for bs, timed in results.items():
@@ -453,9 +536,17 @@ def bench_towers(data_dir: Path, sentences: list[str], threads: int, repeats: in
             med = statistics.median(times)
             speed = items / med
             per_call = med / len(setups[bs]) * 1000
-            rows.append([bs, name, f"{speed:.0f}", f"{per_call:.2f}", f"{speed / base:.2f}x",
-                         f">= {ORT_TARGET:g}x" if name == "onnxruntime" else "",
-                         verdict(speed / base, ORT_TARGET) if name == "onnxruntime" else ""])
+            rows.append(
+                [
+                    bs,
+                    name,
+                    f"{speed:.0f}",
+                    f"{per_call:.2f}",
+                    f"{speed / base:.2f}x",
+                    f">= {ORT_TARGET:g}x" if name == "onnxruntime" else "",
+                    verdict(speed / base, ORT_TARGET) if name == "onnxruntime" else "",
+                ]
+            )
     say(table(["batch", "runtime", "items/s", "ms per call", "vs torch eager", "target", "result"], rows))
     say()
 

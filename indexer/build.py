@@ -116,9 +116,11 @@ def build_index(
             "corpus": str(corpus_path) if corpus_path else None,
             "corpus_sha256": sha256_file(corpus_path) if corpus_path else None,
         },
-        files={DENSE: "FAISS index of item vectors; ids are row numbers",
-               ITEMS: "SQLite table items(row, id, modality, source, text, metadata JSON)",
-               MANIFEST: "this file"},
+        files={
+            DENSE: "FAISS index of item vectors; ids are row numbers",
+            ITEMS: "SQLite table items(row, id, modality, source, text, metadata JSON)",
+            MANIFEST: "this file",
+        },
     )
     with staging_dir(target.versions_dir, version) as tmp:
         faiss_backend.write(index, tmp / DENSE)

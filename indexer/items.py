@@ -47,8 +47,7 @@ class ItemStore:
             f"SELECT row, id, modality, source, text, metadata FROM items WHERE row IN ({marks})", rows
         )
         return {
-            r: {"id": i, "modality": m, "source": s, "text": t, "metadata": json.loads(md)}
-            for r, i, m, s, t, md in cur
+            r: {"id": i, "modality": m, "source": s, "text": t, "metadata": json.loads(md)} for r, i, m, s, t, md in cur
         }
 
     def modality_rows(self, modality: str) -> list[int]:

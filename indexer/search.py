@@ -26,8 +26,14 @@ class LoadedIndex:
     """One version of one index, loaded for search. Immutable once built; swapping versions means
     loading a new LoadedIndex and replacing the reference."""
 
-    def __init__(self, indexes_dir: Path, name: str, version: str | None = None, use_gpu: bool = True,
-                 expect_fingerprint: str | None = None) -> None:
+    def __init__(
+        self,
+        indexes_dir: Path,
+        name: str,
+        version: str | None = None,
+        use_gpu: bool = True,
+        expect_fingerprint: str | None = None,
+    ) -> None:
         d = IndexDir(indexes_dir, name)
         self.name = name
         self.manifest: IndexManifest = d.manifest(version)
@@ -49,8 +55,9 @@ class LoadedIndex:
     def size(self) -> int:
         return self.items.count
 
-    def search(self, query: np.ndarray, k: int, modalities: list[str] | None = None,
-               filter: dict | None = None) -> list[Hit]:
+    def search(
+        self, query: np.ndarray, k: int, modalities: list[str] | None = None, filter: dict | None = None
+    ) -> list[Hit]:
         """Top ``k`` items for one L2-normalised query vector, restricted to target ``modalities`` and to
         items whose metadata equals every key/value of ``filter``."""
         if query.shape != (self.manifest.dim,):

@@ -26,13 +26,21 @@ def verify_index(indexes_dir: Path, name: str, version: str | None = None) -> di
         if index.d != manifest.dim:
             problems.append(f"FAISS dimension {index.d} != manifest dim {manifest.dim}")
         if index.ntotal != items.count or items.count != sum(manifest.counts.values()):
-            problems.append(f"FAISS holds {index.ntotal} vectors, items store {items.count}, "
-                            f"manifest counts {manifest.counts}")
+            problems.append(
+                f"FAISS holds {index.ntotal} vectors, items store {items.count}, manifest counts {manifest.counts}"
+            )
         if problems:
             raise BundleError(f"index {name} version {manifest.version} is inconsistent: " + "; ".join(problems))
         recall = measure_recall(index, index.reconstruct_n(0, index.ntotal))
     finally:
         items.close()
-    return {"name": name, "version": manifest.version, "items": items.count, "dim": manifest.dim,
-            "faiss": manifest.faiss["key"], "recall_at_10": recall,
-            "recall_at_10_at_build": manifest.recall_at_10, "ok": True}
+    return {
+        "name": name,
+        "version": manifest.version,
+        "items": items.count,
+        "dim": manifest.dim,
+        "faiss": manifest.faiss["key"],
+        "recall_at_10": recall,
+        "recall_at_10_at_build": manifest.recall_at_10,
+        "ok": True,
+    }

@@ -127,8 +127,15 @@ def _export_graph(torch: Any, module: Any, path: Path) -> None:
     raw = path.with_suffix(".raw.onnx")
     try:
         torch.onnx.export(
-            module, example, str(raw), dynamo=True, input_names=TEXT_INPUTS,
-            output_names=[f"out_{o}" for o in OUTPUTS], dynamic_shapes=dyn, optimize=True, verbose=False,
+            module,
+            example,
+            str(raw),
+            dynamo=True,
+            input_names=TEXT_INPUTS,
+            output_names=[f"out_{o}" for o in OUTPUTS],
+            dynamic_shapes=dyn,
+            optimize=True,
+            verbose=False,
         )
     except Exception as exc:  # the exporter raises many types; say which model failed
         raise ExportError(f"torch.onnx.export failed: {exc}") from exc
@@ -158,12 +165,18 @@ def check_parity(torch: Any, module: Any, onnx_path: Path, pre: TextPreprocessor
             worst_abs = max(worst_abs, float(np.abs(r - g).max()))
         if not np.array_equal(ref[2], got[2]):
             raise ParityError("token_mask differs between torch and ONNX")
-    report = {"min_cosine": worst_cos, "max_abs_diff": worst_abs, "shapes": shapes,
-              "trace_shape": [2, 8], "providers": providers}
+    report = {
+        "min_cosine": worst_cos,
+        "max_abs_diff": worst_abs,
+        "shapes": shapes,
+        "trace_shape": [2, 8],
+        "providers": providers,
+    }
     if worst_cos < MIN_COSINE or worst_abs > MAX_ABS:
         raise ParityError(
             f"ONNX graph differs from torch: min row cosine {worst_cos:.6f} (need >= {MIN_COSINE}), "
-            f"max |diff| {worst_abs:.2e} (need <= {MAX_ABS:g}); no bundle written", **report
+            f"max |diff| {worst_abs:.2e} (need <= {MAX_ABS:g}); no bundle written",
+            **report,
         )
     return report
 
@@ -188,14 +201,26 @@ def export_sentence_transformers(source: Path, models_dir: Path, name: str, vers
         parity = check_parity(torch, module, tmp / "text.onnx", pre)
         towers = {
             "text": Tower(
-                onnx="text.onnx", inputs=TEXT_INPUTS, outputs=OUTPUTS, emits_tokens=True,
+                onnx="text.onnx",
+                inputs=TEXT_INPUTS,
+                outputs=OUTPUTS,
+                emits_tokens=True,
                 preprocessing=TextPreprocessing(tokenizer="tokenizer.json", max_length=max_length),
             )
         }
         manifest = ModelManifest(
-            name=name, version=version, fingerprint=compute_fingerprint(tmp, towers), dim=dim, towers=towers,
-            source={"kind": "sentence-transformers", "path": str(source), "pooling": pooling,
-                    "torch": torch.__version__, "transformers": transformers.__version__},
+            name=name,
+            version=version,
+            fingerprint=compute_fingerprint(tmp, towers),
+            dim=dim,
+            towers=towers,
+            source={
+                "kind": "sentence-transformers",
+                "path": str(source),
+                "pooling": pooling,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+            },
             parity={"text": parity},
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         )

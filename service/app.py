@@ -57,8 +57,9 @@ def create_app(settings: Settings) -> FastAPI:
         await run_in_threadpool(state.load_model)
         await run_in_threadpool(state.refresh_indexes)
         watcher = asyncio.create_task(state.watch_indexes()) if settings.reload_interval_s > 0 else None
-        log.info("xmodal ready: model=%s indexes=%s cache=%s", settings.model, sorted(state.indexes),
-                 state.cache.status())
+        log.info(
+            "xmodal ready: model=%s indexes=%s cache=%s", settings.model, sorted(state.indexes), state.cache.status()
+        )
         try:
             yield
         finally:

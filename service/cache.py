@@ -105,7 +105,10 @@ class RedisCache:
 
         # No retries: a retry would turn an outage into seconds of latency; the breaker handles it.
         self._client = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0),
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
         )
         self._timeout = timeout_s * 2
         self.breaker = breaker

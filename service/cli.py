@@ -20,12 +20,16 @@ out = Console()
 
 app = typer.Typer(
     help="xmodal: cross-modal embedding retrieval. Data lives in $XMODAL_DATA_DIR (default ./data).",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
 )
-models_app = typer.Typer(help="Model bundles: list, inspect, prepare the default, export checkpoints.",
-                         no_args_is_help=True)
-index_app = typer.Typer(help="Index bundles: build from a corpus, inspect, verify, publish versions.",
-                        no_args_is_help=True)
+models_app = typer.Typer(
+    help="Model bundles: list, inspect, prepare the default, export checkpoints.", no_args_is_help=True
+)
+index_app = typer.Typer(
+    help="Index bundles: build from a corpus, inspect, verify, publish versions.", no_args_is_help=True
+)
 app.add_typer(models_app, name="models")
 app.add_typer(index_app, name="index")
 
@@ -55,7 +59,9 @@ def models_list() -> None:
         console.print(f"no model bundles in {s.all_models_dir}; run `xmodal models prepare`")
     for m in bundles:
         default = " (default)" if m.name == s.model else ""
-        out.print(f"{m.name}{default}\tdim={m.dim}\ttowers={','.join(sorted(m.towers))}\tfingerprint={m.fingerprint[:12]}")
+        out.print(
+            f"{m.name}{default}\tdim={m.dim}\ttowers={','.join(sorted(m.towers))}\tfingerprint={m.fingerprint[:12]}"
+        )
 
 
 @models_app.command("info")
@@ -89,8 +95,10 @@ def models_prepare(
     with console.status(f"preparing {s.model} (ONNX export and parity check)..."):
         manifest, built = prepare(s.all_models_dir, s.model, force=force)
     verb = "built" if built else "already ready"
-    console.print(f"[green]{manifest.name}[/] {verb} at {s.all_models_dir / manifest.name} "
-                  f"(dim {manifest.dim}, fingerprint {manifest.fingerprint[:12]})")
+    console.print(
+        f"[green]{manifest.name}[/] {verb} at {s.all_models_dir / manifest.name} "
+        f"(dim {manifest.dim}, fingerprint {manifest.fingerprint[:12]})"
+    )
 
 
 @models_app.command("export")
@@ -119,7 +127,9 @@ def index_build(
     name: Annotated[str, typer.Option("--name", help="index name")],
     corpus: Annotated[Path, typer.Option("--corpus", help="JSONL: one {id, text, metadata?} per line")],
     model: ModelOpt = None,
-    faiss_key: Annotated[str | None, typer.Option(help="FAISS factory key (default Flat; HNSW32,Flat over 50k)")] = None,
+    faiss_key: Annotated[
+        str | None, typer.Option(help="FAISS factory key (default Flat; HNSW32,Flat over 50k)")
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1, max=1024)] = 32,
     publish: Annotated[bool, typer.Option("--publish/--no-publish", help="make it the served version")] = True,
 ) -> None:
@@ -139,10 +149,18 @@ def index_build(
     columns = (TextColumn("encoding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("encode", total=len(items))
-        result = build_index(indexes_dir=s.indexes_dir, name=name, items=items, encoder=encoder,
-                             corpus_path=corpus, faiss_key=faiss_key, batch_size=batch_size, publish=publish,
-                             use_gpu=s.device != "cpu",
-                             progress=lambda done, _total: bar.update(task, completed=done))
+        result = build_index(
+            indexes_dir=s.indexes_dir,
+            name=name,
+            items=items,
+            encoder=encoder,
+            corpus_path=corpus,
+            faiss_key=faiss_key,
+            batch_size=batch_size,
+            publish=publish,
+            use_gpu=s.device != "cpu",
+            progress=lambda done, _total: bar.update(task, completed=done),
+        )
     m = result.manifest
     console.print(
         f"[green]{name}[/] version {m.version}: {len(items)} items, {m.build['items_per_second']} items/s, "
@@ -246,8 +264,10 @@ def demo(
         console.print(f"demo index up to date (version {current.version})")
     else:
         index_build(name="demo", corpus=corpus, model=s.model, faiss_key=None, batch_size=32, publish=True)
-    example = (f"\n\nTry:\n  curl -s http://{s.host}:{s.port}/v1/search -H 'content-type: application/json' "
-               "-d '{\"index\": \"demo\", \"query\": {\"text\": \"a rocket leaving for mars\"}, \"k\": 3}'\n")
+    example = (
+        f"\n\nTry:\n  curl -s http://{s.host}:{s.port}/v1/search -H 'content-type: application/json' "
+        '-d \'{"index": "demo", "query": {"text": "a rocket leaving for mars"}, "k": 3}\'\n'
+    )
     if serve_it:
         _serve(s, banner=example)
 

@@ -45,14 +45,22 @@ async def search(req: SearchRequest, state: ServiceState = Depends(get_state)) -
             else:
                 vec = state.given_vector(req.query.embedding or [])
             hits = await run_in_threadpool(index.search, vec, req.k, req.modalities, req.filter)
-            results = [Result(id=h.id, score=h.score, modality=h.modality, text=h.text, metadata=h.metadata)
-                       for h in hits]
+            results = [
+                Result(id=h.id, score=h.score, modality=h.modality, text=h.text, metadata=h.metadata) for h in hits
+            ]
             payload = json.dumps([r.model_dump() for r in results]).encode()
             await state.cache.set(key, payload, settings.result_ttl_s)
     took = now_ms(t0)
     state.metrics.search_seconds.labels(str(cached).lower()).observe(took / 1000)
-    return SearchResponse(results=results, index=index.name, index_version=index.version, model=encoder.name,
-                          mode=req.mode, cached=cached, took_ms=took)
+    return SearchResponse(
+        results=results,
+        index=index.name,
+        index_version=index.version,
+        model=encoder.name,
+        mode=req.mode,
+        cached=cached,
+        took_ms=took,
+    )
 
 
 class EmbeddingsRequest(BaseModel):
@@ -75,21 +83,34 @@ async def embeddings(req: EmbeddingsRequest, state: ServiceState = Depends(get_s
     async with state.admit():
         vecs = await run_in_threadpool(encoder.encode_text, texts)
     data = [
-        {"object": "embedding", "index": i,
-         "embedding": base64.b64encode(v.tobytes()).decode() if req.encoding_format == "base64" else v.tolist()}
+        {
+            "object": "embedding",
+            "index": i,
+            "embedding": base64.b64encode(v.tobytes()).decode() if req.encoding_format == "base64" else v.tolist(),
+        }
         for i, v in enumerate(vecs)
     ]
     tokens = sum(encoder.count_tokens(texts))
-    return {"object": "list", "data": data, "model": encoder.name,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return {
+        "object": "list",
+        "data": data,
+        "model": encoder.name,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
 
 
 @router.get("/v1/indexes", summary="Published indexes being served")
 async def list_served(state: ServiceState = Depends(get_state)) -> dict:
     return {
         "indexes": [
-            {"name": name, "version": idx.version, "items": idx.size, "modalities": idx.modalities,
-             "model": idx.manifest.model["name"], "faiss": idx.manifest.faiss["key"]}
+            {
+                "name": name,
+                "version": idx.version,
+                "items": idx.size,
+                "modalities": idx.modalities,
+                "model": idx.manifest.model["name"],
+                "faiss": idx.manifest.faiss["key"],
+            }
             for name, idx in sorted(state.indexes.items())
         ],
         "refused": state.index_errors,
@@ -99,9 +120,13 @@ async def list_served(state: ServiceState = Depends(get_state)) -> dict:
 @router.get("/v1/indexes/{name}", summary="The manifest of an index's served version")
 async def index_info(name: str, state: ServiceState = Depends(get_state)) -> dict:
     loaded = state.index(name)
-    return {"name": name, "version": loaded.version, "device": loaded.device,
-            "versions": IndexDir(state.settings.indexes_dir, name).versions(),
-            "manifest": loaded.manifest.model_dump()}
+    return {
+        "name": name,
+        "version": loaded.version,
+        "device": loaded.device,
+        "versions": IndexDir(state.settings.indexes_dir, name).versions(),
+        "manifest": loaded.manifest.model_dump(),
+    }
 
 
 @router.get("/healthz", summary="Liveness: the process answers")
@@ -114,8 +139,9 @@ async def readyz(state: ServiceState = Depends(get_state)) -> JSONResponse:
     enc = state.encoder
     body = {
         "ready": state.ready(),
-        "model": None if enc is None else {"name": enc.name, "fingerprint": enc.fingerprint,
-                                           "dim": enc.dim, "providers": enc.providers},
+        "model": None
+        if enc is None
+        else {"name": enc.name, "fingerprint": enc.fingerprint, "dim": enc.dim, "providers": enc.providers},
         "model_error": state.model_error,
         "indexes": {n: {"version": i.version, "items": i.size, "device": i.device} for n, i in state.indexes.items()},
         "refused_indexes": state.index_errors,

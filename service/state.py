@@ -33,19 +33,26 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter("xmodal_http_requests", "HTTP requests", ["path", "status"], registry=self.registry)
         self.search_seconds = Histogram(
-            "xmodal_search_seconds", "server-side /v1/search time", ["cached"], registry=self.registry,
+            "xmodal_search_seconds",
+            "server-side /v1/search time",
+            ["cached"],
+            registry=self.registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
         )
         self.cache = Counter("xmodal_cache_lookups", "cache lookups", ["kind", "outcome"], registry=self.registry)
         self.inflight = Gauge("xmodal_search_inflight", "searches in progress", registry=self.registry)
-        self.index_items = Gauge("xmodal_index_items", "items in the loaded index version", ["index"],
-                                 registry=self.registry)
+        self.index_items = Gauge(
+            "xmodal_index_items", "items in the loaded index version", ["index"], registry=self.registry
+        )
 
 
 def make_cache(settings: Settings) -> Cache:
     if settings.redis_url:
-        return RedisCache(settings.redis_url, settings.redis_timeout_s,
-                          CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s))
+        return RedisCache(
+            settings.redis_url,
+            settings.redis_timeout_s,
+            CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s),
+        )
     return LocalCache(settings.lru_size)
 
 
@@ -63,8 +70,7 @@ class ServiceState:
     # --- loading -------------------------------------------------------------------------------
     def load_model(self) -> None:
         try:
-            self.encoder = Encoder(self.settings.model_dir, device=self.settings.device,
-                                   threads=self.settings.threads)
+            self.encoder = Encoder(self.settings.model_dir, device=self.settings.device, threads=self.settings.threads)
             self.encoder.encode_text(["warm up"])  # first run allocates; keep it off the first request
             self.model_error = None
         except XmodalError as exc:
@@ -81,9 +87,13 @@ class ServiceState:
                 version = IndexDir(self.settings.indexes_dir, name).current()
                 if name in self.indexes and self.indexes[name].version == version:
                     continue
-                loaded = LoadedIndex(self.settings.indexes_dir, name, version,
-                                     use_gpu=self.settings.device != "cpu",
-                                     expect_fingerprint=self.encoder.fingerprint)
+                loaded = LoadedIndex(
+                    self.settings.indexes_dir,
+                    name,
+                    version,
+                    use_gpu=self.settings.device != "cpu",
+                    expect_fingerprint=self.encoder.fingerprint,
+                )
             except XmodalError as exc:
                 if self.index_errors.get(name) != exc.message:
                     log.error("index %s not loaded: %s", name, exc.message)
@@ -93,8 +103,13 @@ class ServiceState:
             self.indexes[name] = loaded
             self.index_errors.pop(name, None)
             self.metrics.index_items.labels(name).set(loaded.size)
-            log.info("serving index %s version %s (%d items)%s", name, loaded.version, loaded.size,
-                     f", replacing {old.version}" if old else "")
+            log.info(
+                "serving index %s version %s (%d items)%s",
+                name,
+                loaded.version,
+                loaded.size,
+                f", replacing {old.version}" if old else "",
+            )
 
     async def watch_indexes(self) -> None:
         while True:

@@ -46,12 +46,20 @@ def write_corpus(path: Path, rows: list[dict]) -> Path:
 
 
 @pytest.fixture(scope="session")
-def served_data(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, encoder: Encoder, demo_corpus: Path) -> Path:
+def served_data(
+    tmp_path_factory: pytest.TempPathFactory, models_dir: Path, encoder: Encoder, demo_corpus: Path
+) -> Path:
     """A data folder holding the model bundle and a published `demo` index (800 items)."""
     data = tmp_path_factory.mktemp("data")
     shutil.copytree(models_dir, data / "models")
-    build_index(indexes_dir=data / "indexes", name="demo", items=read_jsonl(demo_corpus), encoder=encoder,
-                corpus_path=demo_corpus, use_gpu=False)
+    build_index(
+        indexes_dir=data / "indexes",
+        name="demo",
+        items=read_jsonl(demo_corpus),
+        encoder=encoder,
+        corpus_path=demo_corpus,
+        use_gpu=False,
+    )
     return data
 
 
@@ -86,9 +94,21 @@ class RedisProcess:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

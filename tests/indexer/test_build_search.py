@@ -30,8 +30,14 @@ def vectors(encoder: Encoder, items) -> np.ndarray:
 
 def test_published_index_matches_exact_search(tmp_path: Path, encoder: Encoder, items, vectors) -> None:
     calls = []
-    result = build_index(indexes_dir=tmp_path, name="t", items=items, encoder=encoder, use_gpu=False,
-                         progress=lambda done, total: calls.append((done, total)))
+    result = build_index(
+        indexes_dir=tmp_path,
+        name="t",
+        items=items,
+        encoder=encoder,
+        use_gpu=False,
+        progress=lambda done, total: calls.append((done, total)),
+    )
     assert calls[-1] == (len(items), len(items)) and len(calls) > 1
     m = result.manifest
     assert IndexDir(tmp_path, "t").current() == m.version
@@ -54,8 +60,11 @@ def test_published_index_matches_exact_search(tmp_path: Path, encoder: Encoder, 
 def test_search_finds_the_right_topic(tmp_path: Path, encoder: Encoder, items) -> None:
     build_index(indexes_dir=tmp_path, name="t", items=items, encoder=encoder, use_gpu=False)
     index = LoadedIndex(tmp_path, "t", use_gpu=False)
-    for query, topic in [("an astronaut looks at the stars", "space"), ("a doctor and a sick patient", "medicine"),
-                         ("software bugs on the server", "computing")]:
+    for query, topic in [
+        ("an astronaut looks at the stars", "space"),
+        ("a doctor and a sick patient", "medicine"),
+        ("software bugs on the server", "computing"),
+    ]:
         hits = index.search(encoder.encode_text([query])[0], 5)
         assert [h.metadata["topic"] for h in hits] == [topic] * 5
 
@@ -78,8 +87,9 @@ def test_metadata_filter_and_modalities(tmp_path: Path, encoder: Encoder, items)
 
 
 def test_hnsw_recall_is_measured_against_exact(tmp_path: Path, encoder: Encoder, items, vectors) -> None:
-    result = build_index(indexes_dir=tmp_path, name="h", items=items, encoder=encoder, faiss_key="HNSW8,Flat",
-                         use_gpu=False)
+    result = build_index(
+        indexes_dir=tmp_path, name="h", items=items, encoder=encoder, faiss_key="HNSW8,Flat", use_gpu=False
+    )
     m = result.manifest
     assert m.faiss["key"] == "HNSW8,Flat" and m.faiss["params"] == {"efSearch": 128}
     # Recompute recall independently: FAISS top-10 vs numpy exact top-10 for every item.
@@ -116,10 +126,11 @@ def test_failed_build_leaves_the_published_version_alone(tmp_path: Path, encoder
 
 def test_unpublished_version_then_publish(tmp_path: Path, encoder: Encoder, items) -> None:
     a = build_index(indexes_dir=tmp_path, name="t", items=items[:30], encoder=encoder, use_gpu=False)
-    b = build_index(indexes_dir=tmp_path, name="t", items=items[:60], encoder=encoder, publish=False,
-                    use_gpu=False)
+    b = build_index(indexes_dir=tmp_path, name="t", items=items[:60], encoder=encoder, publish=False, use_gpu=False)
     d = IndexDir(tmp_path, "t")
-    assert d.current() == a.manifest.version and sorted(d.versions()) == sorted([a.manifest.version, b.manifest.version])
+    assert d.current() == a.manifest.version and sorted(d.versions()) == sorted(
+        [a.manifest.version, b.manifest.version]
+    )
     d.publish(b.manifest.version)
     assert LoadedIndex(tmp_path, "t", use_gpu=False).size == 60
     with pytest.raises(IndexNotFound, match="no version"):

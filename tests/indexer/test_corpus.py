@@ -10,7 +10,9 @@ from tests.conftest import write_corpus
 
 
 def test_reads_items_with_metadata_and_int_ids(tmp_path: Path) -> None:
-    path = write_corpus(tmp_path / "c.jsonl", [{"id": 7, "text": "seven", "metadata": {"n": 7}}, {"id": "b", "text": "bee"}])
+    path = write_corpus(
+        tmp_path / "c.jsonl", [{"id": 7, "text": "seven", "metadata": {"n": 7}}, {"id": "b", "text": "bee"}]
+    )
     items = read_jsonl(path)
     assert [(i.id, i.text, i.metadata) for i in items] == [("7", "seven", {"n": 7}), ("b", "bee", {})]
     assert items[0].source == "c.jsonl:1"
@@ -26,7 +28,7 @@ def test_blank_lines_are_skipped(tmp_path: Path) -> None:
     ("line", "message"),
     [
         ('{"id": 1, "text": "a"', "not valid JSON"),
-        ('[1, 2]', "JSON object"),
+        ("[1, 2]", "JSON object"),
         ('{"text": "no id"}', "`id`"),
         ('{"id": true, "text": "bool id"}', "`id`"),
         ('{"id": 1, "text": "   "}', "`text`"),
