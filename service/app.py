@@ -7,46 +7,16 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_response, install_error_handlers
+from service.errors import install_error_handlers
+from service.middleware import BodyLimit, CountRequests
 from service.routes import router
 from service.settings import Settings
 from service.state import ServiceState
 
 log = logging.getLogger(__name__)
-
-
-class BodyLimit:
-    """413 for bodies over ``limit`` bytes: at once from Content-Length, or while a chunked body streams in."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._reject(scope, receive, send)
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                # FastAPI re-raises its own HTTPException from body parsing (any other error becomes a 400).
-                raise HTTPException(413, f"request body is over the {self.limit}-byte limit")
-            return message
-
-        await self.app(scope, limited, send)
-
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(413, "payload_too_large", f"request body is over the {self.limit}-byte limit")
-        await response(scope, receive, send)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -78,14 +48,6 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(router)
 
-    @app.middleware("http")
-    async def count_requests(request, call_next):  # noqa: ANN001, ANN202
-        response = await call_next(request)
-        state = getattr(request.app.state, "xmodal", None)
-        route = request.scope.get("route")
-        if state is not None:
-            state.metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        return response
-
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(CountRequests)
     return app
