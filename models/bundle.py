@@ -18,6 +18,7 @@ from models.errors import BundleError, FingerprintMismatch, ModelNotFound
 from models.files import read_json
 
 FORMAT = "xmodal.model/1"
+DEFAULT_MODEL = "all-minilm-l6-v2"  # the bundle `xmodal models prepare` makes and the service loads by default
 MANIFEST = "manifest.json"
 Modality = Literal["text", "image", "audio"]
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models.bundle import ModelManifest, verify_bundle
+from models.bundle import DEFAULT_MODEL, ModelManifest, verify_bundle
 from models.errors import BundleError, MissingDependency, ModelNotFound
-
-DEFAULT_MODEL = "all-minilm-l6-v2"
 
 
 def _minilm_source() -> Path:

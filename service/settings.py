@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from models.registry import DEFAULT_MODEL
+from models.bundle import DEFAULT_MODEL
 
 
 class Settings(BaseSettings):

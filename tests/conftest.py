@@ -16,8 +16,9 @@ import pytest
 from indexer.build import build_index
 from indexer.corpus import read_jsonl
 from indexer.demo import write_demo_corpus
+from models.bundle import DEFAULT_MODEL
 from models.encoder import Encoder
-from models.registry import DEFAULT_MODEL, prepare
+from models.registry import prepare
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

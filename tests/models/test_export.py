@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.bundle import load_manifest, verify_bundle
+from models.bundle import DEFAULT_MODEL, load_manifest, verify_bundle
 from models.encoder import Encoder
 from models.errors import BundleError, ExportError, FingerprintMismatch, ModelNotFound, ParityError
-from models.registry import DEFAULT_MODEL, _minilm_source, prepare
+from models.registry import _minilm_source, prepare
 
 torch = pytest.importorskip("torch", reason="export tests need the `export` extra (torch)")
 

@@ -76,8 +76,12 @@ def test_redis_cache_against_a_real_server(redis_server) -> None:
 
 def test_service_caches_in_redis_and_fails_open(served_data: Path, redis_server, monkeypatch) -> None:
     settings = Settings(
-        data_dir=served_data, reload_interval_s=0, redis_url=redis_server.url, breaker_failures=2,
-        breaker_cooldown_s=0.5, redis_timeout_s=0.2,
+        data_dir=served_data,
+        reload_interval_s=0,
+        redis_url=redis_server.url,
+        breaker_failures=2,
+        breaker_cooldown_s=0.5,
+        redis_timeout_s=0.2,
     )
     direct = redis.Redis.from_url(redis_server.url)
     with TestClient(create_app(settings)) as client:

@@ -1,0 +1,5 @@
+"""`python -m service` is the `xmodal` command."""
+
+from service.cli import main
+
+main()

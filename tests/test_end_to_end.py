@@ -1,0 +1,98 @@
+"""The user's path through the real CLI and a real server process: build an index from JSONL, inspect it,
+serve it with uvicorn, query it over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port, write_corpus
+
+pytestmark = pytest.mark.slow
+XMODAL = [sys.executable, "-m", "service"]
+
+
+def cli(data: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XMODAL_") and k != "REDIS_URL"}
+    env["XMODAL_DATA_DIR"] = str(data)
+    return subprocess.run([*XMODAL, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture
+def data(tmp_path: Path, models_dir: Path) -> Path:
+    shutil.copytree(models_dir, tmp_path / "data" / "models")
+    return tmp_path / "data"
+
+
+def test_cli_build_info_verify_and_errors(data: Path, tmp_path: Path) -> None:
+    rows = [
+        {"id": f"n{i}", "text": t, "metadata": {"i": i}}
+        for i, t in enumerate(
+            [
+                "The wing stalls at a high angle of attack.",
+                "Shock waves form at supersonic speed.",
+                "A recipe for pancakes with blueberries.",
+                "Boundary layer transition on a flat plate.",
+            ]
+        )
+    ]
+    corpus = write_corpus(tmp_path / "c.jsonl", rows)
+
+    listing = cli(data, "models", "list")
+    assert listing.returncode == 0 and "all-minilm-l6-v2 (default)" in listing.stdout
+
+    built = cli(data, "index", "build", "--name", "aero", "--corpus", str(corpus))
+    assert built.returncode == 0, built.stderr
+    assert "4 items" in built.stderr and "recall@10 1.000" in built.stderr
+    info = json.loads(cli(data, "index", "info", "aero").stdout)
+    assert info["counts"] == {"text": 4} and info["model"]["name"] == "all-minilm-l6-v2"
+    assert json.loads(cli(data, "index", "verify", "aero").stdout)["ok"] is True
+
+    staged = cli(data, "index", "build", "--name", "aero", "--corpus", str(corpus), "--no-publish")
+    assert staged.returncode == 0 and "not published" in staged.stderr
+    assert json.loads(cli(data, "index", "info", "aero").stdout)["version"] == info["version"]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "text": "fine"}\n{"id": 2}\n')
+    failed = cli(data, "index", "build", "--name", "aero2", "--corpus", str(bad))
+    assert failed.returncode == 2 and "bad.jsonl:2" in failed.stderr and "Traceback" not in failed.stderr
+    missing = cli(data, "index", "info", "nope")
+    assert missing.returncode == 1 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_serve_over_real_http(served_data: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XMODAL_") and k != "REDIS_URL"}
+    env.update(XMODAL_DATA_DIR=str(served_data), XMODAL_PORT=str(port))
+    proc = subprocess.Popen([*XMODAL, "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "service did not become ready"
+            time.sleep(0.3)
+        body = {"index": "demo", "query": {"text": "a satellite photographs a comet"}, "k": 3}
+        first = httpx.post(f"{base}/v1/search", json=body, timeout=10).json()
+        second = httpx.post(f"{base}/v1/search", json=body, timeout=10).json()
+        assert [r["metadata"]["topic"] for r in first["results"]] == ["space"] * 3
+        assert (first["cached"], second["cached"]) == (False, True)
+        bad = httpx.post(f"{base}/v1/search", content=b"{nope", headers={"content-type": "application/json"})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "malformed_json"
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert f"http://127.0.0.1:{port}" in out
