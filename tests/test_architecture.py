@@ -65,7 +65,8 @@ import sys, importlib, pkgutil, json
 for pkg in ("models", "indexer", "service"):
     mod = importlib.import_module(pkg)
     for info in pkgutil.iter_modules(mod.__path__):
-        importlib.import_module(f"{pkg}.{info.name}")
+        if info.name != "__main__":  # the CLI entry point runs the CLI by design
+            importlib.import_module(f"{pkg}.{info.name}")
 print(json.dumps(sorted(m for m in ("faiss", "onnxruntime", "torch") if m in sys.modules)))
 """
     r = run([sys.executable, "-c", code])
