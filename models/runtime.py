@@ -7,6 +7,7 @@ back from the session and reported, never assumed.
 from __future__ import annotations
 
 import logging
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +19,24 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 
+def installed(*distributions: str) -> list[str]:
+    found = []
+    for dist in distributions:
+        try:
+            metadata.version(dist)
+            found.append(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
 def import_onnxruntime() -> Any:
+    both = installed("onnxruntime", "onnxruntime-gpu")
+    if len(both) == 2:  # they install the same module; whichever was installed last wins, silently
+        log.warning(
+            "both onnxruntime and onnxruntime-gpu are installed; keep one: the extras `cpu` and `gpu` "
+            "are exclusive (pip uninstall onnxruntime onnxruntime-gpu, then install one extra)"
+        )
     try:
         import onnxruntime
     except ImportError as exc:
