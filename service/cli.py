@@ -282,7 +282,8 @@ def version() -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs every SIMD variant it tries
+    for noisy in ("faiss.loader", "onnx_ir", "onnxscript", "httpx"):  # chatty INFO logs of libraries
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         app()
     except XmodalError as exc:
