@@ -132,6 +132,7 @@ def _export_graph(torch: Any, module: Any, path: Path) -> None:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             # The exporter warns about axis renaming and prints its progress: none of it is for our user.
             warnings.simplefilter("ignore")
+            logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" x4
             torch.onnx.export(
                 module,
                 example,

@@ -237,7 +237,8 @@ def _serve(s: Settings, banner: str = "") -> None:
 
     from service.app import create_app
 
-    console.print(f"xmodal listening on [bold]http://{s.host}:{s.port}[/] (docs at /docs)" + banner)
+    # Plain print: rich would wrap the curl example, and a wrapped command cannot be pasted.
+    print(f"xmodal listening on http://{s.host}:{s.port} (API docs at /docs){banner}", file=sys.stderr, flush=True)
     uvicorn.run(create_app(s), host=s.host, port=s.port, log_level="info", access_log=False)
 
 

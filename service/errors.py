@@ -84,7 +84,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(status, exc.code, exc.message, exc.details, headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_req: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(req: Request, exc: RequestValidationError) -> JSONResponse:
+        if any(tuple(e.get("loc", ())) == ("body",) for e in exc.errors()):  # the body as a whole is wrong
+            ctype = req.headers.get("content-type", "")
+            if "json" not in ctype:
+                message = f"send the body as JSON with `Content-Type: application/json` (got {ctype or 'none'!r})"
+                return error_response(415, "unsupported_media_type", message)
         code, message, errors = _validation_message(exc)
         return error_response(400 if code == "malformed_json" else 422, code, message, {"errors": errors})
 

@@ -215,3 +215,10 @@ def test_index_of_another_model_is_refused_and_old_version_kept(tmp_path: Path, 
     with make_client(data) as fresh:  # a fresh service never loads it at all
         r = search(fresh, query={"text": "a storm"})
         assert r.status_code == 503 and "not the loaded model" in r.json()["error"]["message"]
+
+
+def test_body_that_is_not_a_json_object(client: TestClient) -> None:
+    form = client.post("/v1/search", content=b'{"index": "demo"}', headers={"content-type": "text/plain"})
+    assert form.status_code == 415 and "application/json" in form.json()["error"]["message"]
+    array = client.post("/v1/search", json=[1, 2])
+    assert array.status_code == 422 and array.json()["error"]["code"] == "invalid_request"
