@@ -143,6 +143,10 @@ TEMPLATES = ["{s} {v} {o}{t}.", "Today {s} {v} {o}.", "News: {s} {v} {o}{t}.", "
 
 
 def demo_items(n: int = 3200, seed: int = 7) -> list[dict]:
+    # Each (subject, verb, object, template) gives at least one distinct text: a safe bound for the loop.
+    capacity = len(TEMPLATES) * sum(len(w["subject"]) * len(w["verb"]) * len(w["object"]) for w in TOPICS.values())
+    if n > capacity:
+        raise ValueError(f"the demo templates make at most {capacity} distinct documents, not {n}")
     rng = random.Random(seed)
     topics = sorted(TOPICS)
     seen: set[str] = set()
@@ -157,8 +161,6 @@ def demo_items(n: int = 3200, seed: int = 7) -> list[dict]:
             continue
         seen.add(text)
         out.append({"id": f"doc-{len(out):05d}", "text": text, "metadata": {"topic": topic}})
-        if len(seen) > 40 * n:  # pragma: no cover - templates can make far more than asked
-            break
     return out
 
 

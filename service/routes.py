@@ -16,13 +16,16 @@ from starlette.concurrency import run_in_threadpool
 from indexer.layout import IndexDir
 from models.errors import InvalidInput
 from service.cache import result_key
-from service.schemas import Result, SearchRequest, SearchResponse
+from service.schemas import ErrorResponse, Result, SearchRequest, SearchResponse
 from service.state import ServiceState, get_state, now_ms
 
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 413, 415, 422, 429, 503)}
 router = APIRouter()
 
 
-@router.post("/v1/search", response_model=SearchResponse, summary="Search an index with a text or vector query")
+@router.post(
+    "/v1/search", response_model=SearchResponse, responses=ERRORS, summary="Search an index with a text or vector query"
+)
 async def search(req: SearchRequest, state: ServiceState = Depends(get_state)) -> SearchResponse:
     t0 = time.perf_counter()
     settings = state.settings
@@ -70,7 +73,7 @@ class EmbeddingsRequest(BaseModel):
     modality: Literal["text"] = "text"
 
 
-@router.post("/v1/embeddings", summary="OpenAI-compatible embeddings of texts")
+@router.post("/v1/embeddings", responses=ERRORS, summary="OpenAI-compatible embeddings of texts")
 async def embeddings(req: EmbeddingsRequest, state: ServiceState = Depends(get_state)) -> dict:
     encoder = state.require_encoder()
     if req.model not in (None, encoder.name):

@@ -139,6 +139,7 @@ def test_indexes_health_ready_metrics(client: TestClient) -> None:
     assert ready.status_code == 200
     assert ready.json()["model"]["providers"] == {"text": ["CPUExecutionProvider"]}
     assert ready.json()["cache"]["backend"] == "memory"
+    assert ready.json()["indexes"]["demo"]["device"] == "cpu"  # no GPU here: FAISS stays on the CPU
     search(client, query={"text": "metrics please"})
     metrics = client.get("/metrics").text
     assert 'xmodal_search_seconds_count{cached="false"}' in metrics
