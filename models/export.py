@@ -150,8 +150,23 @@ def _export_graph(torch: Any, module: Any, path: Path) -> None:
     _rename_outputs(proto, OUTPUTS)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
+    _fuse_for_onnxruntime(path)
     for leftover in path.parent.glob(raw.name + "*"):
         leftover.unlink()
+
+
+def _fuse_for_onnxruntime(path: Path) -> None:
+    """Fuse attention, SkipLayerNorm and BiasGelu into ONNX Runtime's contrib ops (onnxscript's rewriter,
+    which knows the dynamo exporter's patterns; ORT's own optimiser fuses no attention in these graphs).
+    About 10% faster at batch 32 on CPU. The parity check runs on the fused graph."""
+    import onnx_ir as ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    model = ir.load(str(path))
+    with contextlib.redirect_stdout(io.StringIO()):
+        fused, counts = optimize_for_ort(model)
+    log.info("ONNX Runtime fusions: %s", {k: v for k, v in counts.items() if v})
+    ir.save(fused, str(path))
 
 
 def check_parity(torch: Any, module: Any, onnx_path: Path, pre: TextPreprocessor) -> dict:

@@ -30,11 +30,20 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(Path(dirpath))
 
 
+def _default_mode(mode: int) -> int:
+    """``mode`` less the process umask: what open() would give. mkstemp/mkdtemp use 0600/0700, which would
+    make bundles unreadable to another user (the Docker image's runtime user reads what root built)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never a mix."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _default_mode(0o666))
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -72,6 +81,7 @@ def staging_dir(parent: Path, final_name: str) -> Iterator[Path]:
     """
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final_name}-", dir=parent))
+    os.chmod(tmp, _default_mode(0o777))
     try:
         yield tmp
     except BaseException:

@@ -70,6 +70,10 @@ def test_manifest_describes_the_bundle(models_dir: Path) -> None:
     assert parity["min_cosine"] >= 0.9999 and parity["max_abs_diff"] <= 1e-4
     assert all(shape != parity["trace_shape"] for shape in parity["shapes"])
     assert len(m.fingerprint) == 64
+    # Readable by other users: the Docker runtime user reads bundles that root built.
+    bundle = models_dir / DEFAULT_MODEL
+    for path in (bundle, bundle / "manifest.json", bundle / "text.onnx"):
+        assert path.stat().st_mode & 0o004, oct(path.stat().st_mode)
 
 
 def test_prepare_is_idempotent(models_dir: Path) -> None:
