@@ -12,9 +12,12 @@ the end, so a run always starts cold: the MiniLM bundle is exported to ONNX firs
    before (so both the result cache and the embedding cache miss); hits repeat exactly the same requests.
    Run with the in-process LRU cache and, when ``redis-server`` is on PATH, with a redis-server started here.
 3. Text tower: torch eager (the exporter's own wrapper module) vs the ONNX Runtime session of ``Encoder``,
-   on identical tokenised batches of demo sentences, same thread count, warm-up then median of repeats.
+   on identical tokenised batches of demo sentences, same thread count (all usable cores), warm-up, then the
+   runtimes take turns in blocks of back-to-back calls; per-batch median (and best) times.
 
-Prints markdown tables; paste them into docs/benchmarks.md.
+Every section also reports how much CPU other processes took meanwhile: on a small machine a concurrent test run
+skews everything, torch's OpenMP threads most of all. Run it on a quiet machine.
+Prints markdown tables (progress goes to stderr); paste them into docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -51,8 +54,10 @@ from models.registry import DEFAULT_MODEL, prepare  # noqa: E402
 
 INDEX = "demo"
 K = 10
+FLOOR = "GET /healthz (HTTP floor)"
 MISS_TARGET = 5.0  # miss p50 / hit p50
 ORT_TARGET = 1.5  # ONNX Runtime items/s / torch eager items/s
+SWITCH_PAUSE_S = 0.3  # between blocks of calls of different runtimes (see _alternating)
 
 # The server runs in its own process, so client and server do not share a GIL; it is the same app object
 # `xmodal serve` runs (create_app + uvicorn with its default loop and HTTP implementation).
@@ -92,6 +97,8 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
 
 
 def _numeric(value: str) -> bool:
+    if value == "":
+        return True
     try:
         float(value.rstrip("x"))
     except ValueError:
@@ -113,6 +120,37 @@ def pct(values: list[float], q: float) -> float:
 
 def verdict(value: float, target: float) -> str:
     return "met" if value >= target else "MISSED"
+
+
+def _cpu_times() -> tuple[int, int]:
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return sum(fields), fields[3] + fields[4]  # (all, idle + iowait)
+
+
+class OtherLoad:
+    """CPU time other processes took while a section ran, as a share of the whole machine.
+
+    Machine busy time (/proc/stat) minus this process's and its waited-for children's (the servers') CPU time.
+    Other work on the machine skews every figure here, torch's OpenMP threads most of all."""
+
+    def __enter__(self) -> OtherLoad:
+        self._start = (_cpu_times(), _own_cpu())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        (total0, idle0), own0 = self._start
+        total1, idle1 = _cpu_times()
+        tick = os.sysconf("SC_CLK_TCK")
+        busy_s = ((total1 - total0) - (idle1 - idle0)) / tick
+        self.share = 100 * max(busy_s - (_own_cpu() - own0), 0.0) / max((total1 - total0) / tick, 1e-9)
+
+    def __str__(self) -> str:
+        return f"other processes used {self.share:.0f}% of the CPUs meanwhile"
+
+
+def _own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 # --- header ------------------------------------------------------------------------------------------------
@@ -181,16 +219,17 @@ def bench_build(data_dir: Path) -> tuple[Encoder, list[str]]:
     encoder = Encoder(bundle)
     encoder.encode_text(["warm up"])  # first run allocates; the service does the same at start-up
 
-    t0 = time.perf_counter()
-    result = build_index(
-        indexes_dir=data_dir / "indexes",
-        name=INDEX,
-        items=items,
-        encoder=encoder,
-        corpus_path=corpus_path,
-        publish=True,
-    )
-    wall = time.perf_counter() - t0
+    with OtherLoad() as load:
+        t0 = time.perf_counter()
+        result = build_index(
+            indexes_dir=data_dir / "indexes",
+            name=INDEX,
+            items=items,
+            encoder=encoder,
+            corpus_path=corpus_path,
+            publish=True,
+        )
+        wall = time.perf_counter() - t0
     m = result.manifest
     b = m.build
     n = len(items)
@@ -199,7 +238,7 @@ def bench_build(data_dir: Path) -> tuple[Encoder, list[str]]:
     say(
         f"Model bundle `{DEFAULT_MODEL}`: {'exported to ONNX now' if built else 'reused'} in {t_prepare:.1f} s "
         "(not part of the figures). Encoder warmed with one call; batch size "
-        f"{b['batch_size']}, providers {encoder.providers['text']}."
+        f"{b['batch_size']}, providers {encoder.providers['text']}; {load}."
     )
     say()
     say(
@@ -345,43 +384,52 @@ def _search(client: httpx.Client, body: dict) -> tuple[float, float, bool]:
 
 
 def run_cases(client: httpx.Client, texts: QueryTexts, n: int) -> dict[str, dict]:
+    """Per query: a never-seen text (miss), the very same request again (hit), the same text with another k,
+    and a GET /healthz (the HTTP round trip with no work: the floor under every client-side figure).
+
+    The cases are interleaved query by query, so load from elsewhere on the machine hits them alike."""
     for text in texts.take(10):  # warm the connection and the code paths; never reused
         _search(client, {"index": INDEX, "query": {"text": text}, "k": K})
-    queries = texts.take(n)
-    bodies = [{"index": INDEX, "query": {"text": q}, "k": K} for q in queries]
     cases = {
         # never-seen text: result cache miss and embedding cache miss (the query is encoded)
-        "miss": (bodies, False),
-        # the very same requests again: result cache hit
-        "hit": (bodies, True),
-        # same texts, another k: result miss, embedding hit (FAISS search without the encoder)
-        "miss, embedding cached": ([{**b, "k": K - 1} for b in bodies], False),
+        "miss": (lambda body: body, False),
+        # the very same request again: result cache hit
+        "hit": (lambda body: body, True),
+        # same text, another k: result cache miss, embedding cache hit (FAISS search, no encoder)
+        "miss, embedding cached": (lambda body: {**body, "k": K - 1}, False),
     }
-    out = {}
-    for case, (reqs, expect_cached) in cases.items():
-        took, wall, wrong = [], [], 0
-        for body in reqs:
-            t, w, cached = _search(client, body)
-            took.append(t)
-            wall.append(w)
-            wrong += cached != expect_cached
-        out[case] = {"took": took, "wall": wall, "wrong": wrong}
+    out = {case: {"took": [], "wall": [], "wrong": 0} for case in cases}
+    floor: dict = {"took": [], "wall": [], "wrong": ""}
+    for text in texts.take(n):
+        body = {"index": INDEX, "query": {"text": text}, "k": K}
+        for case, (make, expect_cached) in cases.items():
+            took, wall, cached = _search(client, make(body))
+            out[case]["took"].append(took)
+            out[case]["wall"].append(wall)
+            out[case]["wrong"] += cached != expect_cached
+        t0 = time.perf_counter()
+        client.get("/healthz").raise_for_status()
+        floor["wall"].append((time.perf_counter() - t0) * 1000)
+    out[FLOOR] = floor
     return out
 
 
 def bench_search(data_dir: Path, n: int, use_redis: bool) -> None:
     texts = QueryTexts()
-    backends: list[tuple[str, dict, dict]] = []
+    backends: list[tuple[str, dict, dict, OtherLoad]] = []
     log(f"/v1/search with the in-process LRU cache, {n} queries per case")
-    with api_server(data_dir, None) as client:
+    # OtherLoad around the servers' whole lives: their CPU time counts as ours once they are waited for.
+    with OtherLoad() as load, api_server(data_dir, None) as client:
         res = run_cases(client, texts, n)
-        backends.append(("memory (LRU)", res, client.get("/readyz").json()["cache"]))
+        status = client.get("/readyz").json()["cache"]
+    backends.append(("memory (LRU)", res, status, load))
     exe = shutil.which("redis-server")
     if use_redis and exe:
         log(f"/v1/search with redis-server ({exe}), {n} queries per case")
-        with redis_server(exe, data_dir) as url, api_server(data_dir, url) as client:
+        with OtherLoad() as load, redis_server(exe, data_dir) as url, api_server(data_dir, url) as client:
             res = run_cases(client, texts, n)
-            backends.append(("redis", res, client.get("/readyz").json()["cache"]))
+            status = client.get("/readyz").json()["cache"]
+        backends.append(("redis", res, status, load))
 
     say("## 2. `/v1/search` latency (sequential, one client, keep-alive)")
     say()
@@ -389,20 +437,24 @@ def bench_search(data_dir: Path, n: int, use_redis: bool) -> None:
         f"Index `{INDEX}` as built above, k={K}, text queries; {n} requests per case after 10 warm-up requests. "
         "server = `took_ms` of the response; client = wall time of the HTTP call (httpx, same machine). "
         "The server is `create_app(Settings(data_dir=..., reload_interval_s=0[, redis_url=...]))` under uvicorn "
-        "in a subprocess on 127.0.0.1."
+        "in a subprocess on 127.0.0.1. The cases are interleaved query by query. miss = a text never sent before "
+        "(result and embedding caches both miss); hit = the very same request again; miss, embedding cached = the "
+        f"same text with k={K - 1}; {FLOOR} = an empty round trip."
     )
     say()
     rows, ratios = [], []
-    for name, res, status in backends:
+    for name, res, status, load in backends:
         for case, r in res.items():
             rows.append(
                 [
                     name,
                     case,
-                    len(r["took"]),
-                    f"{pct(r['took'], 50):.2f}",
-                    f"{pct(r['took'], 99):.2f}",
-                    f"{statistics.fmean(r['took']):.2f}",
+                    len(r["wall"]),
+                    *(
+                        [f"{pct(r['took'], 50):.2f}", f"{pct(r['took'], 99):.2f}", f"{statistics.fmean(r['took']):.2f}"]
+                        if r["took"]
+                        else ["", "", ""]
+                    ),
                     f"{pct(r['wall'], 50):.2f}",
                     f"{pct(r['wall'], 99):.2f}",
                     r["wrong"],
@@ -418,7 +470,9 @@ def bench_search(data_dir: Path, n: int, use_redis: bool) -> None:
                 f"{client:.1f}x",
                 f">= {MISS_TARGET:g}x",
                 verdict(server, MISS_TARGET),
+                verdict(client, MISS_TARGET),
                 ", ".join(f"{k}={v}" for k, v in status.items()),
+                f"{load.share:.0f}%",
             ]
         )
     say(
@@ -440,7 +494,17 @@ def bench_search(data_dir: Path, n: int, use_redis: bool) -> None:
     say()
     say(
         table(
-            ["cache", "miss p50 / hit p50 (server)", "(client)", "target", "server-side", "cache status after"], ratios
+            [
+                "cache",
+                "miss p50 / hit p50 (server)",
+                "(client)",
+                "target",
+                "server-side",
+                "client-side",
+                "cache status after",
+                "other processes' CPU",
+            ],
+            ratios,
         )
     )
     if use_redis and not exe:
@@ -450,14 +514,40 @@ def bench_search(data_dir: Path, n: int, use_redis: bool) -> None:
 
 
 # --- 3. ONNX Runtime vs torch eager ------------------------------------------------------------------------
-def _median_pass(fn, batches: list[dict], repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _alternating(runners: dict, batches: list[dict], repeats: int) -> dict[str, tuple[float, float]]:
+    """(median, best) seconds per pass over ``batches`` for each runner: sums over batches of each batch's
+    median (and minimum) time over ``repeats``.
+
+    Runtimes take turns in blocks, one block = every batch once, back to back (as an index build calls the
+    encoder); the order of the blocks rotates each repeat, so drift and load from elsewhere hit all alike.
+    Blocks are SWITCH_PAUSE_S apart: ONNX Runtime's worker threads keep spinning for a while after a run, and
+    a torch call started 10 ms after an ORT call ran 1.4x (batch 32) to 3x (batch 1) slower here."""
+    names = list(runners)
+    times: dict[str, list[list[float]]] = {name: [[] for _ in batches] for name in names}
+    for fn in runners.values():  # warm-up: every shape once per runner (both runtimes cache per-shape work)
+        time.sleep(SWITCH_PAUSE_S)
         for feed in batches:
             fn(feed)
-        times.append(time.perf_counter() - t0)
-    return times
+    for r in range(repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            time.sleep(SWITCH_PAUSE_S)
+            for i, feed in enumerate(batches):
+                t0 = time.perf_counter()
+                runners[name](feed)
+                times[name][i].append(time.perf_counter() - t0)
+    return {
+        name: (sum(statistics.median(ts) for ts in per_batch), sum(min(ts) for ts in per_batch))
+        for name, per_batch in times.items()
+    }
+
+
+def _flops(cfg, feed: dict) -> float:  # noqa: ANN001
+    """Multiply-adds x 2 of a BERT encoder on one padded batch: Q, K, V, output and the two MLP matrices, plus
+    the two attention products (QK^T and attention x V)."""
+    b, s = feed["input_ids"].shape
+    h, inner, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    return 2.0 * b * s * layers * (4 * h * h + 2 * h * inner) + 4.0 * b * layers * s * s * h
 
 
 def bench_towers(data_dir: Path, sentences: list[str], threads: int, repeats: int) -> None:
@@ -472,7 +562,8 @@ def bench_towers(data_dir: Path, sentences: list[str], threads: int, repeats: in
     torch.set_num_threads(threads)
     source = _minilm_source()
     pooling, _normalize, _max_len = _read_st_config(source)
-    module = _text_wrapper(torch, transformers.AutoModel.from_pretrained(str(source)).eval(), pooling)
+    hf_model = transformers.AutoModel.from_pretrained(str(source)).eval()
+    module = _text_wrapper(torch, hf_model, pooling)
     ort_enc = Encoder(bundle, device="cpu", threads=threads)
     default_enc = Encoder(bundle, device="cpu")  # threads=0 as the service runs it: ORT picks its own count
     sessions = {"ort": ort_enc._sessions["text"], "ort-default": default_enc._sessions["text"]}
@@ -495,23 +586,18 @@ def bench_towers(data_dir: Path, sentences: list[str], threads: int, repeats: in
     # Real demo sentences, a fixed random sample (mixed lengths, each batch padded to its longest).
     rng = np.random.default_rng(3)
     picked = [sentences[i] for i in rng.choice(len(sentences), size=256, replace=False)]
-    setups = {32: [pre(picked[i : i + 32]) for i in range(0, 256, 32)], 1: [pre([s]) for s in picked[:64]]}
+    setups = {32: [pre(picked[i : i + 32]) for i in range(0, 256, 32)], 1: [pre([s]) for s in picked[:32]]}
 
     # Same answers on the same inputs, else the speed comparison means nothing.
     ref = run_torch(setups[32][0])
     got = sessions["ort"].run(OUTPUTS, setups[32][0])
     max_diff = float(np.abs(ref[0].numpy() - got[0]).max())
 
-    results: dict[int, dict[str, list[float]]] = {}
-    for bs, batches in setups.items():
-        for fn in runners.values():  # warm-up
-            _median_pass(fn, batches[:4], 1)
-        timed: dict[str, list[float]] = {name: [] for name in runners}
-        for _ in range(repeats):  # alternate whole passes: slow drift of the machine hits all alike
-            for name, fn in runners.items():
-                time.sleep(0.05)  # let the other runtime's spinning worker threads go idle
-                timed[name] += _median_pass(fn, batches, 1)
-        results[bs] = timed
+    flops = {bs: sum(_flops(hf_model.config, feed) for feed in batches) for bs, batches in setups.items()}
+    real = sum(int(f["attention_mask"].sum()) for f in setups[32])
+    padded = sum(f["attention_mask"].size for f in setups[32])
+    with OtherLoad() as load:
+        results = {bs: _alternating(runners, batches, repeats) for bs, batches in setups.items()}
 
     ort_opts = sessions["ort"].get_session_options()
     say(f"## 3. Text tower: ONNX Runtime vs torch eager (`{DEFAULT_MODEL}`)")
@@ -519,35 +605,51 @@ def bench_towers(data_dir: Path, sentences: list[str], threads: int, repeats: in
     say(
         f"Same tokenised inputs for both: 256 random demo sentences ({len(setups[32])} batches of 32, each padded "
         f"to its longest sentence, {np.mean([b['input_ids'].shape[1] for b in setups[32]]):.1f} tokens wide on "
-        f"average) and 64 of them one at a time (batch 1). torch eager = the exporter's wrapper module "
+        f"average; real tokens fill {100 * real / padded:.0f}% of the padded positions) and 32 of them one at a "
+        "time (batch 1). torch eager = the exporter's wrapper module "
         f"(`models.export._text_wrapper` over transformers `AutoModel`) under `torch.inference_mode()`; "
         f"ONNX Runtime = the `Encoder`'s session (graph optimisation level {ort_opts.graph_optimization_level.name}), "
         f"asked for the same three outputs. Threads: torch.get_num_threads()={torch.get_num_threads()}, "
         f"ORT intra_op_num_threads={ort_opts.intra_op_num_threads}; the `threads=0` row is the service default "
-        f"(ORT chooses). {repeats} timed passes per runtime after a warm-up, alternating runtimes; median pass. "
-        f"Max |embedding difference| torch vs ORT: {max_diff:.1e}."
+        f"(ORT chooses). Every call warmed up once, then {repeats} timed repeats, the runtimes taking turns in "
+        f"blocks of back-to-back calls {SWITCH_PAUSE_S:g} s apart; items/s and ms per call from each batch's "
+        f"median time, best = from each batch's fastest time. Max |embedding difference| torch vs ORT: "
+        f"{max_diff:.1e}; {load}. GFLOP/s: the model's matrix products (dense layers and attention) on the "
+        "padded shapes, per second, from the median time."
     )
     say()
     rows = []
-    for bs, timed in results.items():
+    for bs, pass_s in results.items():
         items = len(setups[bs]) * bs
-        base = items / statistics.median(timed["torch eager"])
-        for name, times in timed.items():
-            med = statistics.median(times)
-            speed = items / med
-            per_call = med / len(setups[bs]) * 1000
+        base, best_base = (items / t for t in pass_s["torch eager"])
+        for name, (median_s, best_s) in pass_s.items():
+            speed, best = items / median_s, items / best_s
+            target = name == "onnxruntime"
             rows.append(
                 [
                     bs,
                     name,
                     f"{speed:.0f}",
-                    f"{per_call:.2f}",
+                    f"{median_s / len(setups[bs]) * 1000:.2f}",
                     f"{speed / base:.2f}x",
-                    f">= {ORT_TARGET:g}x" if name == "onnxruntime" else "",
-                    verdict(speed / base, ORT_TARGET) if name == "onnxruntime" else "",
+                    f"{flops[bs] / median_s / 1e9:.0f}",
+                    f"{best:.0f}",
+                    f"{best / best_base:.2f}x",
+                    f">= {ORT_TARGET:g}x" if target else "",
+                    verdict(speed / base, ORT_TARGET) if target else "",
                 ]
             )
-    say(table(["batch", "runtime", "items/s", "ms per call", "vs torch eager", "target", "result"], rows))
+    headers = [
+        "batch",
+        "runtime",
+        "items/s",
+        "ms per call",
+        "vs torch eager",
+        "GFLOP/s",
+        "best items/s",
+        "best vs torch",
+    ]
+    say(table([*headers, "target", "result"], rows))
     say()
 
 
