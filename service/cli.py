@@ -254,14 +254,21 @@ def demo(
     """
     from indexer.demo import write_demo_corpus
     from indexer.layout import IndexDir
+    from models.bundle import load_manifest
     from models.files import sha256_file
 
     s = _settings(host=host, port=port)
     models_prepare(name=s.model, force=False)
+    fingerprint = load_manifest(s.model_dir).fingerprint
     corpus = write_demo_corpus(s.data_dir / "corpora" / "demo.jsonl")
     d = IndexDir(s.indexes_dir, "demo")
     current = d.manifest() if d.exists() else None
-    if current and current.build.get("corpus_sha256") == sha256_file(corpus) and current.model["name"] == s.model:
+    # Rebuild when the corpus or the model changed; a re-exported model gets a new fingerprint.
+    if (
+        current
+        and current.build.get("corpus_sha256") == sha256_file(corpus)
+        and current.model["fingerprint"] == fingerprint
+    ):
         console.print(f"demo index up to date (version {current.version})")
     else:
         index_build(name="demo", corpus=corpus, model=s.model, faiss_key=None, batch_size=32, publish=True)

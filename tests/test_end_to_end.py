@@ -96,3 +96,12 @@ def test_serve_over_real_http(served_data: Path) -> None:
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
     assert f"http://127.0.0.1:{port}" in out
+
+
+def test_demo_builds_once_then_is_up_to_date(data: Path) -> None:
+    first = cli(data, "demo", "--no-serve")
+    assert first.returncode == 0, first.stderr
+    assert "already ready" in first.stderr and "demo version" in first.stderr and "3200 items" in first.stderr
+    assert (data / "corpora" / "demo.jsonl").is_file()
+    again = cli(data, "demo", "--no-serve")
+    assert again.returncode == 0 and "demo index up to date" in again.stderr
