@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,10 +16,12 @@ from indexer.corpus import CorpusItem
 from indexer.items import write_items
 from indexer.layout import DENSE, ITEMS, MANIFEST, IndexDir, IndexManifest, new_version_name
 from models.encoder import Encoder
+from models.errors import InvalidInput
 from models.files import atomic_write_json, replace_dir, sha256_file, staging_dir
 
 Progress = Callable[[int, int], None]  # (done, total)
 RECALL_SAMPLE = 256
+MAX_FAILURES_KEPT = 50  # in the manifest; the count is always exact
 
 
 @dataclass
@@ -28,16 +31,61 @@ class BuildResult:
     published: bool
 
 
-def encode_items(encoder: Encoder, items: list[CorpusItem], batch_size: int, progress: Progress | None) -> np.ndarray:
-    out = np.empty((len(items), encoder.dim), dtype=np.float32)
-    # Chunks of several batches: the encoder sorts each chunk by length, and progress moves steadily.
+@dataclass
+class Row:
+    """One vector of the index: an item seen through one modality."""
+
+    item: CorpusItem
+    modality: str
+
+
+@dataclass
+class Encoded:
+    rows: list[Row]
+    vectors: np.ndarray
+    failures: list[dict]
+
+
+def encode_items(encoder: Encoder, items: list[CorpusItem], batch_size: int, progress: Progress | None) -> Encoded:
+    """A vector per (item, modality). Media that cannot be decoded are reported in ``failures`` and skipped;
+    a corpus with modalities the model has no tower for is refused before any work."""
+    missing = sorted({m for it in items for m in it.modalities} - set(encoder.modalities))
+    if missing:
+        raise InvalidInput(f"the corpus has {missing} items but model {encoder.name} only has {encoder.modalities}")
+    texts = [it for it in items if it.text is not None]
+    images = [it for it in items if it.image is not None]
+    total, done = len(texts) + len(images), 0
+    rows: list[Row] = []
+    parts: list[np.ndarray] = []
+    failures: list[dict] = []
+    # Chunks of several batches: the encoder sorts a text chunk by length, decoded images never pile up
+    # in memory, and progress moves steadily.
     chunk = batch_size * 8
-    for start in range(0, len(items), chunk):
-        texts = [it.text for it in items[start : start + chunk]]
-        out[start : start + len(texts)] = encoder.encode_text(texts, batch_size=batch_size)
+    for start in range(0, len(texts), chunk):
+        part = texts[start : start + chunk]
+        parts.append(encoder.encode_text([it.text for it in part], batch_size=batch_size))
+        rows += [Row(it, "text") for it in part]
+        done += len(part)
         if progress:
-            progress(start + len(texts), len(items))
-    return out
+            progress(done, total)
+    for start in range(0, len(images), chunk):
+        part = images[start : start + chunk]
+        decoded, ok = [], []
+        for it in part:
+            try:
+                decoded.append(encoder.decode_image(it.image))
+                ok.append(it)
+            except (InvalidInput, OSError) as exc:
+                failures.append({"id": it.id, "source": str(it.image), "error": getattr(exc, "message", str(exc))})
+        if ok:
+            parts.append(encoder.encode_images(decoded, batch_size=batch_size))
+            rows += [Row(it, "image") for it in ok]
+        done += len(part)
+        if progress:
+            progress(done, total)
+    if not rows:
+        raise InvalidInput(f"nothing to index: all {len(items)} items failed ({failures[0]['error']})")
+    return Encoded(rows, np.concatenate(parts), failures)
 
 
 def exact_topk(queries: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:
@@ -61,11 +109,13 @@ def measure_recall(index, vectors: np.ndarray, k: int = 10, seed: int = 0) -> di
     return {"value": hits / (len(sample) * k), "k": k, "sample": int(len(sample))}
 
 
-def score_stats(index, vectors: np.ndarray, seed: int = 1) -> dict:
-    """Mean and spread of top-10 neighbour scores: the scale of this modality's scores, for calibration."""
+def score_stats(vectors: np.ndarray, seed: int = 1) -> dict:
+    """Mean and spread of top-10 neighbour scores within one modality: the scale of its scores, kept for
+    calibrating results that mix modalities."""
     rng = np.random.default_rng(seed)
     sample = rng.choice(vectors.shape[0], size=min(RECALL_SAMPLE, vectors.shape[0]), replace=False)
-    scores, _ = index.search(vectors[sample], min(11, vectors.shape[0]))
+    top = exact_topk(vectors[sample], vectors, min(11, vectors.shape[0]))
+    scores = np.take_along_axis(vectors[sample] @ vectors.T, top, axis=1)
     s = scores[:, 1:] if scores.shape[1] > 1 else scores  # drop the item itself
     return {"mean": float(s.mean()), "std": float(s.std()), "sample": int(len(sample))}
 
@@ -85,14 +135,17 @@ def build_index(
 ) -> BuildResult:
     target = IndexDir(indexes_dir, name)
     t0 = time.perf_counter()
-    vectors = encode_items(encoder, items, batch_size, progress)
+    encoded = encode_items(encoder, items, batch_size, progress)
+    vectors, rows = encoded.vectors, encoded.rows
     t_encode = time.perf_counter() - t0
-    key = faiss_key or faiss_backend.default_key(len(items))
+    key = faiss_key or faiss_backend.default_key(len(rows))
     index, built_on = faiss_backend.build(vectors, key, use_gpu=use_gpu)
     params = faiss_backend.default_params(key)
     faiss_backend.apply_params(index, params)
     recall = measure_recall(index, vectors)
-    stats = score_stats(index, vectors)
+    modalities = sorted({r.modality for r in rows})
+    counts = {m: sum(r.modality == m for r in rows) for m in modalities}
+    by_modality = {m: vectors[[i for i, r in enumerate(rows) if r.modality == m]] for m in modalities}
     t_total = time.perf_counter() - t0
 
     version = new_version_name()
@@ -103,21 +156,24 @@ def build_index(
         model={"name": encoder.name, "fingerprint": encoder.fingerprint, "dim": encoder.dim},
         dim=encoder.dim,
         faiss={"key": key, "metric": "inner_product", "params": params, "built_on": built_on},
-        counts={"text": len(items)},
+        counts=counts,
         recall_at_10=recall,
-        calibration={"text": stats},
+        calibration={m: score_stats(v) for m, v in by_modality.items()},
         build={
             "items": len(items),
+            "vectors": len(rows),
+            "failed": len(encoded.failures),
+            "failures": encoded.failures[:MAX_FAILURES_KEPT],
             "encode_seconds": round(t_encode, 3),
             "total_seconds": round(t_total, 3),
-            "items_per_second": round(len(items) / max(t_encode, 1e-9), 1),
+            "items_per_second": round(len(rows) / max(t_encode, 1e-9), 1),
             "batch_size": batch_size,
             "providers": encoder.providers,
             "corpus": str(corpus_path) if corpus_path else None,
-            "corpus_sha256": sha256_file(corpus_path) if corpus_path else None,
+            "corpus_sha256": corpus_digest(corpus_path) if corpus_path else None,
         },
         files={
-            DENSE: "FAISS index of item vectors; ids are row numbers",
+            DENSE: "FAISS index of item vectors (one per item and modality); ids are row numbers",
             ITEMS: "SQLite table items(row, id, modality, source, text, metadata JSON)",
             MANIFEST: "this file",
         },
@@ -126,10 +182,30 @@ def build_index(
         faiss_backend.write(index, tmp / DENSE)
         write_items(
             tmp / ITEMS,
-            ((row, it.id, "text", it.source, it.text, it.metadata) for row, it in enumerate(items)),
+            (
+                (
+                    i,
+                    r.item.id,
+                    r.modality,
+                    str(r.item.image) if r.modality == "image" else r.item.source,
+                    r.item.text,
+                    r.item.metadata,
+                )
+                for i, r in enumerate(rows)
+            ),
         )
         atomic_write_json(tmp / MANIFEST, manifest.model_dump())
         replace_dir(tmp, target.versions_dir / version)
     if publish:
         target.publish(version)
     return BuildResult(manifest=manifest, path=target.versions_dir / version, published=publish)
+
+
+def corpus_digest(path: Path) -> str:
+    """sha256 of a corpus file; for a folder, of its file list with sizes (cheap, and changes when it does)."""
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(f"{p.relative_to(path).as_posix()}\t{p.stat().st_size}\n".encode())
+    return h.hexdigest()

@@ -1,4 +1,13 @@
-"""Corpus readers. A JSONL corpus has one item per line: ``id``, ``text``, optional ``metadata`` object."""
+"""Corpus readers.
+
+- JSONL: one item per line: ``id``, ``text`` and/or ``image`` (a path relative to the corpus file),
+  optional ``metadata`` object.
+- A folder: every image file below it (by extension) is an item, its id the relative path; a sidecar
+  ``<name>.txt`` beside an image is its caption; a ``.txt`` without an image is a text item.
+
+A malformed line stops the read with its line number (a corpus is fixed, not half-indexed); a file that
+exists but cannot be decoded is the builder's business: it is reported and skipped there.
+"""
 
 from __future__ import annotations
 
@@ -10,40 +19,54 @@ from pathlib import Path
 from models.errors import InvalidInput
 
 MAX_ERRORS_SHOWN = 5
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+FIELDS = {"id", "text", "image", "metadata"}
 
 
 @dataclass(frozen=True)
 class CorpusItem:
     id: str
-    text: str
+    text: str | None = None
+    image: Path | None = None
     metadata: dict = field(default_factory=dict)
     source: str = ""
 
+    @property
+    def modalities(self) -> list[str]:
+        return [m for m, v in (("text", self.text), ("image", self.image)) if v is not None]
 
-def _parse_line(raw: str, where: str) -> CorpusItem:
+
+def _parse_line(raw: str, where: str, base: Path) -> CorpusItem:
     try:
         obj = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise InvalidInput(f"{where}: not valid JSON ({exc.msg})") from None
     if not isinstance(obj, dict):
         raise InvalidInput(f"{where}: each line must be a JSON object")
+    unknown = set(obj) - FIELDS
+    if unknown:
+        raise InvalidInput(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {', '.join(sorted(FIELDS))}")
     item_id = obj.get("id")
     if isinstance(item_id, bool) or not isinstance(item_id, (str, int)) or str(item_id) == "":
         raise InvalidInput(f"{where}: `id` must be a non-empty string or an integer")
     text = obj.get("text")
-    if not isinstance(text, str) or not text.strip():
+    if text is not None and (not isinstance(text, str) or not text.strip()):
         raise InvalidInput(f"{where}: `text` must be a non-empty string")
+    image = obj.get("image")
+    if image is not None and (not isinstance(image, str) or not image.strip()):
+        raise InvalidInput(f"{where}: `image` must be a path (relative to the corpus file)")
+    if text is None and image is None:
+        raise InvalidInput(f"{where}: an item needs `text` or `image`")
     metadata = obj.get("metadata", {})
     if not isinstance(metadata, dict):
         raise InvalidInput(f"{where}: `metadata` must be a JSON object")
-    unknown = set(obj) - {"id", "text", "metadata"}
-    if unknown:
-        raise InvalidInput(f"{where}: unknown field(s) {sorted(unknown)}; allowed: id, text, metadata")
-    return CorpusItem(id=str(item_id), text=text, metadata=metadata, source=where)
+    return CorpusItem(
+        id=str(item_id), text=text, image=(base / image) if image else None, metadata=metadata, source=where
+    )
 
 
 def read_jsonl(path: Path) -> list[CorpusItem]:
-    """All items, or an InvalidInput naming the first few bad lines: a corpus is fixed, not half-indexed."""
+    """All items, or an InvalidInput naming the first few bad lines."""
     if not path.is_file():
         raise InvalidInput(f"corpus {path} does not exist")
     items: list[CorpusItem] = []
@@ -52,7 +75,7 @@ def read_jsonl(path: Path) -> list[CorpusItem]:
     for lineno, raw in _lines(path):
         where = f"{path.name}:{lineno}"
         try:
-            item = _parse_line(raw, where)
+            item = _parse_line(raw, where, path.parent)
         except InvalidInput as exc:
             errors.append(exc.message)
             continue
@@ -63,10 +86,43 @@ def read_jsonl(path: Path) -> list[CorpusItem]:
         items.append(item)
     if errors:
         more = f" (and {len(errors) - MAX_ERRORS_SHOWN} more)" if len(errors) > MAX_ERRORS_SHOWN else ""
-        raise InvalidInput(f"{len(errors)} bad line(s) in {path}{more}:\n  " + "\n  ".join(errors[:MAX_ERRORS_SHOWN]))
+        shown = "\n  ".join(errors[:MAX_ERRORS_SHOWN])
+        raise InvalidInput(f"{len(errors)} bad line(s) in {path}{more}:\n  {shown}")
     if not items:
         raise InvalidInput(f"corpus {path} holds no items")
     return items
+
+
+def read_folder(root: Path) -> list[CorpusItem]:
+    """Images (with optional sidecar captions) and lone text files below ``root``, in path order."""
+    files = sorted(
+        p for p in root.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts)
+    )
+    images = {p.with_suffix(""): p for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
+    items = []
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            caption = path.with_suffix(".txt")
+            text = _read_caption(caption) if caption.is_file() else None
+            items.append(CorpusItem(id=rel, text=text, image=path, source=rel))
+        elif path.suffix.lower() == ".txt" and path.with_suffix("") not in images:
+            text = _read_caption(path)
+            if text:
+                items.append(CorpusItem(id=rel, text=text, source=rel))
+    if not items:
+        raise InvalidInput(f"folder {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) or .txt files")
+    return items
+
+
+def read_corpus(path: Path) -> list[CorpusItem]:
+    """A JSONL file or a folder of files."""
+    return read_folder(path) if path.is_dir() else read_jsonl(path)
+
+
+def _read_caption(path: Path) -> str | None:
+    text = path.read_text(encoding="utf-8", errors="replace").strip()
+    return text or None
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:

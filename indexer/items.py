@@ -10,11 +10,12 @@ from pathlib import Path
 SCHEMA = """
 CREATE TABLE items (
     row INTEGER PRIMARY KEY,
-    id TEXT NOT NULL UNIQUE,
+    id TEXT NOT NULL,
     modality TEXT NOT NULL,
     source TEXT NOT NULL,
     text TEXT,
-    metadata TEXT NOT NULL
+    metadata TEXT NOT NULL,
+    UNIQUE (id, modality)
 )
 """
 

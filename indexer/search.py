@@ -59,7 +59,8 @@ class LoadedIndex:
         self, query: np.ndarray, k: int, modalities: list[str] | None = None, filter: dict | None = None
     ) -> list[Hit]:
         """Top ``k`` items for one L2-normalised query vector, restricted to target ``modalities`` and to
-        items whose metadata equals every key/value of ``filter``."""
+        items whose metadata equals every key/value of ``filter``. Scores of different modalities are
+        compared raw (no calibration yet)."""
         if query.shape != (self.manifest.dim,):
             raise InvalidInput(
                 f"query vector has shape {list(query.shape)}, index {self.name!r} needs [{self.manifest.dim}]"
@@ -68,7 +69,8 @@ class LoadedIndex:
         unknown = targets - set(self.modalities)
         if unknown:
             raise InvalidInput(f"index {self.name!r} holds no {sorted(unknown)} items; it holds {self.modalities}")
-        restricted = bool(filter) or targets != set(self.modalities)
+        # An item with several modalities has a row each: hits are deduplicated by item, best row first.
+        restricted = bool(filter) or targets != set(self.modalities) or len(self.modalities) > 1
         q = np.ascontiguousarray(query[None, :], dtype=np.float32)
         # Post-filtering: over-fetch and widen until k survivors are found or the index is exhausted.
         fetch = min(self.size, k * 4 if restricted else k)
@@ -76,11 +78,12 @@ class LoadedIndex:
             scores, rows = self.index.search(q, fetch)
             keep = [(int(r), float(s)) for r, s in zip(rows[0], scores[0], strict=True) if r >= 0]
             found = self.items.get([r for r, _ in keep])
-            hits = []
+            hits, seen = [], set()
             for row, score in keep:
                 item = found[row]
-                if item["modality"] not in targets or not _matches(item["metadata"], filter):
+                if item["modality"] not in targets or item["id"] in seen or not _matches(item["metadata"], filter):
                     continue
+                seen.add(item["id"])
                 hits.append(Hit(item["id"], score, item["modality"], item["text"], item["metadata"]))
                 if len(hits) == k:
                     return hits

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -25,8 +25,43 @@ Modality = Literal["text", "image", "audio"]
 
 class TextPreprocessing(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    kind: Literal["text"] = "text"
     tokenizer: str = Field(description="tokenizers-library JSON file, relative to the bundle")
     max_length: int = Field(gt=0)
+    pad_to_max_length: bool = Field(False, description="pad every text to max_length (SigLIP was trained so)")
+    pad_id: int = Field(0, ge=0)
+
+    @property
+    def files(self) -> list[str]:
+        return [self.tokenizer]
+
+
+class ImagePreprocessing(BaseModel):
+    """Reproduces a checkpoint's image processor with Pillow and numpy (no torch): RGB, resize, optional
+    centre crop, rescale, normalise; channels first."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["image"] = "image"
+    resize_mode: Literal["shortest_edge", "exact"] = Field(
+        description="shortest_edge: scale so the short side is `size` (CLIP); exact: resize to size x size (SigLIP)"
+    )
+    size: int = Field(gt=0)
+    crop_size: int | None = Field(None, gt=0, description="centre crop to crop_size x crop_size after resizing")
+    resample: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
+    rescale_factor: float = 1 / 255
+    mean: list[float] = Field(min_length=3, max_length=3)
+    std: list[float] = Field(min_length=3, max_length=3)
+
+    @property
+    def files(self) -> list[str]:
+        return []
+
+    @property
+    def output_size(self) -> int:
+        return self.crop_size or self.size
+
+
+Preprocessing = Annotated[TextPreprocessing | ImagePreprocessing, Field(discriminator="kind")]
 
 
 class Tower(BaseModel):
@@ -35,7 +70,7 @@ class Tower(BaseModel):
     inputs: list[str]
     outputs: list[str]
     emits_tokens: bool
-    preprocessing: TextPreprocessing
+    preprocessing: Preprocessing
 
 
 class ModelManifest(BaseModel):
@@ -53,13 +88,13 @@ class ModelManifest(BaseModel):
 
 
 def compute_fingerprint(bundle_dir: Path, towers: dict[str, Tower]) -> str:
-    """sha256 over each tower's ONNX and tokenizer bytes and its canonical preprocessing config."""
+    """sha256 over each tower's ONNX and preprocessing files (tokenizer) and its canonical preprocessing config."""
     h = hashlib.sha256()
     for modality in sorted(towers):
         tower = towers[modality]
         h.update(modality.encode())
         h.update(json.dumps(tower.model_dump(), sort_keys=True).encode())
-        for rel in (tower.onnx, tower.preprocessing.tokenizer):
+        for rel in (tower.onnx, *tower.preprocessing.files):
             with open(bundle_dir / rel, "rb") as fh:
                 for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
                     h.update(chunk)
@@ -80,7 +115,7 @@ def verify_bundle(bundle_dir: Path) -> ModelManifest:
     """Load the manifest and check every file is there and hashes to the recorded fingerprint."""
     manifest = load_manifest(bundle_dir)
     for tower in manifest.towers.values():
-        for rel in (tower.onnx, tower.preprocessing.tokenizer):
+        for rel in (tower.onnx, *tower.preprocessing.files):
             if not (bundle_dir / rel).is_file():
                 raise BundleError(f"model bundle {bundle_dir} lacks {rel}")
     actual = compute_fingerprint(bundle_dir, manifest.towers)

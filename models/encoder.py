@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from models.bundle import ModelManifest, load_manifest, verify_bundle
+from models.bundle import ImagePreprocessing, ModelManifest, TextPreprocessing, load_manifest, verify_bundle
 from models.errors import InvalidInput
 from models.runtime import Device, create_session
 from models.text import TextPreprocessor
@@ -15,10 +17,10 @@ from models.text import TextPreprocessor
 
 @dataclass
 class TokenOutput:
-    """Per-item token vectors: ``tokens[i][:n_i]`` are item i's real tokens (L2-normalised)."""
+    """Per-item token vectors: ``tokens[i]`` holds item i's real tokens only, [n_i, D], L2-normalised."""
 
     embedding: np.ndarray  # [B, D]
-    tokens: list[np.ndarray]  # B arrays of [n_i, D]
+    tokens: list[np.ndarray]
 
 
 class Encoder:
@@ -27,16 +29,20 @@ class Encoder:
     def __init__(self, bundle_dir: Path, device: Device = "auto", threads: int = 0, verify: bool = True):
         self.bundle_dir = bundle_dir
         self.manifest: ModelManifest = verify_bundle(bundle_dir) if verify else load_manifest(bundle_dir)
-        self._sessions = {}
+        self._sessions: dict[str, Any] = {}
+        self._pre: dict[str, Any] = {}
         self.providers: dict[str, list[str]] = {}
-        self._text: TextPreprocessor | None = None
         for modality, tower in self.manifest.towers.items():
             session, active = create_session(bundle_dir / tower.onnx, device=device, threads=threads)
             self._sessions[modality] = session
             self.providers[modality] = active
-            if modality == "text":
-                pre = tower.preprocessing
-                self._text = TextPreprocessor(bundle_dir / pre.tokenizer, pre.max_length)
+            config = tower.preprocessing
+            if isinstance(config, TextPreprocessing):
+                self._pre[modality] = TextPreprocessor.from_config(bundle_dir, config)
+            elif isinstance(config, ImagePreprocessing):
+                from models.image import ImagePreprocessor  # Pillow only for bundles with an image tower
+
+                self._pre[modality] = ImagePreprocessor(config)
 
     @property
     def name(self) -> str:
@@ -54,40 +60,70 @@ class Encoder:
     def modalities(self) -> list[str]:
         return sorted(self.manifest.towers)
 
-    def _feed(self, modality: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {name: arrays[name] for name in self.manifest.towers[modality].inputs}
+    def _preprocessor(self, modality: str) -> Any:
+        if modality not in self._pre:
+            raise InvalidInput(f"model {self.name} has no {modality} tower (it has {self.modalities})")
+        return self._pre[modality]
 
+    # --- text ----------------------------------------------------------------------------------
     def encode_text(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         """[len(texts), dim] float32, L2-normalised."""
-        return self._run_text(texts, batch_size, with_tokens=False).embedding
+        return self._encode_texts(texts, batch_size, with_tokens=False).embedding
 
     def encode_text_tokens(self, texts: list[str], batch_size: int = 32) -> TokenOutput:
-        return self._run_text(texts, batch_size, with_tokens=True)
+        return self._encode_texts(texts, batch_size, with_tokens=True)
 
-    def _run_text(self, texts: list[str], batch_size: int, with_tokens: bool) -> TokenOutput:
-        if self._text is None:
-            raise InvalidInput(f"model {self.name} has no text tower (it has {self.modalities})")
-        if not texts:
-            return TokenOutput(np.zeros((0, self.dim), dtype=np.float32), [])
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        return self._preprocessor("text").lengths(texts)
+
+    def _encode_texts(self, texts: list[str], batch_size: int, with_tokens: bool) -> TokenOutput:
+        pre = self._preprocessor("text")
         if any(not t.strip() for t in texts):
             raise InvalidInput("texts to encode must not be empty")
-        session = self._sessions["text"]
-        wanted = ["embedding", "tokens", "token_mask"] if with_tokens else ["embedding"]
         # Sort by token length so each batch pads to a similar width: less work for the same result.
-        order = np.argsort(self._text.lengths(texts), kind="stable")
-        emb = np.empty((len(texts), self.dim), dtype=np.float32)
-        toks: list[np.ndarray] = [np.empty(0)] * len(texts)
-        for start in range(0, len(texts), batch_size):
+        order = np.argsort(pre.lengths(texts), kind="stable") if texts else np.zeros(0, dtype=int)
+        return self._run("text", len(texts), order, lambda idx: pre([texts[i] for i in idx]), batch_size, with_tokens)
+
+    # --- images --------------------------------------------------------------------------------
+    def decode_image(self, data: bytes | Path) -> Any:
+        """An RGB PIL image, or InvalidInput saying why the bytes or file cannot be used."""
+        return self._preprocessor("image").decode(data)
+
+    def encode_images(self, images: Sequence[Any], batch_size: int = 16) -> np.ndarray:
+        """Decoded images (see ``decode_image``) → [len(images), dim] float32, L2-normalised."""
+        return self._encode_images(images, batch_size, with_tokens=False).embedding
+
+    def encode_image_tokens(self, images: Sequence[Any], batch_size: int = 16) -> TokenOutput:
+        return self._encode_images(images, batch_size, with_tokens=True)
+
+    def _encode_images(self, images: Sequence[Any], batch_size: int, with_tokens: bool) -> TokenOutput:
+        pre = self._preprocessor("image")
+        order = np.arange(len(images))
+        return self._run(
+            "image", len(images), order, lambda idx: pre([images[i] for i in idx]), batch_size, with_tokens
+        )
+
+    # --- shared --------------------------------------------------------------------------------
+    def _run(
+        self,
+        modality: str,
+        n: int,
+        order: np.ndarray,
+        prepare: Callable[[np.ndarray], dict[str, np.ndarray]],
+        batch_size: int,
+        with_tokens: bool,
+    ) -> TokenOutput:
+        session = self._sessions[modality]
+        inputs = self.manifest.towers[modality].inputs
+        wanted = ["embedding", "tokens", "token_mask"] if with_tokens else ["embedding"]
+        emb = np.empty((n, self.dim), dtype=np.float32)
+        toks: list[np.ndarray] = [np.empty((0, self.dim), dtype=np.float32)] * n
+        for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
-            feed = self._feed("text", self._text([texts[i] for i in idx]))
-            out = session.run(wanted, feed)
+            arrays = prepare(idx)
+            out = session.run(wanted, {name: arrays[name] for name in inputs})
             emb[idx] = out[0]
             if with_tokens:
                 for row, i in enumerate(idx):
                     toks[i] = out[1][row][out[2][row].astype(bool)]
         return TokenOutput(emb, toks)
-
-    def count_tokens(self, texts: list[str]) -> list[int]:
-        if self._text is None:
-            raise InvalidInput(f"model {self.name} has no text tower")
-        return self._text.lengths(texts)

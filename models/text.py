@@ -7,24 +7,33 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from models.bundle import TextPreprocessing
+
 
 class TextPreprocessor:
-    def __init__(self, tokenizer_file: Path, max_length: int) -> None:
+    def __init__(self, tokenizer_file: Path, max_length: int, pad_to_max_length: bool = False, pad_id: int = 0):
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         self.tokenizer.enable_truncation(max_length=max_length)
         self.tokenizer.no_padding()  # we pad per batch ourselves, after sorting by length
         self.max_length = max_length
+        self.pad_to_max_length = pad_to_max_length
+        self.pad_id = pad_id
+
+    @classmethod
+    def from_config(cls, bundle_dir: Path, config: TextPreprocessing) -> TextPreprocessor:
+        return cls(bundle_dir / config.tokenizer, config.max_length, config.pad_to_max_length, config.pad_id)
 
     def lengths(self, texts: list[str]) -> list[int]:
         return [len(e.ids) for e in self.tokenizer.encode_batch(texts)]
 
     def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
-        """input_ids, attention_mask and token_type_ids, int64, padded to the longest text of the batch."""
+        """input_ids, attention_mask and token_type_ids, int64, padded to the longest text of the batch
+        (or to max_length when the model was trained on fixed-length padding)."""
         encs = self.tokenizer.encode_batch(texts)
-        width = max(len(e.ids) for e in encs)
-        ids = np.zeros((len(encs), width), dtype=np.int64)
-        mask = np.zeros_like(ids)
-        types = np.zeros_like(ids)
+        width = self.max_length if self.pad_to_max_length else max(len(e.ids) for e in encs)
+        ids = np.full((len(encs), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros_like(ids, dtype=np.int64)
+        types = np.zeros_like(mask)
         for row, e in enumerate(encs):
             n = len(e.ids)
             ids[row, :n] = e.ids

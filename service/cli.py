@@ -125,7 +125,12 @@ def models_export(
 @index_app.command("build")
 def index_build(
     name: Annotated[str, typer.Option("--name", help="index name")],
-    corpus: Annotated[Path, typer.Option("--corpus", help="JSONL: one {id, text, metadata?} per line")],
+    corpus: Annotated[
+        Path,
+        typer.Option(
+            "--corpus", help="JSONL ({id, text?, image?, metadata?} per line) or a folder of images and captions"
+        ),
+    ],
     model: ModelOpt = None,
     faiss_key: Annotated[
         str | None, typer.Option(help="FAISS factory key (default Flat; HNSW32,Flat over 50k)")
@@ -140,11 +145,11 @@ def index_build(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from indexer.build import build_index
-    from indexer.corpus import read_jsonl
+    from indexer.corpus import read_corpus
     from models.encoder import Encoder
 
     s = _settings(model=model)
-    items = read_jsonl(corpus)
+    items = read_corpus(corpus)
     encoder = Encoder(s.model_dir, device=s.device, threads=s.threads)
     columns = (TextColumn("encoding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console) as bar:
@@ -159,14 +164,19 @@ def index_build(
             batch_size=batch_size,
             publish=publish,
             use_gpu=s.device != "cpu",
-            progress=lambda done, _total: bar.update(task, completed=done),
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
     m = result.manifest
+    counts = ", ".join(f"{n} {modality}" for modality, n in m.counts.items())
     console.print(
-        f"[green]{name}[/] version {m.version}: {len(items)} items, {m.build['items_per_second']} items/s, "
-        f"FAISS {m.faiss['key']}, recall@10 {m.recall_at_10['value']:.3f}"
+        f"[green]{name}[/] version {m.version}: {len(items)} items ({counts}), {m.build['items_per_second']} "
+        f"vectors/s, FAISS {m.faiss['key']}, recall@10 {m.recall_at_10['value']:.3f}"
         + ("" if publish else f" (not published: `xmodal index publish {name} {m.version}`)")
     )
+    if m.build["failed"]:
+        console.print(f"[yellow]{m.build['failed']} item(s) skipped[/] (could not be decoded):")
+        for failure in m.build["failures"][:5]:
+            console.print(f"  {failure['id']}: {failure['error']}")
 
 
 @index_app.command("info")
