@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import time
 from typing import Literal
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from indexer.layout import IndexDir
@@ -45,6 +47,8 @@ async def search(req: SearchRequest, state: ServiceState = Depends(get_state)) -
         else:
             if req.query.text is not None:
                 vec = await state.text_vector(req.query.text)
+            elif req.query.image is not None:
+                vec = await state.image_vector(decode_base64(req.query.image, "query.image"))
             else:
                 vec = state.given_vector(req.query.embedding or [])
             hits = await run_in_threadpool(index.search, vec, req.k, req.modalities, req.filter)
@@ -64,6 +68,49 @@ async def search(req: SearchRequest, state: ServiceState = Depends(get_state)) -
         cached=cached,
         took_ms=took,
     )
+
+
+@router.post(
+    "/v1/search/file", response_model=SearchResponse, responses=ERRORS, summary="Search with an uploaded image"
+)
+async def search_file(
+    file: UploadFile = File(description="the query: an image file"),
+    index: str = Form(),
+    k: int = Form(10),
+    modalities: str | None = Form(None, description="comma-separated target modalities, e.g. `image,text`"),
+    mode: str = Form("dense"),
+    state: ServiceState = Depends(get_state),
+) -> SearchResponse:
+    data = await file.read()
+    if not data:
+        raise InvalidInput("the uploaded file is empty")
+    try:
+        req = SearchRequest(
+            index=index,
+            query={"image": base64.b64encode(data).decode()},
+            k=k,
+            mode=mode,
+            modalities=[m.strip() for m in modalities.split(",") if m.strip()] if modalities else None,
+        )
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+    # The same path as a JSON search with a base64 image: same validation, same cache keys.
+    return await search(req, state)
+
+
+def decode_base64(value: str, field: str) -> bytes:
+    """Raw base64 or a data URI (``data:image/png;base64,...``)."""
+    if value.startswith("data:"):
+        header, _, value = value.partition(",")
+        if not header.endswith(";base64"):
+            raise InvalidInput(f"{field}: only base64 data URIs are supported")
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput(f"{field} is not valid base64") from None
+    if not data:
+        raise InvalidInput(f"{field} is empty")
+    return data
 
 
 class EmbeddingsRequest(BaseModel):

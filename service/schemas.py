@@ -12,6 +12,7 @@ Modality = Literal["text", "image", "audio"]
 class Query(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: str | None = Field(None, description="a text query")
+    image: str | None = Field(None, description="an image file, base64 or as a data URI (data:image/png;base64,...)")
     embedding: list[float] | None = Field(None, description="a query vector in the model's space")
 
     @field_validator("text")
@@ -23,14 +24,10 @@ class Query(BaseModel):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Query:
-        given = [name for name in ("text", "embedding") if getattr(self, name) is not None]
+        given = [name for name in ("text", "image", "embedding") if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ValueError("query needs exactly one of `text` or `embedding`")
+            raise ValueError("query needs exactly one of `text`, `image` or `embedding`")
         return self
-
-    @property
-    def modality(self) -> str:
-        return "embedding" if self.embedding is not None else "text"
 
 
 class SearchRequest(BaseModel):

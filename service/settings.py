@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     lru_size: int = Field(10_000, ge=1, description="entries of the in-process cache when Redis is not used")
 
     max_k: int = Field(1000, ge=1)
-    max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
+    max_body_bytes: int = Field(10 << 20, ge=1024, description="larger request bodies get 413 (base64 images count)")
     max_text_chars: int = Field(4096, ge=1)
     max_inflight: int = Field(64, ge=1, description="concurrent searches before 429")
     reload_interval_s: float = Field(2.0, ge=0, description="how often to look for newly published versions; 0 = never")

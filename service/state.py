@@ -169,6 +169,22 @@ class ServiceState:
         await self.cache.set(key, vec.astype(np.float32).tobytes(), self.settings.embedding_ttl_s)
         return vec
 
+    async def image_vector(self, data: bytes) -> np.ndarray:
+        encoder = self.require_encoder()
+        key = embedding_key(encoder.fingerprint, "image", data)
+        raw = await self.cache.get(key)
+        if raw is not None and len(raw) == encoder.dim * 4:
+            self.metrics.cache.labels("embedding", "hit").inc()
+            return np.frombuffer(raw, dtype=np.float32)
+        self.metrics.cache.labels("embedding", "miss").inc()
+
+        def encode() -> np.ndarray:
+            return encoder.encode_images([encoder.decode_image(data)])[0]
+
+        vec = await run_in_threadpool(encode)
+        await self.cache.set(key, vec.astype(np.float32).tobytes(), self.settings.embedding_ttl_s)
+        return vec
+
     def given_vector(self, values: list[float]) -> np.ndarray:
         encoder = self.require_encoder()
         vec = np.asarray(values, dtype=np.float32)

@@ -86,6 +86,10 @@ def test_filter(client: TestClient) -> None:
         ({"query": {"embedding": [0.0] * 384}}, 400, "invalid_input"),
         ({"query": {"text": "x" * 5000}}, 400, "invalid_input"),
         ({"query": {"text": "a"}, "unexpected": 1}, 422, "invalid_request"),
+        ({"query": {"image": "not base64!"}}, 400, "invalid_input"),
+        ({"query": {"image": "data:image/png,plain"}}, 400, "invalid_input"),
+        ({"query": {"image": "aGVsbG8="}}, 400, "invalid_input"),  # valid base64, but this model has no image tower
+        ({"query": {"text": "a", "image": "aGVsbG8="}}, 422, "invalid_request"),
         ({"index": "nope", "query": {"text": "a"}}, 404, "index_not_found"),
         ({"index": "", "query": {"text": "a"}}, 422, "invalid_request"),
     ],
@@ -110,7 +114,7 @@ def test_malformed_json_is_400(client: TestClient) -> None:
 
 
 def test_oversized_body_is_413_declared_or_streamed(client: TestClient) -> None:
-    big = json.dumps({"index": "demo", "query": {"text": "a" * (2 << 20)}}).encode()
+    big = json.dumps({"index": "demo", "query": {"text": "a" * (11 << 20)}}).encode()
     r = client.post("/v1/search", content=big, headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
 
@@ -223,3 +227,13 @@ def test_body_that_is_not_a_json_object(client: TestClient) -> None:
     assert form.status_code == 415 and "application/json" in form.json()["error"]["message"]
     array = client.post("/v1/search", json=[1, 2])
     assert array.status_code == 422 and array.json()["error"]["code"] == "invalid_request"
+
+
+def test_file_upload_errors(client: TestClient) -> None:
+    r = client.post("/v1/search/file", data={"index": "demo"}, files={"file": ("q.png", b"\x89PNG...", "image/png")})
+    assert r.status_code == 400 and "no image tower" in r.json()["error"]["message"]
+    assert client.post("/v1/search/file", data={"index": "demo"}).status_code == 422  # no file
+    empty = client.post("/v1/search/file", data={"index": "demo"}, files={"file": ("q.png", b"", "image/png")})
+    assert empty.status_code == 400 and "empty" in empty.json()["error"]["message"]
+    bad_k = client.post("/v1/search/file", data={"index": "demo", "k": "0"}, files={"file": ("q", b"x", "image/png")})
+    assert bad_k.status_code == 422
