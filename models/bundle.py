@@ -61,7 +61,29 @@ class ImagePreprocessing(BaseModel):
         return self.crop_size or self.size
 
 
-Preprocessing = Annotated[TextPreprocessing | ImagePreprocessing, Field(discriminator="kind")]
+class AudioPreprocessing(BaseModel):
+    """Decode (any rate, mono or stereo) → mono float32 at ``sample_rate`` → the checkpoint's features,
+    reproduced in numpy (no torch). Fields follow the CLAP feature extractor."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["audio"] = "audio"
+    sample_rate: int = Field(gt=0)
+    clip_seconds: float = Field(gt=0, description="longer audio is truncated, shorter is padded to this")
+    feature: Literal["clap_log_mel"] = "clap_log_mel"
+    n_fft: int = Field(gt=0)
+    hop_length: int = Field(gt=0)
+    n_mels: int = Field(gt=0)
+    f_min: float = 0.0
+    f_max: float = Field(gt=0)
+    padding: Literal["repeatpad", "repeat", "pad"] = "repeatpad"
+    truncation: Literal["rand_trunc", "fusion"] = "rand_trunc"
+
+    @property
+    def files(self) -> list[str]:
+        return []
+
+
+Preprocessing = Annotated[TextPreprocessing | ImagePreprocessing | AudioPreprocessing, Field(discriminator="kind")]
 
 
 class Tower(BaseModel):
