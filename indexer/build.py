@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from indexer import faiss_backend
-from indexer.corpus import CorpusItem
+from indexer.corpus import MEDIA, CorpusItem
 from indexer.items import write_items
 from indexer.layout import DENSE, ITEMS, MANIFEST, IndexDir, IndexManifest, new_version_name
 from models.encoder import Encoder
@@ -53,13 +53,13 @@ def encode_items(encoder: Encoder, items: list[CorpusItem], batch_size: int, pro
     if missing:
         raise InvalidInput(f"the corpus has {missing} items but model {encoder.name} only has {encoder.modalities}")
     texts = [it for it in items if it.text is not None]
-    images = [it for it in items if it.image is not None]
-    total, done = len(texts) + len(images), 0
+    media = {m: [it for it in items if getattr(it, m) is not None] for m in MEDIA}
+    total, done = len(texts) + sum(len(v) for v in media.values()), 0
     rows: list[Row] = []
     parts: list[np.ndarray] = []
     failures: list[dict] = []
-    # Chunks of several batches: the encoder sorts a text chunk by length, decoded images never pile up
-    # in memory, and progress moves steadily.
+    # Chunks of several batches: the encoder sorts a text chunk by length, decoded media never pile up in
+    # memory, and progress moves steadily.
     chunk = batch_size * 8
     for start in range(0, len(texts), chunk):
         part = texts[start : start + chunk]
@@ -68,21 +68,30 @@ def encode_items(encoder: Encoder, items: list[CorpusItem], batch_size: int, pro
         done += len(part)
         if progress:
             progress(done, total)
-    for start in range(0, len(images), chunk):
-        part = images[start : start + chunk]
-        decoded, ok = [], []
-        for it in part:
-            try:
-                decoded.append(encoder.decode_image(it.image))
-                ok.append(it)
-            except (InvalidInput, OSError) as exc:
-                failures.append({"id": it.id, "source": str(it.image), "error": getattr(exc, "message", str(exc))})
-        if ok:
-            parts.append(encoder.encode_images(decoded, batch_size=batch_size))
-            rows += [Row(it, "image") for it in ok]
-        done += len(part)
-        if progress:
-            progress(done, total)
+    for modality, with_media in media.items():
+        for start in range(0, len(with_media), chunk):
+            part = with_media[start : start + chunk]
+            decoded, ok = [], []
+            for it in part:
+                path = getattr(it, modality)
+                try:
+                    decoded.append(encoder.decode(modality, path))
+                    ok.append(it)
+                except (InvalidInput, OSError) as exc:
+                    failures.append(
+                        {
+                            "id": it.id,
+                            "modality": modality,
+                            "source": str(path),
+                            "error": getattr(exc, "message", str(exc)),
+                        }
+                    )
+            if ok:
+                parts.append(encoder.encode_media(modality, decoded, batch_size=batch_size))
+                rows += [Row(it, modality) for it in ok]
+            done += len(part)
+            if progress:
+                progress(done, total)
     if not rows:
         raise InvalidInput(f"nothing to index: all {len(items)} items failed ({failures[0]['error']})")
     return Encoded(rows, np.concatenate(parts), failures)

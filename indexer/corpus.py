@@ -1,9 +1,9 @@
 """Corpus readers.
 
-- JSONL: one item per line: ``id``, ``text`` and/or ``image`` (a path relative to the corpus file),
-  optional ``metadata`` object.
-- A folder: every image file below it (by extension) is an item, its id the relative path; a sidecar
-  ``<name>.txt`` beside an image is its caption; a ``.txt`` without an image is a text item.
+- JSONL: one item per line: ``id``; ``text``, ``image`` and/or ``audio`` (paths relative to the corpus
+  file); optional ``metadata`` object.
+- A folder: every image or audio file below it (by extension) is an item, its id the relative path; a
+  sidecar ``<name>.txt`` beside it is its caption; a ``.txt`` alone is a text item.
 
 A malformed line stops the read with its line number (a corpus is fixed, not half-indexed); a file that
 exists but cannot be decoded is the builder's business: it is reported and skipped there.
@@ -20,7 +20,9 @@ from models.errors import InvalidInput
 
 MAX_ERRORS_SHOWN = 5
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
-FIELDS = {"id", "text", "image", "metadata"}
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3"}
+MEDIA = ("image", "audio")
+FIELDS = {"id", "text", *MEDIA, "metadata"}
 
 
 @dataclass(frozen=True)
@@ -28,12 +30,13 @@ class CorpusItem:
     id: str
     text: str | None = None
     image: Path | None = None
+    audio: Path | None = None
     metadata: dict = field(default_factory=dict)
     source: str = ""
 
     @property
     def modalities(self) -> list[str]:
-        return [m for m, v in (("text", self.text), ("image", self.image)) if v is not None]
+        return [m for m in ("text", *MEDIA) if getattr(self, m) is not None]
 
 
 def _parse_line(raw: str, where: str, base: Path) -> CorpusItem:
@@ -52,17 +55,19 @@ def _parse_line(raw: str, where: str, base: Path) -> CorpusItem:
     text = obj.get("text")
     if text is not None and (not isinstance(text, str) or not text.strip()):
         raise InvalidInput(f"{where}: `text` must be a non-empty string")
-    image = obj.get("image")
-    if image is not None and (not isinstance(image, str) or not image.strip()):
-        raise InvalidInput(f"{where}: `image` must be a path (relative to the corpus file)")
-    if text is None and image is None:
-        raise InvalidInput(f"{where}: an item needs `text` or `image`")
+    media = {}
+    for modality in MEDIA:
+        value = obj.get(modality)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise InvalidInput(f"{where}: `{modality}` must be a path (relative to the corpus file)")
+        if value is not None:
+            media[modality] = base / value
+    if text is None and not media:
+        raise InvalidInput(f"{where}: an item needs `text`, `image` or `audio`")
     metadata = obj.get("metadata", {})
     if not isinstance(metadata, dict):
         raise InvalidInput(f"{where}: `metadata` must be a JSON object")
-    return CorpusItem(
-        id=str(item_id), text=text, image=(base / image) if image else None, metadata=metadata, source=where
-    )
+    return CorpusItem(id=str(item_id), text=text, metadata=metadata, source=where, **media)
 
 
 def read_jsonl(path: Path) -> list[CorpusItem]:
@@ -94,24 +99,26 @@ def read_jsonl(path: Path) -> list[CorpusItem]:
 
 
 def read_folder(root: Path) -> list[CorpusItem]:
-    """Images (with optional sidecar captions) and lone text files below ``root``, in path order."""
+    """Images and audio (with optional sidecar captions) and lone text files below ``root``, in path order."""
     files = sorted(
         p for p in root.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts)
     )
-    images = {p.with_suffix(""): p for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
+    kinds = {**dict.fromkeys(IMAGE_SUFFIXES, "image"), **dict.fromkeys(AUDIO_SUFFIXES, "audio")}
+    media_stems = {p.with_suffix("") for p in files if p.suffix.lower() in kinds}
     items = []
     for path in files:
         rel = path.relative_to(root).as_posix()
-        if path.suffix.lower() in IMAGE_SUFFIXES:
+        kind = kinds.get(path.suffix.lower())
+        if kind:
             caption = path.with_suffix(".txt")
             text = _read_caption(caption) if caption.is_file() else None
-            items.append(CorpusItem(id=rel, text=text, image=path, source=rel))
-        elif path.suffix.lower() == ".txt" and path.with_suffix("") not in images:
+            items.append(CorpusItem(id=rel, text=text, source=rel, **{kind: path}))
+        elif path.suffix.lower() == ".txt" and path.with_suffix("") not in media_stems:
             text = _read_caption(path)
             if text:
                 items.append(CorpusItem(id=rel, text=text, source=rel))
     if not items:
-        raise InvalidInput(f"folder {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) or .txt files")
+        raise InvalidInput(f"folder {root} holds no image, audio or .txt files")
     return items
 
 

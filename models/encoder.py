@@ -9,7 +9,14 @@ from typing import Any
 
 import numpy as np
 
-from models.bundle import ImagePreprocessing, ModelManifest, TextPreprocessing, load_manifest, verify_bundle
+from models.bundle import (
+    AudioPreprocessing,
+    ImagePreprocessing,
+    ModelManifest,
+    TextPreprocessing,
+    load_manifest,
+    verify_bundle,
+)
 from models.errors import InvalidInput
 from models.runtime import Device, create_session
 from models.text import TextPreprocessor
@@ -43,6 +50,10 @@ class Encoder:
                 from models.image import ImagePreprocessor  # Pillow only for bundles with an image tower
 
                 self._pre[modality] = ImagePreprocessor(config)
+            elif isinstance(config, AudioPreprocessing):
+                from models.audio import AudioPreprocessor  # soundfile/soxr only for bundles with audio
+
+                self._pre[modality] = AudioPreprocessor(config)
 
     @property
     def name(self) -> str:
@@ -84,23 +95,26 @@ class Encoder:
         order = np.argsort(pre.lengths(texts), kind="stable") if texts else np.zeros(0, dtype=int)
         return self._run("text", len(texts), order, lambda idx: pre([texts[i] for i in idx]), batch_size, with_tokens)
 
-    # --- images --------------------------------------------------------------------------------
-    def decode_image(self, data: bytes | Path) -> Any:
-        """An RGB PIL image, or InvalidInput saying why the bytes or file cannot be used."""
-        return self._preprocessor("image").decode(data)
+    # --- images and audio ---------------------------------------------------------------------
+    def decode(self, modality: str, data: bytes | Path) -> Any:
+        """An image file → RGB PIL image; an audio file → mono float32 waveform at the tower's rate.
+        InvalidInput says why the bytes or file cannot be used."""
+        return self._preprocessor(modality).decode(data)
 
-    def encode_images(self, images: Sequence[Any], batch_size: int = 16) -> np.ndarray:
-        """Decoded images (see ``decode_image``) → [len(images), dim] float32, L2-normalised."""
-        return self._encode_images(images, batch_size, with_tokens=False).embedding
+    def encode_media(self, modality: str, decoded: Sequence[Any], batch_size: int = 16) -> np.ndarray:
+        """Decoded images or waveforms (see ``decode``) → [len(decoded), dim] float32, L2-normalised."""
+        return self._encode_media(modality, decoded, batch_size, with_tokens=False).embedding
 
-    def encode_image_tokens(self, images: Sequence[Any], batch_size: int = 16) -> TokenOutput:
-        return self._encode_images(images, batch_size, with_tokens=True)
+    def encode_media_tokens(self, modality: str, decoded: Sequence[Any], batch_size: int = 16) -> TokenOutput:
+        return self._encode_media(modality, decoded, batch_size, with_tokens=True)
 
-    def _encode_images(self, images: Sequence[Any], batch_size: int, with_tokens: bool) -> TokenOutput:
-        pre = self._preprocessor("image")
-        order = np.arange(len(images))
+    def _encode_media(self, modality: str, decoded: Sequence[Any], batch_size: int, with_tokens: bool) -> TokenOutput:
+        if modality == "text":
+            raise InvalidInput("texts go through encode_text")
+        pre = self._preprocessor(modality)
+        order = np.arange(len(decoded))
         return self._run(
-            "image", len(images), order, lambda idx: pre([images[i] for i in idx]), batch_size, with_tokens
+            modality, len(decoded), order, lambda idx: pre([decoded[i] for i in idx]), batch_size, with_tokens
         )
 
     # --- shared --------------------------------------------------------------------------------

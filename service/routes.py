@@ -48,7 +48,9 @@ async def search(req: SearchRequest, state: ServiceState = Depends(get_state)) -
             if req.query.text is not None:
                 vec = await state.text_vector(req.query.text)
             elif req.query.image is not None:
-                vec = await state.image_vector(decode_base64(req.query.image, "query.image"))
+                vec = await state.media_vector("image", decode_base64(req.query.image, "query.image"))
+            elif req.query.audio is not None:
+                vec = await state.media_vector("audio", decode_base64(req.query.audio, "query.audio"))
             else:
                 vec = state.given_vector(req.query.embedding or [])
             hits = await run_in_threadpool(index.search, vec, req.k, req.modalities, req.filter)

@@ -13,6 +13,7 @@ class Query(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: str | None = Field(None, description="a text query")
     image: str | None = Field(None, description="an image file, base64 or as a data URI (data:image/png;base64,...)")
+    audio: str | None = Field(None, description="an audio file (WAV, FLAC, OGG, MP3), base64 or as a data URI")
     embedding: list[float] | None = Field(None, description="a query vector in the model's space")
 
     @field_validator("text")
@@ -24,9 +25,9 @@ class Query(BaseModel):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Query:
-        given = [name for name in ("text", "image", "embedding") if getattr(self, name) is not None]
+        given = [name for name in ("text", "image", "audio", "embedding") if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ValueError("query needs exactly one of `text`, `image` or `embedding`")
+            raise ValueError("query needs exactly one of `text`, `image`, `audio` or `embedding`")
         return self
 
 

@@ -169,9 +169,10 @@ class ServiceState:
         await self.cache.set(key, vec.astype(np.float32).tobytes(), self.settings.embedding_ttl_s)
         return vec
 
-    async def image_vector(self, data: bytes) -> np.ndarray:
+    async def media_vector(self, modality: str, data: bytes) -> np.ndarray:
+        """The query vector of an image or audio file's bytes, through the embedding cache."""
         encoder = self.require_encoder()
-        key = embedding_key(encoder.fingerprint, "image", data)
+        key = embedding_key(encoder.fingerprint, modality, data)
         raw = await self.cache.get(key)
         if raw is not None and len(raw) == encoder.dim * 4:
             self.metrics.cache.labels("embedding", "hit").inc()
@@ -179,7 +180,7 @@ class ServiceState:
         self.metrics.cache.labels("embedding", "miss").inc()
 
         def encode() -> np.ndarray:
-            return encoder.encode_images([encoder.decode_image(data)])[0]
+            return encoder.encode_media(modality, [encoder.decode(modality, data)])[0]
 
         vec = await run_in_threadpool(encode)
         await self.cache.set(key, vec.astype(np.float32).tobytes(), self.settings.embedding_ttl_s)
