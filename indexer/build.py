@@ -118,15 +118,37 @@ def measure_recall(index, vectors: np.ndarray, k: int = 10, seed: int = 0) -> di
     return {"value": hits / (len(sample) * k), "k": k, "sample": int(len(sample))}
 
 
-def score_stats(vectors: np.ndarray, seed: int = 1) -> dict:
-    """Mean and spread of top-10 neighbour scores within one modality: the scale of its scores, kept for
-    calibrating results that mix modalities."""
+def row_ranges(rows: list[Row]) -> dict[str, list[int]]:
+    """[start, end) of each modality's rows; encode_items writes each modality's rows contiguously, so a
+    search restricted to one modality is a FAISS ID range, not a post-filter."""
+    ranges: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        if row.modality not in ranges:
+            ranges[row.modality] = [i, i + 1]
+        elif ranges[row.modality][1] == i:
+            ranges[row.modality][1] = i + 1
+        else:
+            raise AssertionError(f"{row.modality} rows are not contiguous")
+    return ranges
+
+
+def calibration_stats(vectors: np.ndarray, ranges: dict[str, list[int]], seed: int = 1) -> dict:
+    """Mean and spread of the top-10 scores that queries of modality q get among items of modality t, for
+    every pair (``"q->t"``), with a sample of the index's own vectors of modality q as queries. Scores of
+    different modalities are not on one scale (the modality gap); search z-normalises with these when one
+    result list mixes target modalities."""
     rng = np.random.default_rng(seed)
-    sample = rng.choice(vectors.shape[0], size=min(RECALL_SAMPLE, vectors.shape[0]), replace=False)
-    top = exact_topk(vectors[sample], vectors, min(11, vectors.shape[0]))
-    scores = np.take_along_axis(vectors[sample] @ vectors.T, top, axis=1)
-    s = scores[:, 1:] if scores.shape[1] > 1 else scores  # drop the item itself
-    return {"mean": float(s.mean()), "std": float(s.std()), "sample": int(len(sample))}
+    stats = {}
+    for q, (qs, qe) in ranges.items():
+        sample = qs + rng.choice(qe - qs, size=min(RECALL_SAMPLE, qe - qs), replace=False)
+        for t, (ts, te) in ranges.items():
+            scores = vectors[sample] @ vectors[ts:te].T
+            k = min(11 if q == t else 10, te - ts)
+            top = -np.sort(-scores, axis=1)[:, :k]
+            if q == t and top.shape[1] > 1:
+                top = top[:, 1:]  # the query itself
+            stats[f"{q}->{t}"] = {"mean": float(top.mean()), "std": float(top.std()), "sample": int(len(sample))}
+    return stats
 
 
 def build_index(
@@ -152,9 +174,8 @@ def build_index(
     params = faiss_backend.default_params(key)
     faiss_backend.apply_params(index, params)
     recall = measure_recall(index, vectors)
-    modalities = sorted({r.modality for r in rows})
-    counts = {m: sum(r.modality == m for r in rows) for m in modalities}
-    by_modality = {m: vectors[[i for i, r in enumerate(rows) if r.modality == m]] for m in modalities}
+    ranges = row_ranges(rows)
+    counts = {m: end - start for m, (start, end) in ranges.items()}
     t_total = time.perf_counter() - t0
 
     version = new_version_name()
@@ -167,7 +188,8 @@ def build_index(
         faiss={"key": key, "metric": "inner_product", "params": params, "built_on": built_on},
         counts=counts,
         recall_at_10=recall,
-        calibration={m: score_stats(v) for m, v in by_modality.items()},
+        rows=ranges,
+        calibration=calibration_stats(vectors, ranges),
         build={
             "items": len(items),
             "vectors": len(rows),

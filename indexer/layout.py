@@ -34,7 +34,10 @@ class IndexManifest(BaseModel):
     faiss: dict = Field(description="factory key, metric and search params")
     counts: dict[str, int] = Field(description="items by modality")
     recall_at_10: dict = Field(description="recall@10 of the FAISS index against exact search, on a sample")
-    calibration: dict = Field(default_factory=dict, description="per-modality score statistics")
+    rows: dict[str, list[int]] = Field(default_factory=dict, description="[start, end) of each modality's rows")
+    calibration: dict = Field(
+        default_factory=dict, description="'q->t': mean/std of top-10 scores of modality-q queries among t items"
+    )
     build: dict = Field(default_factory=dict)
     files: dict[str, str] = Field(description="what each file is")
 

@@ -53,9 +53,17 @@ async def search(req: SearchRequest, state: ServiceState = Depends(get_state)) -
                 vec = await state.media_vector("audio", decode_base64(req.query.audio, "query.audio"))
             else:
                 vec = state.given_vector(req.query.embedding or [])
-            hits = await run_in_threadpool(index.search, vec, req.k, req.modalities, req.filter)
+            hits = await run_in_threadpool(index.search, vec, req.k, req.modalities, req.filter, req.query.modality)
             results = [
-                Result(id=h.id, score=h.score, modality=h.modality, text=h.text, metadata=h.metadata) for h in hits
+                Result(
+                    id=h.id,
+                    score=h.score,
+                    similarity=h.similarity,
+                    modality=h.modality,
+                    text=h.text,
+                    metadata=h.metadata,
+                )
+                for h in hits
             ]
             payload = json.dumps([r.model_dump() for r in results]).encode()
             await state.cache.set(key, payload, settings.result_ttl_s)

@@ -30,6 +30,11 @@ class Query(BaseModel):
             raise ValueError("query needs exactly one of `text`, `image`, `audio` or `embedding`")
         return self
 
+    @property
+    def modality(self) -> str | None:
+        """The query's modality; None for a raw embedding (whose modality the service cannot know)."""
+        return next((m for m in ("text", "image", "audio") if getattr(self, m) is not None), None)
+
 
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -45,7 +50,8 @@ class SearchRequest(BaseModel):
 
 class Result(BaseModel):
     id: str
-    score: float
+    score: float = Field(description="ranking score: the cosine, or a per-modality z-score when results mix modalities")
+    similarity: float = Field(description="cosine similarity of the query and the matched row")
     modality: str
     text: str | None = None
     metadata: dict[str, Any]
