@@ -6,6 +6,7 @@ import base64
 import binascii
 import json
 import time
+from pathlib import Path
 from typing import Literal
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
@@ -15,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from indexer.corpus import AUDIO_SUFFIXES
 from indexer.layout import IndexDir
 from models.errors import InvalidInput
 from service.cache import result_key
@@ -84,20 +86,24 @@ async def search(req: SearchRequest, state: ServiceState = Depends(get_state)) -
     "/v1/search/file", response_model=SearchResponse, responses=ERRORS, summary="Search with an uploaded image"
 )
 async def search_file(
-    file: UploadFile = File(description="the query: an image file"),
+    file: UploadFile = File(description="the query: an image or audio file"),
     index: str = Form(),
     k: int = Form(10),
     modalities: str | None = Form(None, description="comma-separated target modalities, e.g. `image,text`"),
     mode: str = Form("dense"),
+    modality: str | None = Form(None, description="`image` or `audio`; default: from the file's type or name"),
     state: ServiceState = Depends(get_state),
 ) -> SearchResponse:
     data = await file.read()
     if not data:
         raise InvalidInput("the uploaded file is empty")
+    modality = modality or upload_modality(file)
+    if modality not in ("image", "audio"):
+        raise InvalidInput(f"modality must be image or audio, not {modality!r}")
     try:
         req = SearchRequest(
             index=index,
-            query={"image": base64.b64encode(data).decode()},
+            query={modality: base64.b64encode(data).decode()},
             k=k,
             mode=mode,
             modalities=[m.strip() for m in modalities.split(",") if m.strip()] if modalities else None,
@@ -106,6 +112,13 @@ async def search_file(
         raise RequestValidationError(exc.errors()) from None
     # The same path as a JSON search with a base64 image: same validation, same cache keys.
     return await search(req, state)
+
+
+def upload_modality(file: UploadFile) -> str:
+    """audio for an audio/* content type or an audio file extension, else image."""
+    if (file.content_type or "").startswith("audio/"):
+        return "audio"
+    return "audio" if Path(file.filename or "").suffix.lower() in AUDIO_SUFFIXES else "image"
 
 
 def decode_base64(value: str, field: str) -> bytes:

@@ -235,5 +235,7 @@ def test_file_upload_errors(client: TestClient) -> None:
     assert client.post("/v1/search/file", data={"index": "demo"}).status_code == 422  # no file
     empty = client.post("/v1/search/file", data={"index": "demo"}, files={"file": ("q.png", b"", "image/png")})
     assert empty.status_code == 400 and "empty" in empty.json()["error"]["message"]
+    audio = client.post("/v1/search/file", data={"index": "demo"}, files={"file": ("q.wav", b"RIFF", "audio/wav")})
+    assert audio.status_code == 400 and "no audio tower" in audio.json()["error"]["message"]
     bad_k = client.post("/v1/search/file", data={"index": "demo", "k": "0"}, files={"file": ("q", b"x", "image/png")})
     assert bad_k.status_code == 422
