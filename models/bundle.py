@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from models.errors import BundleError, FingerprintMismatch, ModelNotFound
 from models.files import read_json
@@ -63,20 +63,44 @@ class ImagePreprocessing(BaseModel):
 
 class AudioPreprocessing(BaseModel):
     """Decode (any rate, mono or stereo) → mono float32 at ``sample_rate`` → the checkpoint's features,
-    reproduced in numpy (no torch). Fields follow the CLAP feature extractor."""
+    reproduced in numpy (no torch) by ``models.audio``. Fields follow transformers' ``ClapFeatureExtractor``,
+    which also ties the mel filter bank to ``truncation``: Slaney scale and area norm for ``rand_trunc``
+    (librosa's default), HTK scale without norm for ``fusion`` (torchaudio's)."""
 
     model_config = ConfigDict(extra="forbid")
     kind: Literal["audio"] = "audio"
     sample_rate: int = Field(gt=0)
     clip_seconds: float = Field(gt=0, description="longer audio is truncated, shorter is padded to this")
     feature: Literal["clap_log_mel"] = "clap_log_mel"
-    n_fft: int = Field(gt=0)
+    n_fft: int = Field(gt=1, description="STFT window (periodic Hann) and FFT size; frames are centred")
     hop_length: int = Field(gt=0)
     n_mels: int = Field(gt=0)
-    f_min: float = 0.0
+    f_min: float = Field(0.0, ge=0)
     f_max: float = Field(gt=0)
-    padding: Literal["repeatpad", "repeat", "pad"] = "repeatpad"
-    truncation: Literal["rand_trunc", "fusion"] = "rand_trunc"
+    padding: Literal["repeatpad", "repeat", "pad"] = Field(
+        "repeatpad", description="short clips: repeat whole copies then zero-pad / repeat and cut / zero-pad"
+    )
+    truncation: Literal["rand_trunc", "fusion"] = Field(
+        "rand_trunc",
+        description="long clips. rand_trunc: one clip, taken deterministically from the start (transformers picks "
+        "a random offset); fusion: four mels (the whole clip shrunk in time, and its first, middle and last chunk; "
+        "transformers picks random chunks), the model's is_longer input then says which clips were longer",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> AudioPreprocessing:
+        samples = self.clip_seconds * self.sample_rate
+        if abs(samples - round(samples)) > 1e-6:
+            raise ValueError(f"clip_seconds * sample_rate must be a whole number of samples, not {samples}")
+        if round(samples) <= self.n_fft // 2:
+            raise ValueError(f"a clip of {round(samples)} samples is too short for n_fft={self.n_fft}")
+        if self.f_min >= self.f_max:
+            raise ValueError(f"f_min ({self.f_min}) must be below f_max ({self.f_max})")
+        return self
+
+    @property
+    def clip_samples(self) -> int:
+        return round(self.clip_seconds * self.sample_rate)
 
     @property
     def files(self) -> list[str]:
@@ -103,6 +127,7 @@ class ModelManifest(BaseModel):
     fingerprint: str
     dim: int = Field(gt=0)
     similarity: Literal["cosine"] = "cosine"
+    precision: Literal["fp32", "int8", "fp16"] = "fp32"
     towers: dict[Modality, Tower]
     source: dict = Field(default_factory=dict, description="where the weights came from and how")
     parity: dict = Field(default_factory=dict, description="torch vs ONNX figures measured at export")
