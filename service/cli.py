@@ -319,9 +319,10 @@ def version() -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("faiss.loader", "onnx_ir", "onnxscript", "httpx"):  # chatty INFO logs of libraries
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Our own INFO lines; libraries (FAISS's loader, ONNX Runtime's quantiser, onnx_ir) only warn.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for ours in ("models", "indexer", "service"):
+        logging.getLogger(ours).setLevel(logging.INFO)
     try:
         app()
     except XmodalError as exc:
