@@ -12,6 +12,7 @@ import datetime as dt
 import io
 import json
 import logging
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 from models.bundle import MANIFEST, ModelManifest, TextPreprocessing, Tower, compute_fingerprint
 from models.errors import ExportError, MissingDependency, ParityError
 from models.files import atomic_write_json, replace_dir, staging_dir
-from models.runtime import create_session
+from models.runtime import create_session, import_onnxruntime
 from models.text import TextPreprocessor
 
 log = logging.getLogger(__name__)
@@ -105,54 +106,104 @@ def _text_wrapper(torch: Any, encoder: Any, pooling: str) -> Any:
 
 def _rename_outputs(model_proto: Any, wanted: list[str]) -> None:
     """Give the graph outputs their contract names. The exporter may already use such a name for an
-    internal value (aten::embedding is called "embedding"), so internal clashes are renamed first."""
-    produced = {v for node in model_proto.graph.node for v in node.output}
+    internal value (aten::embedding is called "embedding"; a constant-folded one becomes an initializer
+    of that name), so internal clashes are renamed first."""
+    graph = model_proto.graph
+    produced = {v for node in graph.node for v in node.output} | {init.name for init in graph.initializer}
     mapping = {w: f"{w}__internal" for w in wanted if w in produced}
-    for out, name in zip(model_proto.graph.output, wanted, strict=True):
+    for out, name in zip(graph.output, wanted, strict=True):
         mapping[out.name] = name
-    for node in model_proto.graph.node:
+    for node in graph.node:
         node.input[:] = [mapping.get(v, v) for v in node.input]
         node.output[:] = [mapping.get(v, v) for v in node.output]
-    for out in model_proto.graph.output:
-        out.name = mapping.get(out.name, out.name)
+    for value in (*graph.output, *graph.initializer, *graph.value_info):
+        value.name = mapping.get(value.name, value.name)
 
 
 def _export_graph(torch: Any, module: Any, path: Path) -> None:
-    import onnx
-
     example = (
         torch.arange(1000, 1016).reshape(2, 8),  # fixed, so the same checkpoint exports to the same bytes
         torch.ones(2, 8, dtype=torch.int64),
         torch.zeros(2, 8, dtype=torch.int64),
     )
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    dyn = {name: {0: batch, 1: seq} for name in TEXT_INPUTS}
+    export_onnx(torch, module, path, example, TEXT_INPUTS, {name: {0: batch, 1: seq} for name in TEXT_INPUTS})
+
+
+def export_onnx(
+    torch: Any,
+    module: Any,
+    path: Path,
+    example: tuple,
+    input_names: list[str],
+    dynamic_shapes: dict,
+    output_names: list[str] = OUTPUTS,
+) -> None:
+    """Dynamo-export ``module`` on ``example`` to one self-contained ONNX file at ``path`` whose outputs carry
+    the contract names, fused for ONNX Runtime where the fused graph still runs and agrees on ``example``.
+    Shared by every exporter (sentence-transformers, CLIP / SigLIP, ...); parity is the caller's job."""
+    import onnx
+
     raw = path.with_suffix(".raw.onnx")
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             # The exporter warns about axis renaming and prints its progress: none of it is for our user.
             warnings.simplefilter("ignore")
             logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" x4
+            logging.getLogger("onnxscript.optimizer").setLevel(logging.ERROR)  # "Skipping constant folding" xN
             torch.onnx.export(
                 module,
                 example,
                 str(raw),
                 dynamo=True,
-                input_names=TEXT_INPUTS,
-                output_names=[f"out_{o}" for o in OUTPUTS],
-                dynamic_shapes=dyn,
+                input_names=input_names,
+                output_names=[f"out_{o}" for o in output_names],
+                dynamic_shapes=dynamic_shapes,
                 optimize=True,
                 verbose=False,
             )
     except Exception as exc:  # the exporter raises many types; say which model failed
         raise ExportError(f"torch.onnx.export failed: {exc}") from exc
     proto = onnx.load(str(raw))  # pulls external weight data back in: one self-contained file
-    _rename_outputs(proto, OUTPUTS)
+    _rename_outputs(proto, output_names)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
-    _fuse_for_onnxruntime(path)
     for leftover in path.parent.glob(raw.name + "*"):
         leftover.unlink()
+    _fuse_checked(path, {n: t.numpy() for n, t in zip(input_names, example, strict=True)})
+
+
+def _fuse_checked(path: Path, feed: dict[str, np.ndarray]) -> None:
+    """Fuse ``path`` for ONNX Runtime, keeping the unfused graph when the fused one does not run or gives other
+    numbers on ``feed``: a fusion is an optimisation, never a reason to fail or change an export. (onnxscript
+    0.7 turns the Transpose + MatMul of nn.MultiheadAttention, as in SigLIP's pooling head, into a FusedMatMul
+    that ONNX Runtime rejects.)"""
+    unfused = path.with_name(path.stem + ".unfused.onnx")
+    shutil.copyfile(path, unfused)
+    try:
+        _fuse_for_onnxruntime(path)
+        ort = import_onnxruntime()
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4  # a failure is reported once, below, not as an ONNX Runtime error log
+        want, got = (
+            ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]).run(None, feed)
+            for p in (unfused, path)
+        )
+        problem = next(
+            (
+                f"output {i} differs"
+                for i, (w, g) in enumerate(zip(want, got, strict=True))
+                if not np.allclose(w, g, atol=1e-5)
+            ),
+            None,
+        )
+    except Exception as exc:  # the rewriter and ONNX Runtime raise many types
+        problem = f"{type(exc).__name__}: {str(exc)[:300]}"
+    if problem is None:
+        unfused.unlink()
+    else:
+        log.warning("ONNX Runtime fusions broke %s (%s); keeping the unfused graph", path.name, problem)
+        os.replace(unfused, path)
 
 
 def _fuse_for_onnxruntime(path: Path) -> None:

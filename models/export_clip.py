@@ -1,0 +1,410 @@
+"""Export a Hugging Face ``CLIPModel`` or ``SiglipModel`` checkpoint folder to a two-tower xmodal bundle.
+
+Each tower is one ONNX graph with the bundle contract's outputs, all L2-normalised:
+
+text (CLIP inputs ``input_ids, attention_mask``; SigLIP input ``input_ids``)
+  ``embedding`` [B, D]  exactly ``get_text_features(...).pooler_output`` (pooled and projected).
+  ``tokens`` [B, T, D]  every position's last hidden state (after the final layer norm, which both models
+                        apply to all positions) through the same projection (CLIP ``text_projection``,
+                        SigLIP ``text_model.head``). CLIP's embedding is thus the EOS token's vector.
+  ``token_mask`` [B, T] int32; CLIP: the attention mask; SigLIP: ``input_ids != pad_id``.
+image (input ``pixel_values`` [B, 3, S, S], dynamic batch only: the position embeddings fix S)
+  ``embedding`` [B, D]  exactly ``get_image_features(...).pooler_output``.
+  ``tokens`` [B, N, D]  one vector per patch, N = (S / patch)^2, no CLS token (see below).
+  ``token_mask`` [B, N] int32, all ones.
+
+Decisions, and why:
+
+- CLIP image tokens exclude CLS. CLS after ``post_layernorm`` and ``visual_projection`` *is* the dense
+  embedding; as a token it would duplicate the dense score inside the late-interaction max and be the best
+  match for almost any query. Without it both architectures give exactly one token per image patch, so a
+  token index maps to an image region. The patch tokens get the same ``post_layernorm`` and projection the
+  CLS token gets.
+- SigLIP image tokens: SigLIP has no CLS token and no projection; its embedding is a multihead attention
+  pooling head (MAP: one learned probe attends over the patches, then out-projection, a residual MLP).
+  Raw patch states are not in the joint space, so each patch goes through the head as if every attention
+  head of the probe attended to that patch alone: ``o_i = out_proj(W_v x_i + b_v)``, ``t_i = o_i +
+  mlp(layernorm(o_i))``. That is exactly what the head pools from a one-patch image (a softmax over one key
+  is 1; the tests check it against ``vision_model.head(x[:, i:i+1])``), and the embedding is the same
+  function applied to per-head convex mixes of the patches' values: the MaskCLIP argument (use the pooling
+  attention's value path per patch), carried over to the MAP head.
+- SigLIP text: no attention mask. SigLIP was trained on text padded to 64 tokens with the pad token
+  (= EOS) attended like any other (big_vision, open_clip), and pools the *last* position, a pad token for
+  short texts; masking padding would change the embedding. So the tower takes ``input_ids`` only, the
+  manifest says ``pad_to_max_length`` with the tokenizer's pad id, and the tokens of a text are its non-pad
+  ids (with pad == EOS, the EOS token is not among them: it cannot be told from padding).
+- CLIP text: padded per batch to the longest text; the causal mask and the attention mask keep padding
+  out of the real tokens, and pooling reads the first EOS, so the pad id does not matter (the tokenizer's
+  is recorded anyway). The token mask is the attention mask, so BOS and EOS count as tokens, as [CLS] and
+  [SEP] do in the sentence-transformers bundles (under the causal mask BOS is the same vector for every
+  text: a scorer that wants content words only can drop position 0).
+- Both graphs are traced with a dynamic sequence axis (<= the model's positions), and parity is checked on
+  other batch sizes and lengths than the trace, padding inside batches, and (SigLIP) full 64-token rows.
+
+SigLIP's own tokenizer is sentencepiece-based; the bundle needs a ``tokenizer.json`` (the ``tokenizers``
+library, no torch at serving time). A checkpoint without one is converted through ``AutoTokenizer`` when
+transformers can give a fast tokenizer, and refused otherwise. Note that SigLIP's slow tokenizer strips
+punctuation before tokenizing, which a converted ``tokenizer.json`` does not do.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.bundle import MANIFEST, ImagePreprocessing, ModelManifest, TextPreprocessing, Tower, compute_fingerprint
+from models.errors import ExportError, ParityError
+from models.export import MAX_ABS, MIN_COSINE, OUTPUTS, PARITY_TEXTS, _import_torch, export_onnx
+from models.files import atomic_write_json, replace_dir, staging_dir
+from models.image import image_config_from_hf
+from models.runtime import create_session
+from models.text import TextPreprocessor
+
+log = logging.getLogger(__name__)
+
+ARCHS = {"clip": "CLIPModel", "siglip": "SiglipModel"}
+TEXT_INPUTS = {"clip": ["input_ids", "attention_mask"], "siglip": ["input_ids"]}
+IMAGE_INPUTS = ["pixel_values"]
+TEXT_TRACE = (2, 8)  # the export trace's (batch, length); parity uses other shapes
+IMAGE_TRACE_BATCH = 2
+PARITY_IMAGE_BATCHES = (1, 3, 5)
+# One text longer than any model's positions: truncated to max_length, so the longest shape is exercised.
+PARITY_LONG_TEXT = " ".join(["lift and drag over a slender delta wing"] * 20)
+
+
+def detect_arch(source: Path) -> str:
+    """``clip`` or ``siglip`` from the checkpoint's ``config.json`` ``model_type``."""
+    config = source / "config.json"
+    if not config.is_file():
+        raise ExportError(f"{source} is not a Hugging Face checkpoint (no config.json)")
+    model_type = json.loads(config.read_text()).get("model_type")
+    if model_type not in ARCHS:
+        raise ExportError(
+            f"{source} holds a {model_type!r} model; export_clip handles model_type {sorted(ARCHS)} "
+            "(CLIPModel, SiglipModel)"
+        )
+    return model_type
+
+
+# --- preprocessing -------------------------------------------------------------------------------------------
+
+
+def _image_preprocessing(source: Path) -> ImagePreprocessing:
+    path = source / "preprocessor_config.json"
+    if not path.is_file():
+        raise ExportError(f"{source} has no preprocessor_config.json (the image processor's settings)")
+    try:
+        return image_config_from_hf(json.loads(path.read_text()))
+    except ExportError as exc:
+        raise ExportError(f"{path}: {exc.message}") from exc
+
+
+def _write_tokenizer(source: Path, dest: Path) -> None:
+    """``tokenizer.json`` into the bundle: copied when the checkpoint has one, else the fast backend's."""
+    if (source / "tokenizer.json").is_file():
+        shutil.copyfile(source / "tokenizer.json", dest)
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(source))
+        backend = tok.backend_tokenizer  # only fast (tokenizers-library) tokenizers have one
+    except Exception as exc:  # ImportError (sentencepiece), OSError, AttributeError: all mean "no fast one"
+        raise ExportError(
+            f"{source} has no tokenizer.json and transformers could not give a fast tokenizer for it ({exc}); "
+            "save one with `AutoTokenizer.from_pretrained(...).save_pretrained(...)` where that works"
+        ) from exc
+    backend.save(str(dest))
+
+
+def _token_setting(source: Path, key: str) -> Any:
+    """A tokenizer setting from tokenizer_config.json or special_tokens_map.json (str, or {"content": str})."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = source / name
+        if path.is_file():
+            value = json.loads(path.read_text()).get(key)
+            if isinstance(value, dict):
+                value = value.get("content")
+            if value is not None:
+                return value
+    return None
+
+
+def _text_preprocessing(source: Path, tokenizer_file: Path, arch: str, text_config: Any) -> TextPreprocessing:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    positions = int(text_config.max_position_embeddings)
+    declared = _token_setting(source, "model_max_length")
+    max_length = min(positions, int(declared)) if isinstance(declared, int | float) and declared < 1e6 else positions
+    pad_token = _token_setting(source, "pad_token")
+    pad_id = tok.token_to_id(pad_token) if isinstance(pad_token, str) else None
+    if pad_id is None:
+        pad_id = text_config.pad_token_id
+        if arch == "siglip" or pad_id is None:  # SigLIP pads every text: the pad id must be the tokenizer's
+            raise ExportError(f"cannot find the pad token of the tokenizer in {source} (tokenizer_config.json)")
+    eos = text_config.eos_token_id
+    if arch == "clip" and isinstance(eos, int) and eos != 2:  # 2: legacy configs pool the largest id instead
+        # CLIP pools the first `eos_token_id`; a tokenizer that never emits it would pool position 0 silently.
+        ids = tok.encode("a photo of a cat").ids
+        if eos not in ids:
+            raise ExportError(
+                f"the tokenizer in {source} does not end texts with the model's eos_token_id {eos} "
+                f"(it gives {ids}); text pooling would be wrong"
+            )
+    return TextPreprocessing(
+        tokenizer="tokenizer.json", max_length=max_length, pad_to_max_length=arch == "siglip", pad_id=int(pad_id)
+    )
+
+
+# --- the torch towers ------------------------------------------------------------------------------------------
+
+
+def _text_tower(torch: Any, model: Any, arch: str, pad_id: int) -> Any:
+    F = torch.nn.functional
+
+    if arch == "clip":
+
+        class ClipTextTower(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids, attention_mask):  # noqa: ANN001
+                out = self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+                tokens = self.model.text_projection(out.last_hidden_state)
+                mask = attention_mask.to(torch.int32)
+                return F.normalize(out.pooler_output, dim=-1), F.normalize(tokens, dim=-1), mask
+
+        return ClipTextTower().eval()
+
+    class SiglipTextTower(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids):  # noqa: ANN001
+            out = self.model.get_text_features(input_ids=input_ids)  # no mask: trained attending to padding
+            tokens = self.model.text_model.head(out.last_hidden_state)
+            mask = (input_ids != pad_id).to(torch.int32)
+            return F.normalize(out.pooler_output, dim=-1), F.normalize(tokens, dim=-1), mask
+
+    return SiglipTextTower().eval()
+
+
+def _siglip_patch_head(torch: Any, head: Any, x: Any) -> Any:
+    """The MAP head applied to each patch alone (every attention head attending to that one patch)."""
+    attn = head.attention
+    dim = attn.embed_dim
+    w_v = attn.in_proj_weight[2 * dim :] if attn._qkv_same_embed_dim else attn.v_proj_weight
+    b_v = attn.in_proj_bias[2 * dim :] if attn.in_proj_bias is not None else None
+    o = attn.out_proj(torch.nn.functional.linear(x, w_v, b_v))
+    return o + head.mlp(head.layernorm(o))
+
+
+def _image_tower(torch: Any, model: Any, arch: str) -> Any:
+    F = torch.nn.functional
+
+    class ImageTower(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values):  # noqa: ANN001
+            out = self.model.get_image_features(pixel_values=pixel_values)
+            vision = self.model.vision_model
+            if arch == "clip":  # last_hidden_state is before post_layernorm; drop CLS (it is the embedding)
+                tokens = self.model.visual_projection(vision.post_layernorm(out.last_hidden_state[:, 1:]))
+            else:  # last_hidden_state is after post_layernorm
+                tokens = _siglip_patch_head(torch, vision.head, out.last_hidden_state)
+            mask = torch.ones_like(tokens[..., 0], dtype=torch.int32)
+            return F.normalize(out.pooler_output, dim=-1), F.normalize(tokens, dim=-1), mask
+
+    return ImageTower().eval()
+
+
+# --- parity -----------------------------------------------------------------------------------------------------
+
+
+def check_tower_parity(
+    torch: Any, module: Any, onnx_path: Path, feeds: list[dict[str, np.ndarray]], tower: str, trace_shape: list[int]
+) -> dict:
+    """Torch module vs ONNX graph on ``feeds`` (dicts in the graph's input order): per-row cosine and largest
+    element difference of ``embedding`` and of the real ``tokens``, exact ``token_mask``. Raises ParityError."""
+    session, providers = create_session(onnx_path, device="cpu")
+    names = [i.name for i in session.get_inputs()]
+    worst_cos, worst_abs, shapes = 1.0, 0.0, []
+    for feed in feeds:
+        shapes.append(list(feed[names[0]].shape))
+        with torch.inference_mode():
+            ref = [t.numpy() for t in module(*(torch.from_numpy(feed[n]) for n in names))]
+        try:
+            got = session.run(OUTPUTS, {n: feed[n] for n in names})
+        except Exception as exc:  # onnxruntime's errors have no common public base class
+            raise ParityError(f"{tower} tower: ONNX Runtime cannot run the graph at {shapes[-1]}: {exc}") from exc
+        if not np.array_equal(ref[2], got[2]):
+            raise ParityError(f"{tower} tower: token_mask differs between torch and ONNX; no bundle written")
+        mask = ref[2].astype(bool)
+        for r, g in ((ref[0], got[0]), (ref[1][mask], got[1][mask])):  # padding tokens are not compared
+            if r.shape != g.shape:
+                raise ParityError(f"{tower} tower: ONNX gives shape {g.shape}, torch {r.shape}; no bundle written")
+            cos = (r * g).sum(-1) / (np.linalg.norm(r, axis=-1) * np.linalg.norm(g, axis=-1) + 1e-12)
+            worst_cos = min(worst_cos, float(cos.min()))
+            worst_abs = max(worst_abs, float(np.abs(r - g).max()))
+    report = {
+        "min_cosine": worst_cos,
+        "max_abs_diff": worst_abs,
+        "shapes": shapes,
+        "trace_shape": trace_shape,
+        "providers": providers,
+        "thresholds": {"min_cosine": MIN_COSINE, "max_abs_diff": MAX_ABS},
+    }
+    if worst_cos < MIN_COSINE or worst_abs > MAX_ABS:
+        raise ParityError(
+            f"{tower} tower: ONNX graph differs from torch: min row cosine {worst_cos:.6f} (need >= {MIN_COSINE}), "
+            f"max |diff| {worst_abs:.2e} (need <= {MAX_ABS:g}); no bundle written",
+            **report,
+        )
+    return report
+
+
+def _text_feeds(bundle_dir: Path, pre: TextPreprocessing) -> list[dict[str, np.ndarray]]:
+    """The bundle's own preprocessing on batches unlike the trace, plus (for fixed-length padding) the same
+    texts padded per batch, so the graph's dynamic length is exercised too."""
+    texts = [*PARITY_TEXTS, PARITY_LONG_TEXT]
+    batches = (texts, texts[1:2], texts[:3])
+    own = TextPreprocessor.from_config(bundle_dir, pre)
+    feeds = [own(b) for b in batches]
+    if pre.pad_to_max_length:
+        ragged = TextPreprocessor(bundle_dir / pre.tokenizer, pre.max_length, False, pre.pad_id)
+        feeds += [ragged(texts[:5]), ragged(texts[1:3])]
+    return feeds
+
+
+def _image_feeds(size: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    return [{"pixel_values": rng.standard_normal((b, 3, size, size)).astype(np.float32)} for b in PARITY_IMAGE_BATCHES]
+
+
+# --- export -----------------------------------------------------------------------------------------------------
+
+
+def _load_model(torch: Any, transformers: Any, source: Path, arch: str) -> Any:
+    cls = getattr(transformers, ARCHS[arch])
+    try:
+        model = cls.from_pretrained(str(source)).eval()
+    except Exception as exc:  # OSError, ValueError, size mismatches: say which checkpoint
+        raise ExportError(f"cannot load {source} as {ARCHS[arch]}: {exc}") from exc
+    if arch == "siglip" and not getattr(model.vision_model, "use_head", True):
+        raise ExportError(f"{source}: vision_use_head is off, so SiglipModel has no image embedding to export")
+    return model
+
+
+def export_clip(
+    source: Path, models_dir: Path, name: str, arch: str | None = None, version: str = "1"
+) -> ModelManifest:
+    """Export a local CLIPModel / SiglipModel checkpoint folder as a text + image bundle ``<models_dir>/<name>``.
+
+    ``arch`` is ``clip`` or ``siglip``; by default it comes from config.json's ``model_type``. The bundle is
+    only written (atomically) when both graphs reproduce the torch model on shapes they were not traced on.
+    """
+    source = Path(source)
+    detected = detect_arch(source)
+    arch = arch or detected
+    if arch not in ARCHS:
+        raise ExportError(f"unknown arch {arch!r}: choose one of {sorted(ARCHS)}")
+    if arch != detected:
+        raise ExportError(f"{source} holds a {detected} model, not {arch}")
+    image_pre = _image_preprocessing(source)  # before torch: a bad folder fails fast
+    torch, transformers = _import_torch()
+    model = _load_model(torch, transformers, source, arch)
+    text_config, vision_config = model.config.text_config, model.config.vision_config
+    image_size = int(vision_config.image_size)
+    if image_pre.output_size != image_size:
+        raise ExportError(f"the image processor makes {image_pre.output_size}px images, the model takes {image_size}px")
+
+    with staging_dir(models_dir, name) as tmp:
+        _write_tokenizer(source, tmp / "tokenizer.json")
+        text_pre = _text_preprocessing(source, tmp / "tokenizer.json", arch, text_config)
+        text_module = _text_tower(torch, model, arch, text_pre.pad_id)
+        image_module = _image_tower(torch, model, arch)
+        parity = {
+            "text": _export_text(torch, text_module, tmp, arch, text_pre, text_config),
+            "image": _export_image(torch, image_module, tmp, image_size),
+        }
+        towers = {
+            "text": Tower(
+                onnx="text.onnx", inputs=TEXT_INPUTS[arch], outputs=OUTPUTS, emits_tokens=True, preprocessing=text_pre
+            ),
+            "image": Tower(
+                onnx="image.onnx", inputs=IMAGE_INPUTS, outputs=OUTPUTS, emits_tokens=True, preprocessing=image_pre
+            ),
+        }
+        with torch.inference_mode():  # the joint space's width, as the graphs really emit it
+            dims = {
+                "text": int(text_module(*_text_example(torch, arch, text_config))[0].shape[-1]),
+                "image": int(image_module(_image_example(torch, image_size))[0].shape[-1]),
+            }
+        if dims["text"] != dims["image"]:
+            raise ExportError(f"text and image embeddings differ in width: {dims}")
+        manifest = ModelManifest(
+            name=name,
+            version=version,
+            fingerprint=compute_fingerprint(tmp, towers),
+            dim=dims["text"],
+            towers=towers,
+            source={
+                "kind": f"hf-{arch}",
+                "class": ARCHS[arch],
+                "path": str(source),
+                "image_tokens": "patch tokens, no CLS" if arch == "clip" else "patches through the MAP head",
+                "text_attention_mask": arch == "clip",
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+            },
+            parity=parity,
+            created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        )
+        atomic_write_json(tmp / MANIFEST, manifest.model_dump())
+        replace_dir(tmp, models_dir / name)
+    log.info("exported %s (%s) to %s (parity: %s)", source, arch, models_dir / name, parity)
+    return manifest
+
+
+def _text_example(torch: Any, arch: str, text_config: Any) -> tuple:
+    """Fixed ids (so a checkpoint exports to the same bytes) inside the vocabulary, one padded row."""
+    batch, length = TEXT_TRACE
+    ids = torch.arange(3, 3 + batch * length).remainder(int(text_config.vocab_size)).reshape(batch, length)
+    if arch == "siglip":
+        return (ids,)
+    mask = torch.ones(batch, length, dtype=torch.int64)
+    mask[1, length // 2 :] = 0
+    return ids, mask
+
+
+def _image_example(torch: Any, size: int) -> Any:
+    return torch.linspace(-2, 2, IMAGE_TRACE_BATCH * 3 * size * size).reshape(IMAGE_TRACE_BATCH, 3, size, size)
+
+
+def _export_text(torch: Any, module: Any, tmp: Path, arch: str, pre: TextPreprocessing, text_config: Any) -> dict:
+    names = TEXT_INPUTS[arch]
+    # torch.export needs the bound the position embeddings put on the length.
+    batch = torch.export.Dim("batch")
+    seq = torch.export.Dim("sequence", max=int(text_config.max_position_embeddings))
+    example = _text_example(torch, arch, text_config)
+    export_onnx(torch, module, tmp / "text.onnx", example, names, {n: {0: batch, 1: seq} for n in names})
+    return check_tower_parity(torch, module, tmp / "text.onnx", _text_feeds(tmp, pre), "text", list(TEXT_TRACE))
+
+
+def _export_image(torch: Any, module: Any, tmp: Path, size: int) -> dict:
+    example = (_image_example(torch, size),)
+    dyn = {"pixel_values": {0: torch.export.Dim("batch")}}
+    export_onnx(torch, module, tmp / "image.onnx", example, IMAGE_INPUTS, dyn)
+    trace = [IMAGE_TRACE_BATCH, 3, size, size]
+    return check_tower_parity(torch, module, tmp / "image.onnx", _image_feeds(size), "image", trace)
