@@ -72,7 +72,7 @@ class AudioPreprocessing(BaseModel):
     sample_rate: int = Field(gt=0)
     clip_seconds: float = Field(gt=0, description="longer audio is truncated, shorter is padded to this")
     feature: Literal["clap_log_mel"] = "clap_log_mel"
-    n_fft: int = Field(gt=1, description="STFT window (periodic Hann) and FFT size; frames are centred")
+    n_fft: int = Field(gt=1, multiple_of=2, description="STFT window (periodic Hann) and FFT size; frames centred")
     hop_length: int = Field(gt=0)
     n_mels: int = Field(gt=0)
     f_min: float = Field(0.0, ge=0)

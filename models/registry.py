@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from models.bundle import DEFAULT_MODEL, ModelManifest, verify_bundle
-from models.errors import BundleError, MissingDependency, ModelNotFound
+from models.errors import BundleError, ExportError, InvalidInput, MissingDependency, ModelNotFound
 
 
 def _minilm_source() -> Path:
@@ -35,3 +36,37 @@ def prepare(models_dir: Path, name: str = DEFAULT_MODEL, force: bool = False) ->
     from models.export import export_sentence_transformers  # torch only when we really export
 
     return export_sentence_transformers(_minilm_source(), models_dir, name), True
+
+
+ARCHS = ("sentence-transformers", "clip", "siglip", "clap")
+
+
+def detect_arch(source: Path) -> str:
+    """sentence-transformers when the folder has modules.json, else config.json's model_type."""
+    if (source / "modules.json").is_file():
+        return "sentence-transformers"
+    config = source / "config.json"
+    if not config.is_file():
+        raise ExportError(f"{source} is not a checkpoint folder (no modules.json or config.json)")
+    model_type = json.loads(config.read_text()).get("model_type")
+    if model_type not in ARCHS:
+        raise ExportError(f"{source}: model_type {model_type!r} is not supported; supported: {', '.join(ARCHS)}")
+    return model_type
+
+
+def export_checkpoint(source: Path, models_dir: Path, name: str, arch: str | None = None) -> ModelManifest:
+    """Export a local checkpoint folder of any supported architecture to ``<models_dir>/<name>``."""
+    arch = arch or detect_arch(source)
+    if arch == "sentence-transformers":
+        from models.export import export_sentence_transformers
+
+        return export_sentence_transformers(source, models_dir, name)
+    if arch in ("clip", "siglip"):
+        from models.export_clip import export_clip
+
+        return export_clip(source, models_dir, name, arch=arch)
+    if arch == "clap":
+        from models.export_clap import export_clap
+
+        return export_clap(source, models_dir, name)
+    raise InvalidInput(f"--arch must be one of {', '.join(ARCHS)}, not {arch!r}")

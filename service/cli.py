@@ -103,22 +103,29 @@ def models_prepare(
 
 @models_app.command("export")
 def models_export(
-    source: Annotated[Path, typer.Argument(help="checkpoint folder")],
+    source: Annotated[Path, typer.Argument(help="a local checkpoint folder")],
     name: Annotated[str, typer.Option("--name", help="bundle name to write")],
-    arch: Annotated[str, typer.Option("--arch", help="architecture of the checkpoint")] = "sentence-transformers",
+    arch: Annotated[
+        str | None,
+        typer.Option(help="clip, siglip, clap or sentence-transformers (default: from the checkpoint's config)"),
+    ] = None,
 ) -> None:
     """Export a local checkpoint to an ONNX model bundle, refusing it if ONNX and torch disagree.
 
-    Example: xmodal models export ./my-minilm --name my-minilm
+    Example: xmodal models export ./clip-vit-b32 --name clip-b32
     """
-    from models.export import export_sentence_transformers
+    from models.registry import export_checkpoint
 
-    if arch != "sentence-transformers":
-        raise InvalidInput(f"--arch {arch} is not supported yet; supported: sentence-transformers")
     s = _settings()
-    with console.status(f"exporting {source} ..."):
-        manifest = export_sentence_transformers(source, s.all_models_dir, name)
-    console.print(f"[green]{name}[/] written (parity: {manifest.parity['text']['min_cosine']:.7f} min cosine)")
+    if not source.is_dir():
+        raise InvalidInput(f"{source} is not a folder (hub ids need a network; download the checkpoint first)")
+    with console.status(f"exporting {source} (ONNX export and parity check) ..."):
+        manifest = export_checkpoint(source, s.all_models_dir, name, arch)
+    worst = min(p["min_cosine"] for t, p in manifest.parity.items() if t in manifest.towers)
+    console.print(
+        f"[green]{name}[/] written: towers {', '.join(sorted(manifest.towers))}, dim {manifest.dim}, "
+        f"worst parity cosine {worst:.7f}"
+    )
 
 
 @models_app.command("quantize")

@@ -10,7 +10,6 @@ SigLIP's special-token layout: ``</s>`` is both EOS (appended to every text) and
 
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
 from pathlib import Path
@@ -23,13 +22,13 @@ from models.bundle import verify_bundle
 from models.errors import ExportError, ParityError
 from models.runtime import create_session
 from models.text import TextPreprocessor
+from tests.checkpoints import PATCHES, make_clip_checkpoint, make_siglip_checkpoint
 
 torch = pytest.importorskip("torch", reason="export tests need the `export` extra (torch)")
 transformers = pytest.importorskip("transformers", reason="export tests need the `export` extra (transformers)")
 
 pytestmark = pytest.mark.slow
 
-CLIP_BPE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "clip-bpe" / "bpe_simple_vocab_16e6.txt.gz"
 # Unlike the exporter's parity texts: other words, other lengths, padding inside the batch.
 TEXTS = [
     "a dog playing in the snow",
@@ -38,83 +37,16 @@ TEXTS = [
     "the wing",
     " ".join(["a photo of two dogs in the snow"] * 12),  # longer than both models' positions: truncated
 ]
-TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-VISION = dict(TOWER, image_size=32, patch_size=8)
-PATCHES = (32 // 8) ** 2
-
-
-# --- tiny checkpoints ---------------------------------------------------------------------------------------------
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP byte-level BPE alphabet: every byte as a printable character."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    extra = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
-
-
-def write_clip_tokenizer(folder: Path) -> object:
-    """vocab.json + merges.txt as in openai/clip-vit-*: bytes, bytes + '</w>', one token per merge, then the two
-    specials; with the real merges that is 49,408 tokens."""
-    merges: list[str] = []
-    if CLIP_BPE.is_file():
-        with gzip.open(CLIP_BPE, "rt", encoding="utf-8") as fh:
-            merges = fh.read().split("\n")[1 : 49152 - 256 - 2 + 1]  # OpenAI's simple_tokenizer takes these
-    alphabet = list(bytes_to_unicode().values())
-    vocab = [*alphabet, *(a + "</w>" for a in alphabet), *("".join(m.split()) for m in merges)]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges))
-    tok = transformers.CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
-    tok.save_pretrained(str(folder))  # adds tokenizer.json, as hub CLIP checkpoints have
-    return tok
-
-
-def write_siglip_tokenizer(folder: Path) -> object:
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.WordPiece(unk_token="<unk>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    corpus = [*TEXTS, "a photograph of a red bicycle", "jet engines and wind tunnels", "lift over a thin aerofoil"]
-    tok.train_from_iterator(
-        corpus, trainers.WordPieceTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"])
-    )
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="</s>", pad_token="</s>", unk_token="<unk>", model_max_length=64
-    )
-    fast.save_pretrained(str(folder))
-    return fast
 
 
 @pytest.fixture(scope="module")
 def clip_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("clip-checkpoint")
-    tok = write_clip_tokenizer(folder)
-    text = dict(TOWER, vocab_size=len(tok), max_position_embeddings=77)
-    text.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    config = transformers.CLIPConfig(text_config=text, vision_config=VISION, projection_dim=16)
-    torch.manual_seed(0)
-    transformers.CLIPModel(config).eval().save_pretrained(str(folder))
-    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32).save_pretrained(str(folder))
-    return folder
+    return make_clip_checkpoint(tmp_path_factory.mktemp("clip-checkpoint"))
 
 
 @pytest.fixture(scope="module")
 def siglip_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("siglip-checkpoint")
-    tok = write_siglip_tokenizer(folder)
-    text = dict(TOWER, vocab_size=len(tok), max_position_embeddings=64, pad_token_id=1, eos_token_id=1)
-    config = transformers.SiglipConfig(text_config=text, vision_config=VISION)
-    torch.manual_seed(0)
-    transformers.SiglipModel(config).eval().save_pretrained(str(folder))
-    transformers.SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(str(folder))
-    return folder
+    return make_siglip_checkpoint(tmp_path_factory.mktemp("siglip-checkpoint"))
 
 
 @pytest.fixture(scope="module")
