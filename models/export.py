@@ -220,38 +220,83 @@ def _fuse_for_onnxruntime(path: Path) -> None:
     ir.save(fused, str(path))
 
 
-def check_parity(torch: Any, module: Any, onnx_path: Path, pre: TextPreprocessor) -> dict:
-    """Run torch and ONNX on texts of other batch sizes and lengths than the trace; raise on mismatch."""
+def check_tower_parity(
+    torch: Any, module: Any, onnx_path: Path, feeds: list[dict[str, np.ndarray]], tower: str, trace_shape: list[int]
+) -> dict:
+    """Torch module vs ONNX graph on ``feeds`` (dicts in the graph's input order): per-row cosine and largest
+    element difference of ``embedding`` and of the real ``tokens``, exact ``token_mask``. Raises ParityError."""
     session, providers = create_session(onnx_path, device="cpu")
+    names = [i.name for i in session.get_inputs()]
     worst_cos, worst_abs, shapes = 1.0, 0.0, []
-    for texts in (PARITY_TEXTS, PARITY_TEXTS[1:2], PARITY_TEXTS[:3]):
-        feed = pre(texts)
-        shapes.append(list(feed["input_ids"].shape))
+    for feed in feeds:
+        shapes.append(list(feed[names[0]].shape))
         with torch.inference_mode():
-            ref = [t.numpy() for t in module(*(torch.from_numpy(feed[n]) for n in TEXT_INPUTS))]
-        got = session.run(OUTPUTS, feed)
-        mask = feed["attention_mask"].astype(bool)
-        pairs = [(ref[0], got[0]), (ref[1][mask], got[1][mask])]  # padding tokens are not compared
-        for r, g in pairs:
+            ref = [t.numpy() for t in module(*(torch.from_numpy(feed[n]) for n in names))]
+        try:
+            got = session.run(OUTPUTS, {n: feed[n] for n in names})
+        except Exception as exc:  # onnxruntime's errors have no common public base class
+            raise ParityError(f"{tower} tower: ONNX Runtime cannot run the graph at {shapes[-1]}: {exc}") from exc
+        if not np.array_equal(ref[2], got[2]):
+            raise ParityError(f"{tower} tower: token_mask differs between torch and ONNX; no bundle written")
+        mask = ref[2].astype(bool)
+        for r, g in ((ref[0], got[0]), (ref[1][mask], got[1][mask])):  # padding tokens are not compared
+            if r.shape != g.shape:
+                raise ParityError(f"{tower} tower: ONNX gives shape {g.shape}, torch {r.shape}; no bundle written")
             cos = (r * g).sum(-1) / (np.linalg.norm(r, axis=-1) * np.linalg.norm(g, axis=-1) + 1e-12)
             worst_cos = min(worst_cos, float(cos.min()))
             worst_abs = max(worst_abs, float(np.abs(r - g).max()))
-        if not np.array_equal(ref[2], got[2]):
-            raise ParityError("token_mask differs between torch and ONNX")
     report = {
         "min_cosine": worst_cos,
         "max_abs_diff": worst_abs,
         "shapes": shapes,
-        "trace_shape": [2, 8],
+        "trace_shape": trace_shape,
         "providers": providers,
+        "thresholds": {"min_cosine": MIN_COSINE, "max_abs_diff": MAX_ABS},
     }
     if worst_cos < MIN_COSINE or worst_abs > MAX_ABS:
         raise ParityError(
-            f"ONNX graph differs from torch: min row cosine {worst_cos:.6f} (need >= {MIN_COSINE}), "
+            f"{tower} tower: ONNX graph differs from torch: min row cosine {worst_cos:.6f} (need >= {MIN_COSINE}), "
             f"max |diff| {worst_abs:.2e} (need <= {MAX_ABS:g}); no bundle written",
             **report,
         )
     return report
+
+
+def check_parity(torch: Any, module: Any, onnx_path: Path, pre: TextPreprocessor) -> dict:
+    """Sentence tower: torch vs ONNX on texts of other batch sizes and lengths than the trace."""
+    feeds = [pre(texts) for texts in (PARITY_TEXTS, PARITY_TEXTS[1:2], PARITY_TEXTS[:3])]
+    return check_tower_parity(torch, module, onnx_path, feeds, "text", [2, 8])
+
+
+def write_tokenizer(source: Path, dest: Path) -> None:
+    """``tokenizer.json`` into the bundle: copied when the checkpoint has one, else the fast backend's."""
+    if (source / "tokenizer.json").is_file():
+        shutil.copyfile(source / "tokenizer.json", dest)
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(source))
+        backend = tok.backend_tokenizer  # only fast (tokenizers-library) tokenizers have one
+    except Exception as exc:  # ImportError (sentencepiece), OSError, AttributeError: all mean "no fast one"
+        raise ExportError(
+            f"{source} has no tokenizer.json and transformers could not give a fast tokenizer for it ({exc}); "
+            "save one with `AutoTokenizer.from_pretrained(...).save_pretrained(...)` where that works"
+        ) from exc
+    backend.save(str(dest))
+
+
+def tokenizer_setting(source: Path, key: str) -> Any:
+    """A tokenizer setting from tokenizer_config.json or special_tokens_map.json (str, or {"content": str})."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = source / name
+        if path.is_file():
+            value = json.loads(path.read_text()).get(key)
+            if isinstance(value, dict):
+                value = value.get("content")
+            if value is not None:
+                return value
+    return None
 
 
 def export_sentence_transformers(source: Path, models_dir: Path, name: str, version: str = "1") -> ModelManifest:

@@ -53,18 +53,24 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from models.bundle import MANIFEST, AudioPreprocessing, ModelManifest, TextPreprocessing, Tower, compute_fingerprint
-from models.errors import ExportError, ParityError, XmodalError
-from models.export import MAX_ABS, MIN_COSINE, OUTPUTS, PARITY_TEXTS, _import_torch, export_onnx
+from models.errors import ExportError, XmodalError
+from models.export import (
+    OUTPUTS,
+    PARITY_TEXTS,
+    _import_torch,
+    check_tower_parity,
+    export_onnx,
+    tokenizer_setting,
+    write_tokenizer,
+)
 from models.files import atomic_write_json, replace_dir, staging_dir
-from models.runtime import create_session
 from models.text import TextPreprocessor
 
 log = logging.getLogger(__name__)
@@ -116,32 +122,6 @@ def _audio_preprocessing(source: Path, fusion: bool) -> tuple[AudioPreprocessing
         raise ExportError(f"cannot use {path}: {exc.message}") from exc
 
 
-def _write_tokenizer(source: Path, dest: Path) -> None:
-    """``tokenizer.json`` into the bundle: copied when the checkpoint has one, else the fast backend's."""
-    if (source / "tokenizer.json").is_file():
-        shutil.copyfile(source / "tokenizer.json", dest)
-        return
-    from transformers import AutoTokenizer
-
-    try:
-        backend = AutoTokenizer.from_pretrained(str(source)).backend_tokenizer
-    except Exception as exc:  # OSError, ValueError, AttributeError (no fast tokenizer): all mean "none to save"
-        raise ExportError(f"{source} has no tokenizer.json and transformers could not give a fast one ({exc})") from exc
-    backend.save(str(dest))
-
-
-def _tokenizer_setting(source: Path, key: str) -> Any:
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        path = source / name
-        if path.is_file():
-            value = json.loads(path.read_text()).get(key)
-            if isinstance(value, dict):
-                value = value.get("content")
-            if value is not None:
-                return value
-    return None
-
-
 def _text_preprocessing(source: Path, tokenizer_file: Path, text_config: Any) -> TextPreprocessing:
     """Max length: RoBERTa positions start after the pad id, so ``max_position_embeddings - pad - 1`` (512 for
     CLAP), or the tokenizer's own limit when lower. Pad id: the tokenizer's, so batches look like the tokenizer's
@@ -151,10 +131,10 @@ def _text_preprocessing(source: Path, tokenizer_file: Path, text_config: Any) ->
     tok = Tokenizer.from_file(str(tokenizer_file))
     config_pad = int(text_config.pad_token_id if text_config.pad_token_id is not None else 1)
     max_length = int(text_config.max_position_embeddings) - config_pad - 1
-    declared = _tokenizer_setting(source, "model_max_length")
+    declared = tokenizer_setting(source, "model_max_length")
     if isinstance(declared, int | float) and 0 < declared < max_length:
         max_length = int(declared)
-    pad_token = _tokenizer_setting(source, "pad_token")
+    pad_token = tokenizer_setting(source, "pad_token")
     pad_id = tok.token_to_id(pad_token) if isinstance(pad_token, str) else None
     if pad_id is None and tok.padding:
         pad_id = tok.padding.get("pad_id")
@@ -271,50 +251,6 @@ def _exportable(torch: Any, model: Any, fusion: bool) -> Iterator[None]:
 # --- parity --------------------------------------------------------------------------------------------------------
 
 
-def _tower_parity(
-    torch: Any,
-    reference: Callable[..., tuple],
-    onnx_path: Path,
-    feeds: list[dict[str, np.ndarray]],
-    tower: str,
-    trace_shape: list[int],
-) -> dict:
-    """Torch ``reference`` vs the ONNX graph on ``feeds``: per-row cosine and largest element difference of
-    ``embedding`` and of the real ``tokens`` (token_mask == 1), exact ``token_mask``. Raises ParityError."""
-    session, providers = create_session(onnx_path, device="cpu")
-    names = [i.name for i in session.get_inputs()]
-    worst_cos, worst_abs, shapes = 1.0, 0.0, []
-    for feed in feeds:
-        shapes.append(list(feed[names[0]].shape))
-        with torch.inference_mode():
-            ref = [t.numpy() for t in reference(*(torch.from_numpy(feed[n]) for n in names))]
-        got = session.run(OUTPUTS, {n: feed[n] for n in names})
-        if ref[2].shape != got[2].shape or not np.array_equal(ref[2], got[2]):
-            raise ParityError(f"{tower} tower: token_mask differs between torch and ONNX; no bundle written")
-        mask = ref[2].astype(bool)
-        for r, g in ((ref[0], got[0]), (ref[1][mask], got[1][mask])):  # padding tokens are not compared
-            if r.shape != g.shape:
-                raise ParityError(f"{tower} tower: ONNX gives shape {g.shape}, torch {r.shape}; no bundle written")
-            cos = (r * g).sum(-1) / (np.linalg.norm(r, axis=-1) * np.linalg.norm(g, axis=-1) + 1e-12)
-            worst_cos = min(worst_cos, float(cos.min()))
-            worst_abs = max(worst_abs, float(np.abs(r - g).max()))
-    report = {
-        "min_cosine": worst_cos,
-        "max_abs_diff": worst_abs,
-        "shapes": shapes,
-        "trace_shape": trace_shape,
-        "providers": providers,
-        "thresholds": {"min_cosine": MIN_COSINE, "max_abs_diff": MAX_ABS},
-    }
-    if worst_cos < MIN_COSINE or worst_abs > MAX_ABS:
-        raise ParityError(
-            f"{tower} tower: ONNX graph differs from torch: min row cosine {worst_cos:.6f} (need >= {MIN_COSINE}), "
-            f"max |diff| {worst_abs:.2e} (need <= {MAX_ABS:g}); no bundle written",
-            **report,
-        )
-    return report
-
-
 def _text_feeds(bundle_dir: Path, pre: TextPreprocessing) -> list[dict[str, np.ndarray]]:
     texts = [*PARITY_TEXTS, PARITY_LONG_TEXT]
     own = TextPreprocessor.from_config(bundle_dir, pre)
@@ -421,7 +357,7 @@ def _export_text(torch: Any, module: Any, tmp: Path, pre: TextPreprocessing, voc
         TEXT_INPUTS,
         {n: {0: batch, 1: seq} for n in TEXT_INPUTS},
     )
-    return _tower_parity(torch, module, tmp / "text.onnx", _text_feeds(tmp, pre), "text", list(TEXT_TRACE))
+    return check_tower_parity(torch, module, tmp / "text.onnx", _text_feeds(tmp, pre), "text", list(TEXT_TRACE))
 
 
 def _export_audio(torch: Any, model: Any, path: Path, pre: AudioPreprocessing, source: Path) -> tuple[dict, list]:
@@ -437,7 +373,7 @@ def _export_audio(torch: Any, model: Any, path: Path, pre: AudioPreprocessing, s
         export_onnx(torch, module, path, example, names, {n: {0: batch} for n in names})
     # Against the unmodified transformers model (the original patch embedding is back).
     trace = [AUDIO_TRACE_BATCH, channels, frames, pre.n_mels]
-    return _tower_parity(torch, module, path, _audio_feeds(pre, fusion), "audio", trace), names
+    return check_tower_parity(torch, module, path, _audio_feeds(pre, fusion), "audio", trace), names
 
 
 def export_clap(source: Path, models_dir: Path, name: str, version: str = "1") -> ModelManifest:
@@ -456,7 +392,7 @@ def export_clap(source: Path, models_dir: Path, name: str, version: str = "1") -
     text_config = model.config.text_config
 
     with staging_dir(models_dir, name) as tmp:
-        _write_tokenizer(source, tmp / "tokenizer.json")
+        write_tokenizer(source, tmp / "tokenizer.json")
         text_pre = _text_preprocessing(source, tmp / "tokenizer.json", text_config)
         text_module = _text_tower(torch, model)
         text_parity = _export_text(torch, text_module, tmp, text_pre, int(text_config.vocab_size))

@@ -52,18 +52,24 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from models.bundle import MANIFEST, ImagePreprocessing, ModelManifest, TextPreprocessing, Tower, compute_fingerprint
-from models.errors import ExportError, ParityError
-from models.export import MAX_ABS, MIN_COSINE, OUTPUTS, PARITY_TEXTS, _import_torch, export_onnx
+from models.errors import ExportError
+from models.export import (
+    OUTPUTS,
+    PARITY_TEXTS,
+    _import_torch,
+    check_tower_parity,
+    export_onnx,
+    tokenizer_setting,
+    write_tokenizer,
+)
 from models.files import atomic_write_json, replace_dir, staging_dir
 from models.image import image_config_from_hf
-from models.runtime import create_session
 from models.text import TextPreprocessor
 
 log = logging.getLogger(__name__)
@@ -105,45 +111,14 @@ def _image_preprocessing(source: Path) -> ImagePreprocessing:
         raise ExportError(f"{path}: {exc.message}") from exc
 
 
-def _write_tokenizer(source: Path, dest: Path) -> None:
-    """``tokenizer.json`` into the bundle: copied when the checkpoint has one, else the fast backend's."""
-    if (source / "tokenizer.json").is_file():
-        shutil.copyfile(source / "tokenizer.json", dest)
-        return
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(source))
-        backend = tok.backend_tokenizer  # only fast (tokenizers-library) tokenizers have one
-    except Exception as exc:  # ImportError (sentencepiece), OSError, AttributeError: all mean "no fast one"
-        raise ExportError(
-            f"{source} has no tokenizer.json and transformers could not give a fast tokenizer for it ({exc}); "
-            "save one with `AutoTokenizer.from_pretrained(...).save_pretrained(...)` where that works"
-        ) from exc
-    backend.save(str(dest))
-
-
-def _token_setting(source: Path, key: str) -> Any:
-    """A tokenizer setting from tokenizer_config.json or special_tokens_map.json (str, or {"content": str})."""
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        path = source / name
-        if path.is_file():
-            value = json.loads(path.read_text()).get(key)
-            if isinstance(value, dict):
-                value = value.get("content")
-            if value is not None:
-                return value
-    return None
-
-
 def _text_preprocessing(source: Path, tokenizer_file: Path, arch: str, text_config: Any) -> TextPreprocessing:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_file))
     positions = int(text_config.max_position_embeddings)
-    declared = _token_setting(source, "model_max_length")
+    declared = tokenizer_setting(source, "model_max_length")
     max_length = min(positions, int(declared)) if isinstance(declared, int | float) and declared < 1e6 else positions
-    pad_token = _token_setting(source, "pad_token")
+    pad_token = tokenizer_setting(source, "pad_token")
     pad_id = tok.token_to_id(pad_token) if isinstance(pad_token, str) else None
     if pad_id is None:
         pad_id = text_config.pad_token_id
@@ -232,48 +207,6 @@ def _image_tower(torch: Any, model: Any, arch: str) -> Any:
 # --- parity -----------------------------------------------------------------------------------------------------
 
 
-def check_tower_parity(
-    torch: Any, module: Any, onnx_path: Path, feeds: list[dict[str, np.ndarray]], tower: str, trace_shape: list[int]
-) -> dict:
-    """Torch module vs ONNX graph on ``feeds`` (dicts in the graph's input order): per-row cosine and largest
-    element difference of ``embedding`` and of the real ``tokens``, exact ``token_mask``. Raises ParityError."""
-    session, providers = create_session(onnx_path, device="cpu")
-    names = [i.name for i in session.get_inputs()]
-    worst_cos, worst_abs, shapes = 1.0, 0.0, []
-    for feed in feeds:
-        shapes.append(list(feed[names[0]].shape))
-        with torch.inference_mode():
-            ref = [t.numpy() for t in module(*(torch.from_numpy(feed[n]) for n in names))]
-        try:
-            got = session.run(OUTPUTS, {n: feed[n] for n in names})
-        except Exception as exc:  # onnxruntime's errors have no common public base class
-            raise ParityError(f"{tower} tower: ONNX Runtime cannot run the graph at {shapes[-1]}: {exc}") from exc
-        if not np.array_equal(ref[2], got[2]):
-            raise ParityError(f"{tower} tower: token_mask differs between torch and ONNX; no bundle written")
-        mask = ref[2].astype(bool)
-        for r, g in ((ref[0], got[0]), (ref[1][mask], got[1][mask])):  # padding tokens are not compared
-            if r.shape != g.shape:
-                raise ParityError(f"{tower} tower: ONNX gives shape {g.shape}, torch {r.shape}; no bundle written")
-            cos = (r * g).sum(-1) / (np.linalg.norm(r, axis=-1) * np.linalg.norm(g, axis=-1) + 1e-12)
-            worst_cos = min(worst_cos, float(cos.min()))
-            worst_abs = max(worst_abs, float(np.abs(r - g).max()))
-    report = {
-        "min_cosine": worst_cos,
-        "max_abs_diff": worst_abs,
-        "shapes": shapes,
-        "trace_shape": trace_shape,
-        "providers": providers,
-        "thresholds": {"min_cosine": MIN_COSINE, "max_abs_diff": MAX_ABS},
-    }
-    if worst_cos < MIN_COSINE or worst_abs > MAX_ABS:
-        raise ParityError(
-            f"{tower} tower: ONNX graph differs from torch: min row cosine {worst_cos:.6f} (need >= {MIN_COSINE}), "
-            f"max |diff| {worst_abs:.2e} (need <= {MAX_ABS:g}); no bundle written",
-            **report,
-        )
-    return report
-
-
 def _text_feeds(bundle_dir: Path, pre: TextPreprocessing) -> list[dict[str, np.ndarray]]:
     """The bundle's own preprocessing on batches unlike the trace, plus (for fixed-length padding) the same
     texts padded per batch, so the graph's dynamic length is exercised too."""
@@ -330,7 +263,7 @@ def export_clip(
         raise ExportError(f"the image processor makes {image_pre.output_size}px images, the model takes {image_size}px")
 
     with staging_dir(models_dir, name) as tmp:
-        _write_tokenizer(source, tmp / "tokenizer.json")
+        write_tokenizer(source, tmp / "tokenizer.json")
         text_pre = _text_preprocessing(source, tmp / "tokenizer.json", arch, text_config)
         text_module = _text_tower(torch, model, arch, text_pre.pad_id)
         image_module = _image_tower(torch, model, arch)

@@ -253,7 +253,8 @@ def test_fused_audio_tower_takes_is_longer(fused) -> None:
 
 
 def test_parity_check_rejects_a_different_model(unfused) -> None:
-    from models.export_clap import _audio_feeds, _audio_tower, _tower_parity
+    from models.export import check_tower_parity as _tower_parity
+    from models.export_clap import _audio_feeds, _audio_tower
 
     model, _, bundle, manifest = unfused
     changed = copy.deepcopy(model)

@@ -244,7 +244,7 @@ def test_a_checkpoint_without_tokenizer_json_gets_one_from_its_vocab_and_merges(
 ) -> None:
     from tokenizers import Tokenizer
 
-    from models.export_clip import _write_tokenizer
+    from models.export import write_tokenizer as _write_tokenizer
 
     slow = tmp_path / "slow"
     slow.mkdir()
