@@ -103,3 +103,99 @@ def make_siglip_checkpoint(folder: Path) -> Path:
     transformers.SiglipModel(config).eval().save_pretrained(str(folder))
     transformers.SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(str(folder))
     return folder
+
+
+CLAP_TOKENIZER_TEXTS = [
+    "a dog barks in the distance",
+    "rain falls on a tin roof",
+    "the sound of a piano in a small room",
+    "a car engine starts and idles",
+    "birds sing at dawn near the river",
+    "people talking in a crowded cafe",
+]
+
+
+def write_clap_tokenizer(folder: Path) -> None:
+    """A tiny byte-level BPE trained on a few sentences, as a RoBERTa tokenizer (<s> </s> <pad>=1), saved with
+    tokenizer.json like a real CLAP checkpoint."""
+    import transformers
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        CLAP_TOKENIZER_TEXTS,
+        vocab_size=300,
+        min_frequency=1,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+    )
+    model = json.loads(bpe._tokenizer.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tok = transformers.RobertaTokenizer(vocab=model["vocab"], merges=merges, model_max_length=64)
+    tok.save_pretrained(folder)
+
+
+def _randomise(model: object) -> None:
+    import torch
+
+    """Move every weight and BatchNorm statistic off its initial value (zero position biases, unit variances
+    would hide a wrong index or axis)."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn(param.shape, generator=gen))
+        for name, buf in model.named_buffers():
+            if name.endswith("running_mean"):
+                buf.copy_(torch.randn(buf.shape, generator=gen))
+            elif name.endswith("running_var"):
+                buf.copy_(0.5 + torch.rand(buf.shape, generator=gen))
+
+
+def make_clap_checkpoint(folder: Path, fusion: bool = False) -> object:
+    """A tiny ClapModel checkpoint folder: RoBERTa hidden 32 x 2 layers; HTSAT with 2 stages of 2 blocks (shifted
+    windows included), window 4; projection 16. Unfused: 16 mel bins, spec_size 64 (4 time chunks stacked as in the
+    released models), 1 s at 16 kHz. Fused: 64 mel bins (fusion hard-codes 64), spec_size 64."""
+    import torch
+    import transformers
+
+    n_mels, hop = (64, 256) if fusion else (16, 160)
+    config = transformers.ClapConfig(
+        text_config={
+            "vocab_size": 300,
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "max_position_embeddings": 66,
+        },
+        audio_config={
+            "num_mel_bins": n_mels,
+            "spec_size": 64,
+            "window_size": 4,
+            "patch_size": 4,
+            "patch_stride": [4, 4],
+            "patch_embeds_hidden_size": 16,
+            "hidden_size": 32,
+            "depths": [2, 2],
+            "num_attention_heads": [2, 4],
+            "enable_fusion": fusion,
+            "fusion_type": "aff_2d" if fusion else None,
+        },
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    model = transformers.ClapModel(config).eval()
+    _randomise(model)
+    model.save_pretrained(folder)
+    write_clap_tokenizer(folder)
+    transformers.ClapFeatureExtractor(
+        feature_size=n_mels,
+        sampling_rate=16_000,
+        hop_length=hop,
+        max_length_s=1,
+        fft_window_size=512,
+        frequency_min=50,
+        frequency_max=8_000,
+        truncation="fusion" if fusion else "rand_trunc",
+        padding="repeatpad",
+    ).save_pretrained(folder)
+    return model

@@ -171,3 +171,53 @@ def test_text_only_model_refuses_an_image_corpus(tmp_path: Path, coco, served_da
     items = [read_corpus(write_corpus(tmp_path / "c.jsonl", [{"id": "a", "image": str(COCO / coco[0]["image"])}]))][0]
     with pytest.raises(InvalidInput, match="only has \\['text'\\]"):
         build_index(indexes_dir=tmp_path, name="x", items=items, encoder=text_only, use_gpu=False)
+
+
+# --- audio: a tiny CLAP bundle and the real spoken digits ------------------------------------------------------------
+FSDD = SHARED_DATA / "fsdd" / "recordings"
+
+
+@pytest.fixture(scope="module")
+def clap_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.checkpoints import make_clap_checkpoint
+
+    if not FSDD.is_dir():
+        pytest.skip(f"the spoken digits are not at {FSDD} (../shared/data is absent on this machine)")
+    root = tmp_path_factory.mktemp("xmodal-audio")
+    checkpoint = tmp_path_factory.mktemp("clap-checkpoint")
+    make_clap_checkpoint(checkpoint)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XMODAL_")} | {"XMODAL_DATA_DIR": str(root)}
+    r = subprocess.run(
+        [sys.executable, "-m", "service", "models", "export", str(checkpoint), "--name", "tiny-clap"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "towers audio, text" in r.stderr
+    return root
+
+
+def test_every_spoken_digit_indexes_and_audio_queries_work(clap_data: Path) -> None:
+    encoder = Encoder(clap_data / "models" / "tiny-clap", device="cpu")
+    items = read_corpus(FSDD)  # a folder: every WAV is an item, its id the file name
+    assert len(items) == 3000 and all(i.audio is not None for i in items)
+    m = build_index(
+        indexes_dir=clap_data / "indexes", name="digits", items=items, encoder=encoder, corpus_path=FSDD, use_gpu=False
+    ).manifest
+    assert m.counts == {"audio": 3000} and m.build["failed"] == 0
+
+    clip = (FSDD / "7_jackson_3.wav").read_bytes()
+    with TestClient(create_app(Settings(data_dir=clap_data, model="tiny-clap", reload_interval_s=0))) as client:
+        assert set(client.get("/readyz").json()["model"]["providers"]) == {"text", "audio"}
+        upload = client.post(
+            "/v1/search/file", data={"index": "digits", "k": "3"}, files={"file": ("q.wav", clip, "audio/wav")}
+        ).json()
+        assert upload["results"][0]["id"] == "7_jackson_3.wav" and upload["results"][0]["similarity"] > 0.999
+        body = {"index": "digits", "query": {"audio": base64.b64encode(clip).decode()}, "k": 3}
+        assert client.post("/v1/search", json=body).json()["results"] == upload["results"]
+        text = client.post("/v1/search", json={"index": "digits", "query": {"text": "the digit seven"}, "k": 5})
+        assert text.status_code == 200 and len(text.json()["results"]) == 5
+        bad = client.post("/v1/search", json=body | {"query": {"audio": base64.b64encode(b"RIFF....WAVE").decode()}})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_input"
