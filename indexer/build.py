@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,33 +70,39 @@ def encode_items(encoder: Encoder, items: list[CorpusItem], batch_size: int, pro
         done += len(part)
         if progress:
             progress(done, total)
-    for modality, with_media in media.items():
-        for start in range(0, len(with_media), chunk):
-            part = with_media[start : start + chunk]
-            decoded, ok = [], []
-            for it in part:
-                path = getattr(it, modality)
-                try:
-                    decoded.append(encoder.decode(modality, path))
-                    ok.append(it)
-                except (InvalidInput, OSError) as exc:
-                    failures.append(
-                        {
-                            "id": it.id,
-                            "modality": modality,
-                            "source": str(path),
-                            "error": getattr(exc, "message", str(exc)),
-                        }
-                    )
-            if ok:
-                parts.append(encoder.encode_media(modality, decoded, batch_size=batch_size))
-                rows += [Row(it, modality) for it in ok]
-            done += len(part)
-            if progress:
-                progress(done, total)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        for modality, with_media in media.items():
+            for start in range(0, len(with_media), chunk):
+                part = with_media[start : start + chunk]
+                decoded, ok = [], []
+                # Decoding (JPEG, resampling) releases the GIL: a thread per core keeps it off the critical path.
+                for it, result in zip(
+                    part, pool.map(lambda it, m=modality: _try_decode(encoder, m, it), part), strict=True
+                ):
+                    if isinstance(result, dict):
+                        failures.append(result)
+                    else:
+                        decoded.append(result)
+                        ok.append(it)
+                if ok:
+                    parts.append(encoder.encode_media(modality, decoded, batch_size=batch_size))
+                    rows += [Row(it, modality) for it in ok]
+                done += len(part)
+                if progress:
+                    progress(done, total)
     if not rows:
         raise InvalidInput(f"nothing to index: all {len(items)} items failed ({failures[0]['error']})")
     return Encoded(rows, np.concatenate(parts), failures)
+
+
+def _try_decode(encoder: Encoder, modality: str, item: CorpusItem) -> object:
+    """The decoded media, or a failure record: a file that cannot be used is reported, never fatal."""
+    path = getattr(item, modality)
+    try:
+        return encoder.decode(modality, path)
+    except (InvalidInput, OSError) as exc:
+        error = getattr(exc, "message", str(exc))
+        return {"id": item.id, "modality": modality, "source": str(path), "error": error}
 
 
 def exact_topk(queries: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:
