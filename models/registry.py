@@ -54,8 +54,29 @@ def detect_arch(source: Path) -> str:
     return model_type
 
 
-def export_checkpoint(source: Path, models_dir: Path, name: str, arch: str | None = None) -> ModelManifest:
-    """Export a local checkpoint folder of any supported architecture to ``<models_dir>/<name>``."""
+def fetch_checkpoint(hub_id: str) -> Path:
+    """A Hugging Face hub id ("org/name") downloaded to the local hub cache, where the network allows."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise MissingDependency("downloading a checkpoint needs huggingface_hub: pip install 'xmodal[export]'") from exc
+    try:
+        return Path(snapshot_download(hub_id))
+    except Exception as exc:  # offline, unknown repo, gated: all mean "not here", say which
+        raise ExportError(
+            f"cannot fetch {hub_id!r} from the Hugging Face hub ({type(exc).__name__}: {exc}); "
+            "without a network, download the checkpoint elsewhere and pass its folder"
+        ) from exc
+
+
+def export_checkpoint(source: Path | str, models_dir: Path, name: str, arch: str | None = None) -> ModelManifest:
+    """Export a checkpoint of any supported architecture to ``<models_dir>/<name>``: a local folder, or a
+    hub id ("org/name") where the network allows."""
+    source = Path(source)
+    if not source.is_dir():
+        if source.exists() or str(source).count("/") != 1:
+            raise InvalidInput(f"{source} is neither a checkpoint folder nor a hub id like org/name")
+        source = fetch_checkpoint(str(source))
     arch = arch or detect_arch(source)
     if arch == "sentence-transformers":
         from models.export import export_sentence_transformers

@@ -103,7 +103,7 @@ def models_prepare(
 
 @models_app.command("export")
 def models_export(
-    source: Annotated[Path, typer.Argument(help="a local checkpoint folder")],
+    source: Annotated[str, typer.Argument(help="a checkpoint folder, or a hub id (org/name) where the network allows")],
     name: Annotated[str, typer.Option("--name", help="bundle name to write")],
     arch: Annotated[
         str | None,
@@ -117,8 +117,6 @@ def models_export(
     from models.registry import export_checkpoint
 
     s = _settings()
-    if not source.is_dir():
-        raise InvalidInput(f"{source} is not a folder (hub ids need a network; download the checkpoint first)")
     with console.status(f"exporting {source} (ONNX export and parity check) ..."):
         manifest = export_checkpoint(source, s.all_models_dir, name, arch)
     worst = min(p["min_cosine"] for t, p in manifest.parity.items() if t in manifest.towers)

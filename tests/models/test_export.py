@@ -11,7 +11,7 @@ import pytest
 
 from models.bundle import DEFAULT_MODEL, load_manifest, verify_bundle
 from models.encoder import Encoder
-from models.errors import BundleError, ExportError, FingerprintMismatch, ModelNotFound, ParityError
+from models.errors import BundleError, ExportError, FingerprintMismatch, InvalidInput, ModelNotFound, ParityError
 from models.registry import _minilm_source, prepare
 
 torch = pytest.importorskip("torch", reason="export tests need the `export` extra (torch)")
@@ -134,3 +134,15 @@ def test_damaged_bundle_is_rebuilt_by_prepare(models_dir: Path, tmp_path: Path) 
     assert built
     verify_bundle(tmp_path / "models" / DEFAULT_MODEL)
     assert not [p for p in (tmp_path / "models").iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_hub_ids_fail_clearly_without_a_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from models.registry import export_checkpoint
+
+    constants = pytest.importorskip("huggingface_hub.constants")
+    # Offline on purpose: a machine with a network must not download a real CLIP here.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ExportError, match="cannot fetch 'openai/clip-vit-base-patch32'.*pass its folder"):
+        export_checkpoint("openai/clip-vit-base-patch32", tmp_path, "clip")
+    with pytest.raises(InvalidInput, match="neither a checkpoint folder nor a hub id"):
+        export_checkpoint(tmp_path / "no" / "such" / "dir", tmp_path, "x")
