@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from service.errors import install_error_handlers
+from service.events import listen
 from service.middleware import BodyLimit, CountRequests
 from service.routes import router
 from service.settings import Settings
@@ -26,17 +27,25 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.xmodal = state
         await run_in_threadpool(state.load_model)
         await run_in_threadpool(state.refresh_indexes)
-        watcher = asyncio.create_task(state.watch_indexes()) if settings.reload_interval_s > 0 else None
+        tasks = []
+        if settings.reload_interval_s > 0:
+            tasks.append(asyncio.create_task(state.watch_indexes()))
+        if settings.redis_url:
+
+            async def swap(_announcement: dict) -> None:
+                await run_in_threadpool(state.refresh_indexes)
+
+            tasks.append(asyncio.create_task(listen(settings.redis_url, swap)))
         log.info(
             "xmodal ready: model=%s indexes=%s cache=%s", settings.model, sorted(state.indexes), state.cache.status()
         )
         try:
             yield
         finally:
-            if watcher:
-                watcher.cancel()
+            for task in tasks:
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
+                    await task
             await state.close()
 
     app = FastAPI(

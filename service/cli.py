@@ -198,6 +198,8 @@ def index_build(
         f"vectors/s, FAISS {m.faiss['key']}, recall@10 {m.recall_at_10['value']:.3f}"
         + ("" if publish else f" (not published: `xmodal index publish {name} {m.version}`)")
     )
+    if publish:
+        _announce(s, name, m.version)
     if m.build["failed"]:
         console.print(f"[yellow]{m.build['failed']} item(s) skipped[/] (could not be decoded):")
         for failure in m.build["failures"][:5]:
@@ -237,8 +239,20 @@ def index_publish(name: str, version: str) -> None:
     """
     from indexer.layout import IndexDir
 
-    IndexDir(_settings().indexes_dir, name).publish(version)
+    s = _settings()
+    IndexDir(s.indexes_dir, name).publish(version)
     console.print(f"[green]{name}[/] now serves {version}")
+    _announce(s, name, version)
+
+
+def _announce(s: Settings, name: str, version: str) -> None:
+    """Tell running replicas through Redis, when there is one (they also poll, so this is only faster)."""
+    if s.redis_url:
+        from service.events import announce
+
+        listeners = announce(s.redis_url, name, version)
+        if listeners is not None:
+            console.print(f"announced on Redis to {listeners} running replica(s)")
 
 
 @index_app.command("verify")

@@ -125,3 +125,41 @@ def test_redis_url_from_either_variable(monkeypatch: pytest.MonkeyPatch) -> None
     assert Settings().redis_url == "redis://example:1/0"
     monkeypatch.setenv("XMODAL_REDIS_URL", "redis://other:2/0")
     assert Settings().redis_url == "redis://other:2/0"
+
+
+def test_published_version_is_announced_to_running_replicas(
+    tmp_path: Path, served_data: Path, redis_server, encoder, demo_corpus: Path
+) -> None:
+    """Polling off: only the Redis announcement can make the service swap to the new version."""
+    import shutil
+
+    from indexer.build import build_index
+    from indexer.corpus import read_jsonl
+    from service.events import CHANNEL, announce
+
+    data = tmp_path / "data"
+    shutil.copytree(served_data, data)
+    settings = Settings(data_dir=data, reload_interval_s=0, redis_url=redis_server.url)
+    direct = redis.Redis.from_url(redis_server.url)
+    body = {"index": "demo", "query": {"text": "a nurse and a patient"}, "k": 2}
+    with TestClient(create_app(settings)) as client:
+        old = client.post("/v1/search", json=body).json()["index_version"]
+        deadline = time.monotonic() + 10
+        while direct.pubsub_numsub(CHANNEL)[0][1] < 1:  # the app's listener has subscribed
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        new = build_index(
+            indexes_dir=data / "indexes",
+            name="demo",
+            items=read_jsonl(demo_corpus)[:50],
+            encoder=encoder,
+            use_gpu=False,
+        ).manifest.version
+        time.sleep(0.3)
+        assert client.post("/v1/search", json=body).json()["index_version"] == old  # no polling: not yet
+        assert announce(redis_server.url, "demo", new) == 1
+        while client.post("/v1/search", json=body).json()["index_version"] != new:
+            assert time.monotonic() < deadline, "the announcement did not swap the version"
+            time.sleep(0.05)
+    redis_server.stop()
+    assert announce(redis_server.url, "demo", new) is None  # Redis down: publishing still succeeds, no raise
