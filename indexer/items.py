@@ -51,8 +51,5 @@ class ItemStore:
             r: {"id": i, "modality": m, "source": s, "text": t, "metadata": json.loads(md)} for r, i, m, s, t, md in cur
         }
 
-    def modality_rows(self, modality: str) -> list[int]:
-        return [r for (r,) in self._con.execute("SELECT row FROM items WHERE modality = ?", (modality,))]
-
     def close(self) -> None:
         self._con.close()

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -108,6 +109,15 @@ def test_image_to_image_equals_exact_search(data: Path, built, clip_encoder: Enc
         assert [h.id for h in hits] == [ids[t] for t in truth]
         assert hits[0].id == c["id"] and hits[0].similarity > 0.999
         assert all(h.modality == "image" and h.score == h.similarity for h in hits)  # one modality: raw cosine
+
+
+def test_image_token_vectors(clip_encoder: Encoder, coco: list[dict]) -> None:
+    images = [clip_encoder.decode("image", COCO / c["image"]) for c in coco[:3]]
+    out = clip_encoder.encode_media_tokens("image", images)
+    assert np.allclose(out.embedding, clip_encoder.encode_media("image", images), atol=1e-6)
+    for tokens in out.tokens:  # one token per 8x8 patch of the 32 px input, CLS left out
+        assert tokens.shape == (16, clip_encoder.dim)
+        assert np.allclose(np.linalg.norm(tokens, axis=1), 1, atol=1e-5)
 
 
 def test_mixed_modalities_are_calibrated_and_deduplicated(data: Path, built, clip_encoder: Encoder, coco) -> None:
