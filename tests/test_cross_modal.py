@@ -44,17 +44,22 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("xmodal")
     checkpoint = make_clip_checkpoint(tmp_path_factory.mktemp("clip-checkpoint"))
+    assert "towers image, text" in export_with_cli(root, checkpoint, "tiny-clip")
+    return root
+
+
+def export_with_cli(root: Path, checkpoint: Path, name: str) -> str:
+    """`xmodal models export CHECKPOINT --name NAME` into data folder ``root`` (arch detected); its stderr."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("XMODAL_")} | {"XMODAL_DATA_DIR": str(root)}
     r = subprocess.run(
-        [sys.executable, "-m", "service", "models", "export", str(checkpoint), "--name", "tiny-clip"],
+        [sys.executable, "-m", "service", "models", "export", str(checkpoint), "--name", name],
         capture_output=True,
         text=True,
         timeout=300,
         env=env,
     )
     assert r.returncode == 0, r.stderr
-    assert "towers image, text" in r.stderr
-    return root
+    return r.stderr
 
 
 @pytest.fixture(scope="module")
@@ -196,16 +201,7 @@ def clap_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("xmodal-audio")
     checkpoint = tmp_path_factory.mktemp("clap-checkpoint")
     make_clap_checkpoint(checkpoint)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("XMODAL_")} | {"XMODAL_DATA_DIR": str(root)}
-    r = subprocess.run(
-        [sys.executable, "-m", "service", "models", "export", str(checkpoint), "--name", "tiny-clap"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert r.returncode == 0, r.stderr
-    assert "towers audio, text" in r.stderr
+    assert "towers audio, text" in export_with_cli(root, checkpoint, "tiny-clap")
     return root
 
 
