@@ -6,9 +6,11 @@ import base64
 import binascii
 import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -136,40 +138,62 @@ def decode_base64(value: str, field: str) -> bytes:
     return data
 
 
+MAX_EMBED_TEXTS, MAX_EMBED_MEDIA = 256, 32
+
+
 class EmbeddingsRequest(BaseModel):
-    input: str | list[str] = Field(description="a text or a list of texts")
+    input: str | list[str] = Field(description="texts, or images / audio files as base64 or data URIs")
     model: str | None = Field(None, description="must name the loaded model when given")
-    encoding_format: Literal["float", "base64"] = "float"
-    modality: Literal["text"] = "text"
+    encoding_format: Literal["float", "base64"] = Field("float", description="base64: little-endian float32")
+    modality: Literal["text", "image", "audio"] = "text"
+    tokens: bool = Field(False, description="also return each input's token vectors ([n, dim], real tokens only)")
 
 
-@router.post("/v1/embeddings", responses=ERRORS, summary="OpenAI-compatible embeddings of texts")
+@router.post("/v1/embeddings", responses=ERRORS, summary="OpenAI-compatible embeddings of texts, images or audio")
 async def embeddings(req: EmbeddingsRequest, state: ServiceState = Depends(get_state)) -> dict:
     encoder = state.require_encoder()
     if req.model not in (None, encoder.name):
         raise InvalidInput(f"model {req.model!r} is not loaded; this service runs {encoder.name!r}")
-    texts = [req.input] if isinstance(req.input, str) else req.input
-    if not texts or len(texts) > 256:
-        raise InvalidInput("input must hold 1 to 256 texts")
-    if any(not t.strip() or len(t) > state.settings.max_text_chars for t in texts):
-        raise InvalidInput(f"every input must be non-empty and at most {state.settings.max_text_chars} characters")
+    inputs = [req.input] if isinstance(req.input, str) else req.input
+    limit = MAX_EMBED_TEXTS if req.modality == "text" else MAX_EMBED_MEDIA
+    if not inputs or len(inputs) > limit:
+        raise InvalidInput(f"input must hold 1 to {limit} {req.modality} items")
+    if req.modality == "text":
+        if any(not t.strip() or len(t) > state.settings.max_text_chars for t in inputs):
+            raise InvalidInput(f"every input must be non-empty and at most {state.settings.max_text_chars} characters")
+        run = encoder.encode_text_tokens if req.tokens else encoder.encode_text
+        work = partial(run, inputs)
+        usage = sum(encoder.count_tokens(inputs))
+    else:
+        files = [decode_base64(x, f"input[{i}]") for i, x in enumerate(inputs)]
+
+        def work():  # noqa: ANN202 - decode and encode off the event loop
+            decoded = [encoder.decode(req.modality, f) for f in files]
+            run = encoder.encode_media_tokens if req.tokens else encoder.encode_media
+            return run(req.modality, decoded)
+
+        usage = 0
     async with state.admit():
-        vecs = await run_in_threadpool(encoder.encode_text, texts)
-    data = [
-        {
-            "object": "embedding",
-            "index": i,
-            "embedding": base64.b64encode(v.tobytes()).decode() if req.encoding_format == "base64" else v.tolist(),
-        }
-        for i, v in enumerate(vecs)
-    ]
-    tokens = sum(encoder.count_tokens(texts))
+        out = await run_in_threadpool(work)
+    vecs = out.embedding if req.tokens else out
+    data = []
+    for i, v in enumerate(vecs):
+        item = {"object": "embedding", "index": i, "embedding": _encode_floats(v, req.encoding_format)}
+        if req.tokens:
+            item["tokens"] = _encode_floats(out.tokens[i], req.encoding_format)
+        data.append(item)
     return {
         "object": "list",
         "data": data,
         "model": encoder.name,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        "usage": {"prompt_tokens": usage, "total_tokens": usage},
     }
+
+
+def _encode_floats(array: np.ndarray, encoding_format: str) -> list | str:
+    if encoding_format == "base64":
+        return base64.b64encode(np.ascontiguousarray(array, dtype="<f4").tobytes()).decode()
+    return array.tolist()
 
 
 @router.get("/v1/indexes", summary="Published indexes being served")

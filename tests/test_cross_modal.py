@@ -158,6 +158,10 @@ def test_image_queries_over_http(data: Path, built, coco: list[dict]) -> None:
         ).json()
         assert [r["id"] for r in upload["results"]] == [r["id"] for r in first["results"]]
         assert upload["cached"] is True  # same bytes, same request: the JSON search's cached result
+        emb = client.post("/v1/embeddings", json={"input": [uri], "modality": "image", "tokens": True}).json()
+        assert np.array(emb["data"][0]["tokens"]).shape == (16, 16)  # 16 patches of the 32 px input, dim 16
+        by_vector = client.post("/v1/search", json=body | {"query": {"embedding": emb["data"][0]["embedding"]}})
+        assert [r["id"] for r in by_vector.json()["results"]] == [r["id"] for r in first["results"]]
         bad = client.post("/v1/search", json=body | {"query": {"image": base64.b64encode(b"GIF89a junk").decode()}})
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_input"
 

@@ -163,6 +163,20 @@ def test_embeddings_endpoint_is_openai_shaped(client: TestClient) -> None:
     assert client.post("/v1/embeddings", json={"input": []}).status_code == 400
 
 
+def test_embeddings_with_token_vectors(client: TestClient) -> None:
+    r = client.post("/v1/embeddings", json={"input": ["one", "two more words"], "tokens": True}).json()
+    shapes = [np.array(d["tokens"]).shape for d in r["data"]]
+    assert shapes == [(3, 384), (5, 384)]  # [CLS] one [SEP]; [CLS] two more words [SEP]
+    assert np.allclose(np.linalg.norm(np.array(r["data"][1]["tokens"]), axis=1), 1, atol=1e-5)
+    b64 = client.post("/v1/embeddings", json={"input": "one", "tokens": True, "encoding_format": "base64"}).json()
+    toks = np.frombuffer(base64.b64decode(b64["data"][0]["tokens"]), dtype="<f4").reshape(-1, 384)
+    assert np.allclose(toks, r["data"][0]["tokens"], atol=1e-6)
+    media = client.post("/v1/embeddings", json={"input": "aGVsbG8=", "modality": "image"})
+    assert media.status_code == 400 and "no image tower" in media.json()["error"]["message"]
+    too_many = client.post("/v1/embeddings", json={"input": ["aGVsbG8="] * 33, "modality": "audio"})
+    assert too_many.status_code == 400 and "1 to 32" in too_many.json()["error"]["message"]
+
+
 def test_overload_is_429_with_retry_after(served_data: Path) -> None:
     with make_client(served_data, max_inflight=1) as c:
         state = c.app.state.xmodal
