@@ -70,6 +70,11 @@ def test_dockerfile_is_multi_stage_torch_free_and_non_root() -> None:
     assert "XMODAL_MODELS_DIR=/opt/xmodal/models" in runtime
 
 
+def test_docker_context_leaves_out_the_venv_and_data() -> None:
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert {".venv/", "data/", ".git/"} <= ignored
+
+
 def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_second() -> None:
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Set up on a fresh machine", 1)[1].split("\n## ", 1)[0]
