@@ -169,42 +169,11 @@ def make_clap(folder: Path, size: str, texts: list[str]) -> Path:
     import torch
     import transformers
 
+    from tests.checkpoints import tiny_clap_parts
+
     folder.mkdir(parents=True)
     if size == "tiny":
-        config = transformers.ClapConfig(
-            text_config={
-                "vocab_size": 300,
-                "hidden_size": 32,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 2,
-                "intermediate_size": 64,
-                "max_position_embeddings": 66,
-            },
-            audio_config={
-                "num_mel_bins": 16,
-                "spec_size": 64,
-                "window_size": 4,
-                "patch_size": 4,
-                "patch_stride": [4, 4],
-                "patch_embeds_hidden_size": 16,
-                "hidden_size": 32,
-                "depths": [2, 2],
-                "num_attention_heads": [2, 4],
-                "enable_fusion": False,
-            },
-            projection_dim=16,
-        )
-        extractor = transformers.ClapFeatureExtractor(
-            feature_size=16,
-            sampling_rate=16_000,
-            hop_length=160,
-            max_length_s=1,
-            fft_window_size=512,
-            frequency_min=50,
-            frequency_max=8_000,
-            truncation="rand_trunc",
-            padding="repeatpad",
-        )
+        config, extractor = tiny_clap_parts()  # the configs the tests use
         write_roberta_tokenizer(folder, texts, vocab_size=300, max_length=64)
     else:
         config = transformers.ClapConfig()  # HTSAT unfused + RoBERTa-base, projection 512
@@ -537,7 +506,7 @@ def report_towers(results: list[TowerResult], runs: list[ModelRun], repeats: int
         "Models: random weights (built with `save_pretrained`, exported with `export_checkpoint`) except MiniLM "
         "(`models.registry.prepare`, real weights). CLIP tiny: `tests/checkpoints.py` (hidden 32, 2 layers, 32 px); "
         "CLIP base: default `CLIPConfig` (ViT-B/32 at 224 px, 12 x 512 text), CLIP's real BPE tokenizer. CLAP tiny: "
-        "the unfused config of `tests/models/test_export_clap.py` (1 s at 16 kHz, 16 mels); CLAP base: default "
+        "the unfused config of `tests/checkpoints.py` (`tiny_clap_parts`) (1 s at 16 kHz, 16 mels); CLAP base: default "
         "`ClapConfig` (HTSAT 2-2-6-2 unfused, RoBERTa-base) and `ClapFeatureExtractor` (10 s at 48 kHz, 64 mels), "
         "with a byte-level BPE trained on the COCO captions as tokenizer (300 tokens tiny, 8,000 base)."
     )

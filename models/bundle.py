@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from models.errors import BundleError, FingerprintMismatch, ModelNotFound
-from models.files import read_json
+from models.files import read_json, sha256_file
 
 FORMAT = "xmodal.model/1"
 DEFAULT_MODEL = "all-minilm-l6-v2"  # the bundle `xmodal models prepare` makes and the service loads by default
@@ -142,9 +142,7 @@ def compute_fingerprint(bundle_dir: Path, towers: dict[str, Tower]) -> str:
         h.update(modality.encode())
         h.update(json.dumps(tower.model_dump(), sort_keys=True).encode())
         for rel in (tower.onnx, *tower.preprocessing.files):
-            with open(bundle_dir / rel, "rb") as fh:
-                for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                    h.update(chunk)
+            sha256_file(bundle_dir / rel, h)
     return h.hexdigest()
 
 

@@ -299,6 +299,35 @@ def tokenizer_setting(source: Path, key: str) -> Any:
     return None
 
 
+def finish_bundle(
+    tmp: Path,
+    models_dir: Path,
+    *,
+    name: str,
+    version: str,
+    dim: int,
+    towers: dict[str, Tower],
+    source: dict,
+    parity: dict,
+) -> ModelManifest:
+    """The last step of every export: fingerprint the staged files, write the manifest (with the torch and
+    transformers versions that made the graphs), and move the bundle into place."""
+    torch, transformers = _import_torch()
+    manifest = ModelManifest(
+        name=name,
+        version=version,
+        fingerprint=compute_fingerprint(tmp, towers),
+        dim=dim,
+        towers=towers,
+        source={**source, "torch": torch.__version__, "transformers": transformers.__version__},
+        parity=parity,
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    atomic_write_json(tmp / MANIFEST, manifest.model_dump())
+    replace_dir(tmp, models_dir / name)
+    return manifest
+
+
 def export_sentence_transformers(source: Path, models_dir: Path, name: str, version: str = "1") -> ModelManifest:
     """Export a sentence-transformers checkpoint folder as a text-only bundle ``<models_dir>/<name>``."""
     torch, transformers = _import_torch()
@@ -326,23 +355,19 @@ def export_sentence_transformers(source: Path, models_dir: Path, name: str, vers
                 preprocessing=TextPreprocessing(tokenizer="tokenizer.json", max_length=max_length),
             )
         }
-        manifest = ModelManifest(
+        manifest = finish_bundle(
+            tmp,
+            models_dir,
             name=name,
             version=version,
-            fingerprint=compute_fingerprint(tmp, towers),
             dim=dim,
             towers=towers,
             source={
                 "kind": "sentence-transformers",
                 "path": str(source),
                 "pooling": pooling,
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
             },
             parity={"text": parity},
-            created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         )
-        atomic_write_json(tmp / MANIFEST, manifest.model_dump())
-        replace_dir(tmp, models_dir / name)
     log.info("exported %s to %s (parity: %s)", source, models_dir / name, parity)
     return manifest

@@ -50,7 +50,6 @@ mask exactly. Otherwise ParityError and no bundle.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import logging
 from collections.abc import Iterator
@@ -59,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from models.bundle import MANIFEST, AudioPreprocessing, ModelManifest, TextPreprocessing, Tower, compute_fingerprint
+from models.bundle import AudioPreprocessing, ModelManifest, TextPreprocessing, Tower
 from models.errors import ExportError, XmodalError
 from models.export import (
     OUTPUTS,
@@ -67,10 +66,11 @@ from models.export import (
     _import_torch,
     check_tower_parity,
     export_onnx,
+    finish_bundle,
     tokenizer_setting,
     write_tokenizer,
 )
-from models.files import atomic_write_json, replace_dir, staging_dir
+from models.files import staging_dir
 from models.text import TextPreprocessor
 
 log = logging.getLogger(__name__)
@@ -411,10 +411,11 @@ def export_clap(source: Path, models_dir: Path, name: str, version: str = "1") -
             or int(model.audio_projection.linear2.out_features) != dim
         ):
             raise ExportError(f"{source}: the text and audio projections do not both give {dim}-d vectors")
-        manifest = ModelManifest(
+        manifest = finish_bundle(
+            tmp,
+            models_dir,
             name=name,
             version=version,
-            fingerprint=compute_fingerprint(tmp, towers),
             dim=dim,
             towers=towers,
             source={
@@ -425,13 +426,8 @@ def export_clap(source: Path, models_dir: Path, name: str, version: str = "1") -
                 "text_tokens": "every position through the pooler head (dense + tanh) and text_projection",
                 "audio_tokens": "HTSAT final map: time steps (frequency rows averaged) through audio_projection",
                 **({"truncation_override": truncation_note} if truncation_note else {}),
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
             },
             parity={"text": text_parity, "audio": audio_parity},
-            created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         )
-        atomic_write_json(tmp / MANIFEST, manifest.model_dump())
-        replace_dir(tmp, models_dir / name)
     log.info("exported %s (CLAP) to %s (parity: %s)", source, models_dir / name, manifest.parity)
     return manifest

@@ -49,7 +49,6 @@ punctuation before tokenizing, which a converted ``tokenizer.json`` does not do.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 from pathlib import Path
@@ -57,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from models.bundle import MANIFEST, ImagePreprocessing, ModelManifest, TextPreprocessing, Tower, compute_fingerprint
+from models.bundle import ImagePreprocessing, ModelManifest, TextPreprocessing, Tower
 from models.errors import ExportError
 from models.export import (
     OUTPUTS,
@@ -65,10 +64,11 @@ from models.export import (
     _import_torch,
     check_tower_parity,
     export_onnx,
+    finish_bundle,
     tokenizer_setting,
     write_tokenizer,
 )
-from models.files import atomic_write_json, replace_dir, staging_dir
+from models.files import staging_dir
 from models.image import image_config_from_hf
 from models.text import TextPreprocessor
 
@@ -286,10 +286,11 @@ def export_clip(
             }
         if dims["text"] != dims["image"]:
             raise ExportError(f"text and image embeddings differ in width: {dims}")
-        manifest = ModelManifest(
+        manifest = finish_bundle(
+            tmp,
+            models_dir,
             name=name,
             version=version,
-            fingerprint=compute_fingerprint(tmp, towers),
             dim=dims["text"],
             towers=towers,
             source={
@@ -298,14 +299,9 @@ def export_clip(
                 "path": str(source),
                 "image_tokens": "patch tokens, no CLS" if arch == "clip" else "patches through the MAP head",
                 "text_attention_mask": arch == "clip",
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
             },
             parity=parity,
-            created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         )
-        atomic_write_json(tmp / MANIFEST, manifest.model_dump())
-        replace_dir(tmp, models_dir / name)
     log.info("exported %s (%s) to %s (parity: %s)", source, arch, models_dir / name, parity)
     return manifest
 

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 from fastapi import Request
@@ -159,29 +159,24 @@ class ServiceState:
         encoder = self.require_encoder()
         if len(text) > self.settings.max_text_chars:
             raise InvalidInput(f"query.text is {len(text)} characters; the limit is {self.settings.max_text_chars}")
-        key = embedding_key(encoder.fingerprint, "text", text.encode())
-        raw = await self.cache.get(key)
-        if raw is not None and len(raw) == encoder.dim * 4:
-            self.metrics.cache.labels("embedding", "hit").inc()
-            return np.frombuffer(raw, dtype=np.float32)
-        self.metrics.cache.labels("embedding", "miss").inc()
-        vec = (await run_in_threadpool(encoder.encode_text, [text]))[0]
-        await self.cache.set(key, vec.astype(np.float32).tobytes(), self.settings.embedding_ttl_s)
-        return vec
+        return await self._cached_vector("text", text.encode(), lambda: encoder.encode_text([text])[0])
 
     async def media_vector(self, modality: str, data: bytes) -> np.ndarray:
-        """The query vector of an image or audio file's bytes, through the embedding cache."""
+        """The query vector of an image or audio file's bytes."""
         encoder = self.require_encoder()
-        key = embedding_key(encoder.fingerprint, modality, data)
+        return await self._cached_vector(
+            modality, data, lambda: encoder.encode_media(modality, [encoder.decode(modality, data)])[0]
+        )
+
+    async def _cached_vector(self, modality: str, content: bytes, encode: Callable[[], np.ndarray]) -> np.ndarray:
+        """Through the embedding cache; ``encode`` runs in a worker thread on a miss."""
+        encoder = self.require_encoder()
+        key = embedding_key(encoder.fingerprint, modality, content)
         raw = await self.cache.get(key)
         if raw is not None and len(raw) == encoder.dim * 4:
             self.metrics.cache.labels("embedding", "hit").inc()
             return np.frombuffer(raw, dtype=np.float32)
         self.metrics.cache.labels("embedding", "miss").inc()
-
-        def encode() -> np.ndarray:
-            return encoder.encode_media(modality, [encoder.decode(modality, data)])[0]
-
         vec = await run_in_threadpool(encode)
         await self.cache.set(key, vec.astype(np.float32).tobytes(), self.settings.embedding_ttl_s)
         return vec

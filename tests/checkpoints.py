@@ -150,11 +150,10 @@ def _randomise(model: object) -> None:
                 buf.copy_(0.5 + torch.rand(buf.shape, generator=gen))
 
 
-def make_clap_checkpoint(folder: Path, fusion: bool = False) -> object:
+def tiny_clap_parts(fusion: bool = False) -> tuple[object, object]:
     """A tiny ClapModel checkpoint folder: RoBERTa hidden 32 x 2 layers; HTSAT with 2 stages of 2 blocks (shifted
     windows included), window 4; projection 16. Unfused: 16 mel bins, spec_size 64 (4 time chunks stacked as in the
     released models), 1 s at 16 kHz. Fused: 64 mel bins (fusion hard-codes 64), spec_size 64."""
-    import torch
     import transformers
 
     n_mels, hop = (64, 256) if fusion else (16, 160)
@@ -182,12 +181,7 @@ def make_clap_checkpoint(folder: Path, fusion: bool = False) -> object:
         },
         projection_dim=16,
     )
-    torch.manual_seed(0)
-    model = transformers.ClapModel(config).eval()
-    _randomise(model)
-    model.save_pretrained(folder)
-    write_clap_tokenizer(folder)
-    transformers.ClapFeatureExtractor(
+    extractor = transformers.ClapFeatureExtractor(
         feature_size=n_mels,
         sampling_rate=16_000,
         hop_length=hop,
@@ -197,5 +191,20 @@ def make_clap_checkpoint(folder: Path, fusion: bool = False) -> object:
         frequency_max=8_000,
         truncation="fusion" if fusion else "rand_trunc",
         padding="repeatpad",
-    ).save_pretrained(folder)
+    )
+    return config, extractor
+
+
+def make_clap_checkpoint(folder: Path, fusion: bool = False) -> object:
+    """A tiny random ClapModel checkpoint folder (see ``tiny_clap_parts``), weights moved off their init."""
+    import torch
+    import transformers
+
+    config, extractor = tiny_clap_parts(fusion)
+    torch.manual_seed(0)
+    model = transformers.ClapModel(config).eval()
+    _randomise(model)
+    model.save_pretrained(folder)
+    write_clap_tokenizer(folder)
+    extractor.save_pretrained(folder)
     return model
