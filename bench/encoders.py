@@ -11,7 +11,7 @@ weights) comes from ``models.registry.prepare``. Exports are not timed as result
 - CLIP tiny: ``tests.checkpoints.make_clip_checkpoint`` (hidden 32, 2 layers, 32 px images), with
   CLIP's real BPE tokenizer where ``../shared/data/clip-bpe`` is present.
 - CLIP base: transformers' default ``CLIPConfig`` (ViT-B/32 image tower at 224 px, 12-layer 512-wide text tower).
-- CLAP tiny: the unfused config of ``tests/models/test_export_clap.py`` (RoBERTa 32 x 2, HTSAT 2 + 2 blocks,
+- CLAP tiny: the unfused config of ``tests/checkpoints.py`` (``tiny_clap_parts``) (RoBERTa 32 x 2, HTSAT 2 + 2 blocks,
   16 mel bins, 1 s at 16 kHz).
 - CLAP base: transformers' default ``ClapConfig`` (HTSAT, 4 stages 2-2-6-2, unfused; RoBERTa-base text) with the
   default ``ClapFeatureExtractor`` (48 kHz, 10 s clips, 64 mel bins; truncation ``rand_trunc`` as the unfused model
