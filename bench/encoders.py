@@ -125,26 +125,6 @@ def fsdd_files(n: int) -> list[Path]:
     return [files[i] for i in sorted(rng.choice(len(files), size=n, replace=False))]
 
 
-def write_roberta_tokenizer(folder: Path, texts: list[str], vocab_size: int, max_length: int) -> None:
-    """A byte-level BPE trained on ``texts``, saved as a RoBERTa tokenizer (<s> <pad>=1 </s>) with tokenizer.json,
-    as tests/models/test_export_clap.py builds it."""
-    import transformers
-    from tokenizers import ByteLevelBPETokenizer
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        texts,
-        vocab_size=vocab_size,
-        min_frequency=1,
-        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
-        show_progress=False,
-    )
-    model = json.loads(bpe._tokenizer.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    tok = transformers.RobertaTokenizer(vocab=model["vocab"], merges=merges, model_max_length=max_length)
-    tok.save_pretrained(folder)
-
-
 # --- checkpoints ----------------------------------------------------------------------------------------------------
 def make_clip(folder: Path, size: str) -> Path:
     import torch
@@ -169,16 +149,16 @@ def make_clap(folder: Path, size: str, texts: list[str]) -> Path:
     import torch
     import transformers
 
-    from tests.checkpoints import tiny_clap_parts
+    from tests.checkpoints import tiny_clap_parts, write_clap_tokenizer
 
     folder.mkdir(parents=True)
     if size == "tiny":
         config, extractor = tiny_clap_parts()  # the configs the tests use
-        write_roberta_tokenizer(folder, texts, vocab_size=300, max_length=64)
+        write_clap_tokenizer(folder, texts, vocab_size=300, max_length=64)
     else:
         config = transformers.ClapConfig()  # HTSAT unfused + RoBERTa-base, projection 512
         extractor = transformers.ClapFeatureExtractor(truncation="rand_trunc")  # 48 kHz, 10 s, 64 mels
-        write_roberta_tokenizer(folder, texts, vocab_size=8000, max_length=512)
+        write_clap_tokenizer(folder, texts, vocab_size=8000, max_length=512)
     torch.manual_seed(0)
     transformers.ClapModel(config).eval().save_pretrained(str(folder))
     extractor.save_pretrained(str(folder))

@@ -115,22 +115,25 @@ CLAP_TOKENIZER_TEXTS = [
 ]
 
 
-def write_clap_tokenizer(folder: Path) -> None:
-    """A tiny byte-level BPE trained on a few sentences, as a RoBERTa tokenizer (<s> </s> <pad>=1), saved with
+def write_clap_tokenizer(
+    folder: Path, texts: list[str] = CLAP_TOKENIZER_TEXTS, vocab_size: int = 300, max_length: int = 64
+) -> None:
+    """A byte-level BPE trained on ``texts``, as a RoBERTa tokenizer (<s> </s> <pad>=1), saved with
     tokenizer.json like a real CLAP checkpoint."""
     import transformers
     from tokenizers import ByteLevelBPETokenizer
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(
-        CLAP_TOKENIZER_TEXTS,
-        vocab_size=300,
+        texts,
+        vocab_size=vocab_size,
         min_frequency=1,
         special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+        show_progress=False,
     )
     model = json.loads(bpe._tokenizer.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    tok = transformers.RobertaTokenizer(vocab=model["vocab"], merges=merges, model_max_length=64)
+    tok = transformers.RobertaTokenizer(vocab=model["vocab"], merges=merges, model_max_length=max_length)
     tok.save_pretrained(folder)
 
 
