@@ -168,3 +168,68 @@ def write_demo_corpus(path: Path, n: int = 3200, seed: int = 7) -> Path:
     lines = "".join(json.dumps(item, sort_keys=True) + "\n" for item in demo_items(n, seed))
     atomic_write_bytes(path, lines.encode())
     return path
+
+
+# --- the cross-modal demo: generated pictures and sounds with captions (what xmodal-mini was trained on) -------------
+MEDIA_DEMO_SCENES = 1500
+MEDIA_DEMO_SOUNDS = 1500
+MEDIA_DEMO_SEED = 11  # not the recipe's training seed: the demo shows pictures and sounds the model never saw
+
+
+def media_demo_items(n_scenes: int = MEDIA_DEMO_SCENES, n_sounds: int = MEDIA_DEMO_SOUNDS, seed: int = MEDIA_DEMO_SEED):
+    """(corpus rows, scenes, sounds): one row per picture or sound, with one of its captions as its text and its
+    composition in the metadata. Every composition may appear, the ones held out of training too."""
+    from models.mini.data import make_scenes, make_sounds
+
+    scenes = make_scenes(n_scenes, seed, "all", id_prefix="img")
+    sounds = make_sounds(n_sounds, seed, "all", id_prefix="snd")
+    rows = [
+        {
+            "id": s.id,
+            "text": s.captions[i % len(s.captions)],
+            "image": f"images/{s.id}.png",
+            "metadata": {"kind": "picture", "shows": s.key},
+        }
+        for i, s in enumerate(scenes)
+    ]
+    rows += [
+        {
+            "id": s.id,
+            "text": s.captions[i % len(s.captions)],
+            "audio": f"sounds/{s.id}.flac",
+            "metadata": {"kind": "sound", "sounds": s.key},
+        }
+        for i, s in enumerate(sounds)
+    ]
+    return rows, scenes, sounds
+
+
+def write_media_demo(folder: Path, n_scenes: int = MEDIA_DEMO_SCENES, n_sounds: int = MEDIA_DEMO_SOUNDS) -> Path:
+    """Write the pictures (PNG), sounds (FLAC) and ``corpus.jsonl`` under ``folder``; returns the corpus path.
+    Deterministic and idempotent: files already there are kept, missing ones are made, the corpus is written last."""
+    import io
+
+    import soundfile as sf
+
+    from models.mini.data import SAMPLE_RATE
+
+    rows, scenes, sounds = media_demo_items(n_scenes, n_sounds)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "sounds").mkdir(parents=True, exist_ok=True)
+    for scene in scenes:
+        path = folder / "images" / f"{scene.id}.png"
+        if not path.is_file():
+            buf = io.BytesIO()
+            scene.render().save(buf, format="PNG", optimize=False)
+            atomic_write_bytes(path, buf.getvalue())
+    for sound in sounds:
+        path = folder / "sounds" / f"{sound.id}.flac"
+        if not path.is_file():
+            buf = io.BytesIO()
+            sf.write(buf, sound.render(), SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+            atomic_write_bytes(path, buf.getvalue())
+    corpus = folder / "corpus.jsonl"
+    lines = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode()
+    if not corpus.is_file() or corpus.read_bytes() != lines:
+        atomic_write_bytes(corpus, lines)
+    return corpus

@@ -18,7 +18,7 @@ from models.errors import BundleError, FingerprintMismatch, ModelNotFound
 from models.files import read_json, sha256_file
 
 FORMAT = "xmodal.model/1"
-DEFAULT_MODEL = "all-minilm-l6-v2"  # the bundle `xmodal models prepare` makes and the service loads by default
+DEFAULT_MODEL = "xmodal-mini"  # the bundle `xmodal models prepare` makes and the service loads by default (models/mini)
 MANIFEST = "manifest.json"
 Modality = Literal["text", "image", "audio"]
 

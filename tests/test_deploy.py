@@ -90,7 +90,7 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_second() -> None:
 def test_every_cli_command_has_help_with_an_example() -> None:
     groups = {
         "": ["serve", "demo"],
-        "models": ["list", "info", "prepare", "export", "quantize"],
+        "models": ["list", "info", "prepare", "export", "quantize", "train"],
         "index": ["build", "info", "verify", "publish"],
     }
     for group, names in groups.items():

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from models.bundle import DEFAULT_MODEL
 from tests.conftest import free_port, write_corpus
 
 pytestmark = pytest.mark.slow
@@ -47,13 +48,13 @@ def test_cli_build_info_verify_and_errors(data: Path, tmp_path: Path) -> None:
     corpus = write_corpus(tmp_path / "c.jsonl", rows)
 
     listing = cli(data, "models", "list")
-    assert listing.returncode == 0 and "all-minilm-l6-v2 (default)" in listing.stdout
+    assert listing.returncode == 0 and f"{DEFAULT_MODEL} (default)" in listing.stdout
 
     built = cli(data, "index", "build", "--name", "aero", "--corpus", str(corpus))
     assert built.returncode == 0, built.stderr
     assert "4 items" in built.stderr and "recall@10 1.000" in built.stderr
     info = json.loads(cli(data, "index", "info", "aero").stdout)
-    assert info["counts"] == {"text": 4} and info["model"]["name"] == "all-minilm-l6-v2"
+    assert info["counts"] == {"text": 4} and info["model"]["name"] == DEFAULT_MODEL
     assert json.loads(cli(data, "index", "verify", "aero").stdout)["ok"] is True
 
     staged = cli(data, "index", "build", "--name", "aero", "--corpus", str(corpus), "--no-publish")
@@ -101,7 +102,10 @@ def test_serve_over_real_http(served_data: Path) -> None:
 def test_demo_builds_once_then_is_up_to_date(data: Path) -> None:
     first = cli(data, "demo", "--no-serve")
     assert first.returncode == 0, first.stderr
-    assert "already ready" in first.stderr and "demo version" in first.stderr and "3200 items" in first.stderr
-    assert (data / "corpora" / "demo.jsonl").is_file()
+    said = " ".join(first.stderr.split())  # rich wraps long lines
+    assert "already ready" in said and "demo version" in said and "3000 items" in said
+    assert "1500 image, 1500 audio" in said
+    corpus = data / "corpora" / "demo" / "corpus.jsonl"
+    assert corpus.is_file() and len(list((corpus.parent / "sounds").glob("*.flac"))) == 1500
     again = cli(data, "demo", "--no-serve")
     assert again.returncode == 0 and "demo index up to date" in again.stderr

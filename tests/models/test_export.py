@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.bundle import DEFAULT_MODEL, load_manifest, verify_bundle
+from models.bundle import load_manifest, verify_bundle
 from models.encoder import Encoder
 from models.errors import BundleError, ExportError, FingerprintMismatch, InvalidInput, ModelNotFound, ParityError
+from models.mini.prepare import TEXT_MODEL  # the MiniLM bundle: what these export tests are about
 from models.registry import _minilm_source, prepare
 
 torch = pytest.importorskip("torch", reason="export tests need the `export` extra (torch)")
@@ -60,7 +61,7 @@ def test_semantics_survive_export(encoder: Encoder) -> None:
 
 
 def test_manifest_describes_the_bundle(models_dir: Path) -> None:
-    m = verify_bundle(models_dir / DEFAULT_MODEL)
+    m = verify_bundle(models_dir / TEXT_MODEL)
     assert m.dim == 384 and m.similarity == "cosine"
     tower = m.towers["text"]
     assert tower.inputs == ["input_ids", "attention_mask", "token_type_ids"]
@@ -71,22 +72,22 @@ def test_manifest_describes_the_bundle(models_dir: Path) -> None:
     assert all(shape != parity["trace_shape"] for shape in parity["shapes"])
     assert len(m.fingerprint) == 64
     # Readable by other users: the Docker runtime user reads bundles that root built.
-    bundle = models_dir / DEFAULT_MODEL
+    bundle = models_dir / TEXT_MODEL
     for path in (bundle, bundle / "manifest.json", bundle / "text.onnx"):
         assert path.stat().st_mode & 0o004, oct(path.stat().st_mode)
 
 
 def test_prepare_is_idempotent(models_dir: Path) -> None:
-    before = (models_dir / DEFAULT_MODEL / "text.onnx").stat().st_mtime_ns
-    manifest, built = prepare(models_dir, DEFAULT_MODEL)
+    before = (models_dir / TEXT_MODEL / "text.onnx").stat().st_mtime_ns
+    manifest, built = prepare(models_dir, TEXT_MODEL)
     assert not built
-    assert (models_dir / DEFAULT_MODEL / "text.onnx").stat().st_mtime_ns == before
-    assert manifest.fingerprint == load_manifest(models_dir / DEFAULT_MODEL).fingerprint
+    assert (models_dir / TEXT_MODEL / "text.onnx").stat().st_mtime_ns == before
+    assert manifest.fingerprint == load_manifest(models_dir / TEXT_MODEL).fingerprint
 
 
 def test_tampered_bundle_is_refused(models_dir: Path, tmp_path: Path) -> None:
     copy = tmp_path / "m"
-    shutil.copytree(models_dir / DEFAULT_MODEL, copy)
+    shutil.copytree(models_dir / TEXT_MODEL, copy)
     tok = json.loads((copy / "tokenizer.json").read_text())
     tok["truncation"] = {"max_length": 3}
     (copy / "tokenizer.json").write_text(json.dumps(tok))
@@ -119,7 +120,7 @@ def test_parity_check_rejects_a_graph_that_differs(models_dir: Path) -> None:
     model = AutoModel.from_pretrained(str(_minilm_source())).eval()
     with torch.no_grad():
         model.encoder.layer[0].attention.self.query.weight.mul_(1.5)
-    bundle = models_dir / DEFAULT_MODEL
+    bundle = models_dir / TEXT_MODEL
     pre = TextPreprocessor(bundle / "tokenizer.json", 256)
     with pytest.raises(ParityError, match="no bundle written"):
         check_parity(torch, _text_wrapper(torch, model, "mean"), bundle / "text.onnx", pre)
@@ -127,12 +128,12 @@ def test_parity_check_rejects_a_graph_that_differs(models_dir: Path) -> None:
 
 def test_damaged_bundle_is_rebuilt_by_prepare(models_dir: Path, tmp_path: Path) -> None:
     shutil.copytree(models_dir, tmp_path / "models")
-    (tmp_path / "models" / DEFAULT_MODEL / "text.onnx").write_bytes(b"truncated")
+    (tmp_path / "models" / TEXT_MODEL / "text.onnx").write_bytes(b"truncated")
     with pytest.raises(BundleError):
-        verify_bundle(tmp_path / "models" / DEFAULT_MODEL)
-    manifest, built = prepare(tmp_path / "models", DEFAULT_MODEL)
+        verify_bundle(tmp_path / "models" / TEXT_MODEL)
+    manifest, built = prepare(tmp_path / "models", TEXT_MODEL)
     assert built
-    verify_bundle(tmp_path / "models" / DEFAULT_MODEL)
+    verify_bundle(tmp_path / "models" / TEXT_MODEL)
     assert not [p for p in (tmp_path / "models").iterdir() if p.name.startswith(".")]  # no staging left
 
 

@@ -29,7 +29,8 @@ def test_demanding_cuda_without_it_is_an_error() -> None:
 
 
 def test_session_reports_active_providers(encoder) -> None:
-    assert encoder.providers == {"text": [CPU]}
+    assert encoder.providers == {m: [CPU] for m in encoder.modalities}  # one session per tower, all on the CPU here
+    assert set(encoder.modalities) == {"text", "image", "audio"}
 
 
 def test_missing_onnxruntime_names_both_extras(monkeypatch: pytest.MonkeyPatch) -> None:

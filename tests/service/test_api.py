@@ -13,6 +13,8 @@ from fastapi.testclient import TestClient
 
 from indexer.build import build_index
 from indexer.corpus import read_jsonl
+from models.bundle import DEFAULT_MODEL
+from models.mini.prepare import TEXT_MODEL
 from service.app import create_app
 from service.settings import Settings
 
@@ -35,7 +37,7 @@ def test_search_returns_ranked_results_with_metadata(client: TestClient) -> None
     r = search(client, query={"text": "the goalkeeper saves a penalty"}, k=5)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["model"] == "all-minilm-l6-v2" and body["mode"] == "dense" and body["cached"] is False
+    assert body["model"] == DEFAULT_MODEL and body["mode"] == "dense" and body["cached"] is False
     assert body["index"] == "demo" and body["index_version"]
     assert body["took_ms"] > 0
     results = body["results"]
@@ -141,7 +143,7 @@ def test_indexes_health_ready_metrics(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json()["model"]["providers"] == {"text": ["CPUExecutionProvider"]}
+    assert ready.json()["model"]["providers"] == {m: ["CPUExecutionProvider"] for m in ("text", "image", "audio")}
     assert ready.json()["cache"]["backend"] == "memory"
     assert ready.json()["indexes"]["demo"]["device"] == "cpu"  # no GPU here: FAISS stays on the CPU
     search(client, query={"text": "metrics please"})
@@ -151,7 +153,7 @@ def test_indexes_health_ready_metrics(client: TestClient) -> None:
 
 
 def test_embeddings_endpoint_is_openai_shaped(client: TestClient) -> None:
-    r = client.post("/v1/embeddings", json={"input": ["one", "two words"], "model": "all-minilm-l6-v2"}).json()
+    r = client.post("/v1/embeddings", json={"input": ["one", "two words"], "model": DEFAULT_MODEL}).json()
     assert r["object"] == "list" and [d["index"] for d in r["data"]] == [0, 1]
     v = np.array(r["data"][0]["embedding"])
     assert v.shape == (384,) and abs(np.linalg.norm(v) - 1) < 1e-5
@@ -163,7 +165,7 @@ def test_embeddings_endpoint_is_openai_shaped(client: TestClient) -> None:
     assert client.post("/v1/embeddings", json={"input": []}).status_code == 400
 
 
-def test_embeddings_with_token_vectors(client: TestClient) -> None:
+def test_embeddings_with_token_vectors(client: TestClient, served_data: Path) -> None:
     r = client.post("/v1/embeddings", json={"input": ["one", "two more words"], "tokens": True}).json()
     shapes = [np.array(d["tokens"]).shape for d in r["data"]]
     assert shapes == [(3, 384), (5, 384)]  # [CLS] one [SEP]; [CLS] two more words [SEP]
@@ -172,7 +174,10 @@ def test_embeddings_with_token_vectors(client: TestClient) -> None:
     toks = np.frombuffer(base64.b64decode(b64["data"][0]["tokens"]), dtype="<f4").reshape(-1, 384)
     assert np.allclose(toks, r["data"][0]["tokens"], atol=1e-6)
     media = client.post("/v1/embeddings", json={"input": "aGVsbG8=", "modality": "image"})
-    assert media.status_code == 400 and "no image tower" in media.json()["error"]["message"]
+    assert media.status_code == 400 and "not an image" in media.json()["error"]["message"]
+    with make_client(served_data, model=TEXT_MODEL) as text_only:  # a model without the tower: 400, not 500
+        media = text_only.post("/v1/embeddings", json={"input": "aGVsbG8=", "modality": "image"})
+        assert media.status_code == 400 and "no image tower" in media.json()["error"]["message"]
     too_many = client.post("/v1/embeddings", json={"input": ["aGVsbG8="] * 33, "modality": "audio"})
     assert too_many.status_code == 400 and "1 to 32" in too_many.json()["error"]["message"]
 
@@ -245,11 +250,11 @@ def test_body_that_is_not_a_json_object(client: TestClient) -> None:
 
 def test_file_upload_errors(client: TestClient) -> None:
     r = client.post("/v1/search/file", data={"index": "demo"}, files={"file": ("q.png", b"\x89PNG...", "image/png")})
-    assert r.status_code == 400 and "no image tower" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "not an image" in r.json()["error"]["message"]
     assert client.post("/v1/search/file", data={"index": "demo"}).status_code == 422  # no file
     empty = client.post("/v1/search/file", data={"index": "demo"}, files={"file": ("q.png", b"", "image/png")})
     assert empty.status_code == 400 and "empty" in empty.json()["error"]["message"]
     audio = client.post("/v1/search/file", data={"index": "demo"}, files={"file": ("q.wav", b"RIFF", "audio/wav")})
-    assert audio.status_code == 400 and "no audio tower" in audio.json()["error"]["message"]
+    assert audio.status_code == 400 and "audio data" in audio.json()["error"]["message"]
     bad_k = client.post("/v1/search/file", data={"index": "demo", "k": "0"}, files={"file": ("q", b"x", "image/png")})
     assert bad_k.status_code == 422

@@ -1,0 +1,5 @@
+"""xmodal-mini: the bundled default model. A frozen MiniLM text tower defines the joint space; small image and
+audio towers are trained onto it on generated scenes and sounds (``data``), by ``train`` and the ``recipe``.
+
+Only ``data`` and ``prepare`` are torch-free; ``towers``, ``train`` and ``recipe`` need the ``export`` extra.
+"""
