@@ -154,12 +154,17 @@ class LateHits:
     scored: int  # rows scored exactly
 
 
-def centroid_candidates(store, query: np.ndarray, allowed: np.ndarray, keep: int, nprobe: int) -> np.ndarray:  # noqa: ANN001
-    """Stage one: a row found in a query token's probed centroid lists gets that centroid's score for that
-    token; a row not found gets the token's lowest probed score (an upper bound of what it could have:
-    WARP's imputation). The ``keep`` rows with the best mean over query tokens survive; only ``allowed``
-    rows are considered."""
-    sim = query @ store.centroids.T  # [Lq, K]
+def centroid_candidates(
+    store,  # noqa: ANN001 - a TokenStore (indexer.tokens)
+    sim: np.ndarray,
+    allowed: np.ndarray,
+    keep: int,
+    nprobe: int,
+) -> np.ndarray:
+    """Stage one, from ``sim`` [Lq, K], the query tokens' similarities to the centroids. A row found in a
+    query token's probed centroid lists gets that centroid's score for that token; a row not found gets the
+    token's lowest probed score (an upper bound of what it could have: WARP's imputation). The ``keep`` rows
+    with the best mean over query tokens survive; only ``allowed`` rows are considered."""
     nprobe = min(nprobe, sim.shape[1])
     probe = np.argpartition(-sim, nprobe - 1, axis=1)[:, :nprobe]
     pscore = np.take_along_axis(sim, probe, axis=1)
@@ -167,7 +172,7 @@ def centroid_candidates(store, query: np.ndarray, allowed: np.ndarray, keep: int
     cents = probe.ravel()
     lengths = store.ivf_offsets[cents + 1] - store.ivf_offsets[cents]
     rows = np.asarray(store.ivf_rows[ranges_to_indices(store.ivf_offsets[cents], lengths)], dtype=np.int64)
-    qtok = np.repeat(np.repeat(np.arange(len(query)), nprobe), lengths)
+    qtok = np.repeat(np.repeat(np.arange(len(sim)), nprobe), lengths)
     score = np.repeat(pscore.ravel(), lengths)
     ok = allowed[rows]
     rows, qtok, score = rows[ok], qtok[ok], score[ok]
@@ -236,16 +241,16 @@ def late_search(
     if params.scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, not {params.scope!r}")
     q = np.ascontiguousarray(query, dtype=np.float32)
-    if params.exhaustive:
+    centroid_sim = None if params.exhaustive else q @ store.centroids.T  # [Lq, K], for stages one and two
+    if centroid_sim is None:
         cand = np.flatnonzero(allowed)
     else:
-        cand = centroid_candidates(store, q, allowed, params.candidates, params.nprobe)
+        cand = centroid_candidates(store, centroid_sim, allowed, params.candidates, params.nprobe)
         if extra_rows is not None and len(extra_rows):
             extra = np.asarray(extra_rows, dtype=np.int64)
             cand = np.union1d(cand, extra[allowed[extra]])
     groups = ItemGroups.of_rows(store, cand, allowed)
-    if not params.exhaustive and len(groups.items) > max(params.depth, k):
-        centroid_sim = q @ store.centroids.T
+    if centroid_sim is not None and len(groups.items) > max(params.depth, k):
         approx, _ = groups.scores(lambda idx: centroid_sim[:, store.codes[idx]], store.offsets, params.scope, False)
         keep = max(params.depth, k)
         groups = groups.take(np.sort(np.argpartition(-approx, keep - 1)[:keep]))

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from indexer.faiss_backend import import_faiss
-from indexer.late import Segments, maxsim_scores, ranges_to_indices
+from indexer.late import Segments, ranges_to_indices
 from models.errors import BundleError, InvalidInput
 from models.files import read_json
 
@@ -305,14 +305,6 @@ class TokenStore:
         self.item_rows = order.astype(np.int64)
         self.item_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
-    @property
-    def dim(self) -> int:
-        return int(self.meta["dim"])
-
-    @property
-    def rows(self) -> int:
-        return int(self.meta["rows"])
-
     def take(self, idx: np.ndarray) -> np.ndarray:
         """Token vectors [len(idx), D] float32 (decoded from residual codes when compressed)."""
         idx = np.asarray(idx)
@@ -330,6 +322,3 @@ class TokenStore:
         lengths = self.item_offsets[items + 1] - self.item_offsets[items]
         rows = self.item_rows[ranges_to_indices(self.item_offsets[items], lengths)]
         return Segments(rows, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-
-    def scores(self, query: np.ndarray, segments: Segments, symmetric: bool = False) -> np.ndarray:
-        return maxsim_scores(query, self.take, self.offsets, segments, symmetric)

@@ -8,7 +8,7 @@ import datetime as dt
 import shutil
 from pathlib import Path
 
-from models.bundle import MANIFEST, ModelManifest, Tower, compute_fingerprint, load_manifest, verify_bundle
+from models.bundle import MANIFEST, ModelManifest, Tower, compute_fingerprint, verify_bundle
 from models.errors import BundleError
 from models.files import atomic_write_json, read_json, replace_dir, sha256_file, staging_dir
 
@@ -65,5 +65,4 @@ def build_mini(models_dir: Path, text_bundle: Path, name: str = MINI_MODEL, weig
         )
         atomic_write_json(tmp / MANIFEST, manifest.model_dump())
         replace_dir(tmp, models_dir / name)
-    verify_bundle(models_dir / name)
-    return load_manifest(models_dir / name)
+    return verify_bundle(models_dir / name)

@@ -95,13 +95,7 @@ def encode_captions(text_encoder: Encoder, captions: Sequence[str], batch_size: 
 # --- inputs ---------------------------------------------------------------------------------------------------------
 def media_inputs(modality: str, media: Sequence[Any], config: ImagePreprocessing | AudioPreprocessing) -> np.ndarray:
     """Decoded images (PIL) or waveforms → the tower's input array, by the runtime's own preprocessor."""
-    if modality == "image":
-        from models.image import ImagePreprocessor
-
-        return ImagePreprocessor(config)(list(media))["pixel_values"]  # type: ignore[arg-type]
-    from models.audio import AudioPreprocessor
-
-    return AudioPreprocessor(config)(list(media))["input_features"]  # type: ignore[arg-type]
+    return _preprocessor(modality, config)(list(media))[tower_input(modality)]
 
 
 def build_tower(modality: str, config: TrainConfig, dim: int, audio: AudioPreprocessing | None = None) -> Any:
@@ -293,9 +287,13 @@ def export_tower(module: Any, modality: str, path: Path, inputs: np.ndarray) -> 
     return check_tower_parity(torch, module, path, feeds, modality, list(example[0].shape))
 
 
+def tower_input(modality: str) -> str:
+    """The one input of a trained tower: what the runtime's preprocessor of that modality produces."""
+    return "pixel_values" if modality == "image" else "input_features"
+
+
 def tower_entry(modality: str, onnx: str, config: ImagePreprocessing | AudioPreprocessing) -> Tower:
-    name = "pixel_values" if modality == "image" else "input_features"
-    return Tower(onnx=onnx, inputs=[name], outputs=OUTPUTS, emits_tokens=True, preprocessing=config)
+    return Tower(onnx=onnx, inputs=[tower_input(modality)], outputs=OUTPUTS, emits_tokens=True, preprocessing=config)
 
 
 def write_bundle(
