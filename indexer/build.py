@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -16,11 +17,14 @@ import numpy as np
 from indexer import faiss_backend
 from indexer.corpus import MEDIA, CorpusItem
 from indexer.items import write_items
-from indexer.layout import DENSE, ITEMS, MANIFEST, IndexDir, IndexManifest, new_version_name
-from models.encoder import Encoder
+from indexer.late_eval import measure_late
+from indexer.layout import DENSE, ITEMS, MANIFEST, TOKENS, IndexDir, IndexManifest, new_version_name
+from indexer.tokens import TokenStore, concat_rows, write_token_store
+from models.encoder import Encoder, TokenOutput
 from models.errors import InvalidInput
 from models.files import atomic_write_json, replace_dir, sha256_file, staging_dir
 
+log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]  # (done, total)
 RECALL_SAMPLE = 256
 MAX_FAILURES_KEPT = 50  # in the manifest; the count is always exact
@@ -46,26 +50,51 @@ class Encoded:
     rows: list[Row]
     vectors: np.ndarray
     failures: list[dict]
+    tokens: list[np.ndarray] | None = None  # with_tokens: each row's token vectors, float16 [n, D]
 
 
-def encode_items(encoder: Encoder, items: list[CorpusItem], batch_size: int, progress: Progress | None) -> Encoded:
-    """A vector per (item, modality). Media that cannot be decoded are reported in ``failures`` and skipped;
-    a corpus with modalities the model has no tower for is refused before any work."""
+def encode_items(
+    encoder: Encoder,
+    items: list[CorpusItem],
+    batch_size: int,
+    progress: Progress | None,
+    with_tokens: bool = False,
+) -> Encoded:
+    """A vector per (item, modality), and with ``with_tokens`` its token vectors too. Media that cannot be
+    decoded are reported in ``failures`` and skipped; a corpus with modalities the model has no tower for (or,
+    with tokens, whose tower emits none) is refused before any work."""
     missing = sorted({m for it in items for m in it.modalities} - set(encoder.modalities))
     if missing:
         raise InvalidInput(f"the corpus has {missing} items but model {encoder.name} only has {encoder.modalities}")
+    if with_tokens:
+        silent = sorted(
+            m for m in {m for it in items for m in it.modalities} if not encoder.manifest.towers[m].emits_tokens
+        )
+        if silent:
+            raise InvalidInput(f"model {encoder.name}'s {silent} tower(s) emit no token vectors: no late index")
     texts = [it for it in items if it.text is not None]
     media = {m: [it for it in items if getattr(it, m) is not None] for m in MEDIA}
     total, done = len(texts) + sum(len(v) for v in media.values()), 0
     rows: list[Row] = []
     parts: list[np.ndarray] = []
+    tokens: list[np.ndarray] = []
     failures: list[dict] = []
+
+    def keep(out: np.ndarray | TokenOutput) -> None:
+        if isinstance(out, TokenOutput):
+            parts.append(out.embedding)
+            tokens.extend(t.astype(np.float16) for t in out.tokens)
+        else:
+            parts.append(out)
+
     # Chunks of several batches: the encoder sorts a text chunk by length, decoded media never pile up in
     # memory, and progress moves steadily.
     chunk = batch_size * 8
+    encode_text = encoder.encode_text_tokens if with_tokens else encoder.encode_text
+    encode_media = encoder.encode_media_tokens if with_tokens else encoder.encode_media
     for start in range(0, len(texts), chunk):
         part = texts[start : start + chunk]
-        parts.append(encoder.encode_text([it.text for it in part], batch_size=batch_size))
+        keep(encode_text([it.text for it in part], batch_size=batch_size))
         rows += [Row(it, "text") for it in part]
         done += len(part)
         if progress:
@@ -85,14 +114,14 @@ def encode_items(encoder: Encoder, items: list[CorpusItem], batch_size: int, pro
                         decoded.append(result)
                         ok.append(it)
                 if ok:
-                    parts.append(encoder.encode_media(modality, decoded, batch_size=batch_size))
+                    keep(encode_media(modality, decoded, batch_size=batch_size))
                     rows += [Row(it, modality) for it in ok]
                 done += len(part)
                 if progress:
                     progress(done, total)
     if not rows:
         raise InvalidInput(f"nothing to index: all {len(items)} items failed ({failures[0]['error']})")
-    return Encoded(rows, np.concatenate(parts), failures)
+    return Encoded(rows, np.concatenate(parts), failures, tokens if with_tokens else None)
 
 
 def _try_decode(encoder: Encoder, modality: str, item: CorpusItem) -> object:
@@ -171,10 +200,13 @@ def build_index(
     publish: bool = True,
     use_gpu: bool = True,
     progress: Progress | None = None,
+    late: LateBuild | None = None,
 ) -> BuildResult:
+    """Encode, build FAISS, measure recall, write a version atomically, publish it. With ``late``, also the
+    token store (``tokens/``) for late interaction, with what its storage and fast path cost in recall."""
     target = IndexDir(indexes_dir, name)
     t0 = time.perf_counter()
-    encoded = encode_items(encoder, items, batch_size, progress)
+    encoded = encode_items(encoder, items, batch_size, progress, with_tokens=late is not None)
     vectors, rows = encoded.vectors, encoded.rows
     t_encode = time.perf_counter() - t0
     key = faiss_key or faiss_backend.default_key(len(rows))
@@ -184,7 +216,7 @@ def build_index(
     recall = measure_recall(index, vectors)
     ranges = row_ranges(rows)
     counts = {m: end - start for m, (start, end) in ranges.items()}
-    t_total = time.perf_counter() - t0
+    t_dense = time.perf_counter() - t0
 
     version = new_version_name()
     manifest = IndexManifest(
@@ -204,7 +236,7 @@ def build_index(
             "failed": len(encoded.failures),
             "failures": encoded.failures[:MAX_FAILURES_KEPT],
             "encode_seconds": round(t_encode, 3),
-            "total_seconds": round(t_total, 3),
+            "dense_seconds": round(t_dense - t_encode, 3),
             "items_per_second": round(len(rows) / max(t_encode, 1e-9), 1),
             "batch_size": batch_size,
             "providers": encoder.providers,
@@ -218,6 +250,12 @@ def build_index(
         },
     )
     with staging_dir(target.versions_dir, version) as tmp:
+        if late is not None:
+            t_late = time.perf_counter()
+            manifest.tokens = write_tokens(tmp / TOKENS, encoded, ranges, late)
+            manifest.files[TOKENS] = "token store for late interaction: CSR token vectors, centroids, IVF (meta.json)"
+            manifest.build["tokens_seconds"] = round(time.perf_counter() - t_late, 3)
+        manifest.build["total_seconds"] = round(time.perf_counter() - t0, 3)
         faiss_backend.write(index, tmp / DENSE)
         write_items(
             tmp / ITEMS,
@@ -238,6 +276,43 @@ def build_index(
     if publish:
         target.publish(version)
     return BuildResult(manifest=manifest, path=target.versions_dir / version, published=publish)
+
+
+@dataclass
+class LateBuild:
+    """How to store tokens for late interaction (indexer.tokens.write_token_store)."""
+
+    storage: str = "fp16"
+    nbits: int = 2
+    pool_factor: int = 1
+
+
+def write_tokens(path: Path, encoded: Encoded, ranges: dict[str, list[int]], late: LateBuild) -> dict:
+    """The token store of the encoded rows, then what it costs in recall (indexer.late_eval): the manifest's
+    ``tokens`` entry."""
+    assert encoded.tokens is not None
+    ordinal: dict[str, int] = {}
+    row_item = np.array([ordinal.setdefault(r.item.id, len(ordinal)) for r in encoded.rows], dtype=np.int32)
+    vectors, offsets = concat_rows(encoded.tokens, encoded.vectors.shape[1])
+    log.info(
+        "token store: %d tokens of %d rows (%s, pool factor %d)",
+        len(vectors),
+        len(offsets) - 1,
+        late.storage,
+        late.pool_factor,
+    )
+    meta = write_token_store(
+        path, vectors, offsets, row_item, storage=late.storage, nbits=late.nbits, pool_factor=late.pool_factor
+    )
+    log.info("token store: %s bytes/token; measuring its recall against exhaustive MaxSim", meta["bytes_per_token"])
+    quality = measure_late(vectors, offsets, row_item, TokenStore(path), ranges)
+    keep = ("storage", "nbits", "dim", "rows", "tokens", "tokens_before_pooling", "pool_factor", "centroids", "bytes")
+    return {
+        **{key: meta[key] for key in keep if key in meta},
+        "bytes_per_token": meta["bytes_per_token"],
+        "fp16_bytes_per_token": 2 * encoded.vectors.shape[1],
+        **quality,
+    }
 
 
 def corpus_digest(path: Path) -> str:

@@ -21,6 +21,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MANIFEST = "manifest.json"
 DENSE = "dense.faiss"
 ITEMS = "items.sqlite"
+TOKENS = "tokens"  # a folder: the token store for late interaction (indexer.tokens)
 
 
 class IndexManifest(BaseModel):
@@ -37,6 +38,11 @@ class IndexManifest(BaseModel):
     rows: dict[str, list[int]] = Field(default_factory=dict, description="[start, end) of each modality's rows")
     calibration: dict = Field(
         default_factory=dict, description="'q->t': mean/std of top-10 scores of modality-q queries among t items"
+    )
+    tokens: dict | None = Field(
+        None,
+        description="the token store for late interaction (None: dense only): its meta, and the recall its "
+        "compression, pooling and fast path cost, measured at build time",
     )
     build: dict = Field(default_factory=dict)
     files: dict[str, str] = Field(description="what each file is")

@@ -1,15 +1,18 @@
-"""Searching a published index version: dense top-k with metadata, modality targets and metadata filters."""
+"""Searching a published index version: dense top-k, or late interaction over the token store, with modality
+targets and metadata filters."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from indexer import faiss_backend
 from indexer.items import ItemStore
-from indexer.layout import DENSE, ITEMS, IndexDir, IndexManifest
+from indexer.late import SCOPES, LateParams, best_matches, late_search
+from indexer.layout import DENSE, ITEMS, TOKENS, IndexDir, IndexManifest
+from indexer.tokens import TokenStore
 from models.errors import FingerprintMismatch, InvalidInput
 
 
@@ -20,7 +23,29 @@ class Hit:
     modality: str
     text: str | None
     metadata: dict
-    similarity: float  # the raw cosine; ``score`` ranks, and is calibrated when modalities are mixed
+    similarity: float  # the raw cosine (late: MaxSim); ``score`` ranks, and is calibrated when modalities are mixed
+    matches: list[TokenMatch] | None = None  # late search with explain: each query token's best item token
+
+
+@dataclass
+class TokenMatch:
+    """Query token ``query_token`` matched token ``item_token`` of the item's ``modality`` row best."""
+
+    query_token: int
+    modality: str
+    item_token: int
+    item_tokens: int  # how many tokens that row has
+    similarity: float
+
+
+@dataclass
+class LateRequest:
+    """A late-interaction query: token vectors [Lq, D], and the pooled vector for dense candidates."""
+
+    tokens: np.ndarray
+    vector: np.ndarray | None = None
+    params: LateParams = field(default_factory=LateParams)
+    explain: bool = False
 
 
 class LoadedIndex:
@@ -51,6 +76,7 @@ class LoadedIndex:
         self.index, self.device = faiss_backend.maybe_to_gpu(index, use_gpu)
         self.items = ItemStore(path / ITEMS)
         self.modalities = sorted(m for m, n in self.manifest.counts.items() if n > 0)
+        self.tokens = TokenStore(path / TOKENS) if self.manifest.tokens else None
 
     @property
     def size(self) -> int:
@@ -70,45 +96,145 @@ class LoadedIndex:
         query's modality is known, each target's scores are z-normalised with the build-time statistics
         of that pair (``score``), so that no modality wins by its scale alone; ``similarity`` stays the
         raw cosine."""
+        q = self._vector(query)
+        targets = self._targets(modalities)
+        per_target = {t: self._search_modality(q, k, t, filter) for t in targets}
+        return _merge(per_target, self.manifest.calibration, query_modality, k)
+
+    def search_late(
+        self,
+        query: LateRequest,
+        k: int,
+        modalities: list[str] | None = None,
+        filter: dict | None = None,
+        query_modality: str | None = None,
+    ) -> list[Hit]:
+        """Top ``k`` items by late interaction (FILIP MaxSim of the query's tokens over each item's tokens).
+        Scope ``modality`` (the default) scores each target modality's rows apart and takes an item's best,
+        calibrated as dense scores are when the targets are several; scope ``all`` scores the union of an
+        item's target rows' tokens as one set. Candidates: the token centroids' and, with ``query.vector``,
+        the dense index's top rows."""
+        self.require_tokens()
+        tokens = np.asarray(query.tokens, dtype=np.float32)
+        if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] != self.manifest.dim:
+            raise InvalidInput(
+                f"query tokens have shape {list(tokens.shape)}, index {self.name!r} needs [n >= 1, {self.manifest.dim}]"
+            )
+        params = query.params
+        if params.scope not in SCOPES:
+            raise InvalidInput(f"late scope must be one of {list(SCOPES)}, not {params.scope!r}")
+        targets = self._targets(modalities)
+        vector = None if query.vector is None else self._vector(query.vector)
+        groups = [[t] for t in targets] if params.scope == "modality" else [targets]
+        found = {"+".join(g): self._late_group(tokens, vector, k, g, filter, params) for g in groups}
+        stats = (self.manifest.tokens or {}).get("calibration", {})
+        per_group = {g: [hit for hit, _ in pairs] for g, pairs in found.items()}
+        hits = _merge(per_group, stats if params.scope == "modality" else {}, query_modality, k)
+        if query.explain:
+            rows_of = {id(hit): rows for pairs in found.values() for hit, rows in pairs}
+            for hit in hits:
+                hit.matches = self._explain(tokens, rows_of[id(hit)])
+        return hits
+
+    def require_tokens(self) -> TokenStore:
+        if self.tokens is None:
+            raise InvalidInput(
+                f"index {self.name!r} has no token store, so `mode: late` is not available; "
+                "use dense, or rebuild it with `xmodal index build --late`"
+            )
+        return self.tokens
+
+    def _late_group(
+        self,
+        tokens: np.ndarray,
+        vector: np.ndarray | None,
+        k: int,
+        targets: list[str],
+        filter: dict | None,
+        params: LateParams,
+    ) -> list[tuple[Hit, np.ndarray]]:
+        """Top k distinct items among the rows of ``targets``, scored as one group, metadata-filtered (widening
+        the search until k survive or every item was seen); each with the rows it was scored on."""
+        store = self.tokens
+        allowed = np.zeros(self.size, dtype=bool)
+        for t in targets:
+            start, end = self.manifest.rows.get(t, (0, self.size))
+            allowed[start:end] = True
+        extra = None
+        if vector is not None and not params.exhaustive:
+            extra = np.concatenate([self._faiss_rows(vector, params.depth, t)[1] for t in targets])
+            extra = extra[extra >= 0]
+        n_items = len(np.unique(store.row_item[allowed]))
+        fetch = min(n_items, k * 4 if filter else k)
+        while True:
+            found = late_search(store, tokens, fetch, allowed, params, extra)
+            groups = store.rows_of_items(found.items)
+            records = self.items.get([int(r) for r in found.rows])
+            hits = []
+            for i, (row, score) in enumerate(zip(found.rows.tolist(), found.scores.tolist(), strict=True)):
+                item = records[row]
+                if not _matches(item["metadata"], filter):
+                    continue
+                item_rows = groups.rows[groups.bounds[i] : groups.bounds[i + 1]]
+                rows = item_rows[allowed[item_rows]] if params.scope == "all" else np.array([row])
+                modality = "+".join(sorted({self._modality_of(int(r)) for r in rows}))
+                hits.append((Hit(item["id"], score, modality, item["text"], item["metadata"], score), rows))
+                if len(hits) == k:
+                    return hits
+            if fetch >= n_items:
+                return hits
+            fetch = min(n_items, fetch * 4)
+
+    def _explain(self, tokens: np.ndarray, rows: np.ndarray) -> list[TokenMatch]:
+        """Each query token's best match among the tokens of ``rows`` (one row, or an item's rows for scope all)."""
+        best: list[TokenMatch | None] = [None] * len(tokens)
+        for row in rows.tolist():
+            item_tokens = self.tokens.row_tokens(row)
+            if len(item_tokens) == 0:
+                continue
+            index, sim = best_matches(tokens, item_tokens)
+            for i, (j, s) in enumerate(zip(index.tolist(), sim.tolist(), strict=True)):
+                if best[i] is None or s > best[i].similarity:
+                    best[i] = TokenMatch(i, self._modality_of(row), j, len(item_tokens), s)
+        return [m for m in best if m is not None]
+
+    def _modality_of(self, row: int) -> str:
+        for modality, (start, end) in self.manifest.rows.items():
+            if start <= row < end:
+                return modality
+        return self.modalities[0]
+
+    def _vector(self, query: np.ndarray) -> np.ndarray:
         if query.shape != (self.manifest.dim,):
             raise InvalidInput(
                 f"query vector has shape {list(query.shape)}, index {self.name!r} needs [{self.manifest.dim}]"
             )
+        return np.ascontiguousarray(query[None, :], dtype=np.float32)
+
+    def _targets(self, modalities: list[str] | None) -> list[str]:
         targets = sorted(set(modalities or self.modalities))
         unknown = set(targets) - set(self.modalities)
         if unknown:
             raise InvalidInput(f"index {self.name!r} holds no {sorted(unknown)} items; it holds {self.modalities}")
-        q = np.ascontiguousarray(query[None, :], dtype=np.float32)
-        stats = self.manifest.calibration
-        pairs = [f"{query_modality}->{t}" for t in targets]
-        calibrate = len(targets) > 1 and all(p in stats for p in pairs)
-        merged: list[Hit] = []
-        for target, pair in zip(targets, pairs, strict=True):
-            for hit in self._search_modality(q, k, target, filter):
-                if calibrate:
-                    hit.score = (hit.similarity - stats[pair]["mean"]) / max(stats[pair]["std"], 1e-6)
-                merged.append(hit)
-        merged.sort(key=lambda h: -h.score)
-        best, seen = [], set()
-        for hit in merged:
-            if hit.id not in seen:
-                seen.add(hit.id)
-                best.append(hit)
-        return best[:k]
+        return targets
+
+    def _faiss_rows(self, q: np.ndarray, fetch: int, modality: str) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS top ``fetch`` among one modality's rows (an ID range): (scores, rows) [1, fetch]."""
+        start, end = self.manifest.rows.get(modality, (0, self.size))
+        fetch = min(fetch, end - start)
+        if (start, end) == (0, self.size):
+            return self.index.search(q, fetch)
+        params = faiss_backend.range_params(self.index, self.manifest.faiss.get("params", {}), start, end)
+        return self.index.search(q, fetch, params=params)
 
     def _search_modality(self, q: np.ndarray, k: int, modality: str, filter: dict | None) -> list[Hit]:
         """Top k distinct items among one modality's rows (a FAISS ID range), metadata-filtered: over-fetch
         and widen until k survivors are found or the rows are exhausted."""
         start, end = self.manifest.rows.get(modality, (0, self.size))
-        whole = (start, end) == (0, self.size)
         n = end - start
         fetch = min(n, k * 4 if filter else k)
         while True:
-            if whole:
-                scores, rows = self.index.search(q, fetch)
-            else:
-                params = faiss_backend.range_params(self.index, self.manifest.faiss.get("params", {}), start, end)
-                scores, rows = self.index.search(q, fetch, params=params)
+            scores, rows = self._faiss_rows(q, fetch, modality)
             keep = [(int(r), float(s)) for r, s in zip(rows[0], scores[0], strict=True) if r >= 0]
             found = self.items.get([r for r, _ in keep])
             hits, seen = [], set()
@@ -126,6 +252,28 @@ class LoadedIndex:
 
     def close(self) -> None:
         self.items.close()
+
+
+def _merge(per_target: dict[str, list[Hit]], stats: dict, query_modality: str | None, k: int) -> list[Hit]:
+    """One list from each target's hits: an item once, by its best hit. When the targets are several and the
+    query's modality is known, each target's scores are z-normalised with the build-time statistics of that
+    pair (``score``), so that no modality wins by its scale alone; ``similarity`` stays raw."""
+    pairs = {t: f"{query_modality}->{t}" for t in per_target}
+    calibrate = len(per_target) > 1 and all(p in stats for p in pairs.values())
+    merged: list[Hit] = []
+    for target, hits in per_target.items():
+        for hit in hits:
+            if calibrate:
+                pair = stats[pairs[target]]
+                hit.score = (hit.similarity - pair["mean"]) / max(pair["std"], 1e-6)
+            merged.append(hit)
+    merged.sort(key=lambda h: -h.score)
+    best, seen = [], set()
+    for hit in merged:
+        if hit.id not in seen:
+            seen.add(hit.id)
+            best.append(hit)
+    return best[:k]
 
 
 def _matches(metadata: dict, filter: dict | None) -> bool:

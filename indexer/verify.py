@@ -16,7 +16,7 @@ def verify_index(indexes_dir: Path, name: str, version: str | None = None) -> di
     manifest = d.manifest(version)
     path = d.version_dir(manifest.version)
     for rel in manifest.files:
-        if not (path / rel).is_file():
+        if not (path / rel).exists():
             raise BundleError(f"index {name} version {manifest.version} lacks {rel}")
     index = faiss_backend.read(path / DENSE)
     faiss_backend.apply_params(index, manifest.faiss.get("params", {}))

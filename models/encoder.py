@@ -84,6 +84,10 @@ class Encoder:
     def encode_text_tokens(self, texts: list[str], batch_size: int = 32) -> TokenOutput:
         return self._encode_texts(texts, batch_size, with_tokens=True)
 
+    def text_token_strings(self, text: str) -> list[str]:
+        """The strings of the tokens ``encode_text_tokens`` returns vectors for, one per vector."""
+        return self._preprocessor("text").token_strings(text)
+
     def count_tokens(self, texts: list[str]) -> list[int]:
         return self._preprocessor("text").lengths(texts)
 

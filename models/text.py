@@ -23,6 +23,11 @@ class TextPreprocessor:
     def from_config(cls, bundle_dir: Path, config: TextPreprocessing) -> TextPreprocessor:
         return cls(bundle_dir / config.tokenizer, config.max_length, config.pad_to_max_length, config.pad_id)
 
+    def token_strings(self, text: str) -> list[str]:
+        """The text's real tokens as the tokenizer spells them (``[CLS]``, word pieces, ...), in model order."""
+        enc = self.tokenizer.encode(text)
+        return [t for t, m in zip(enc.tokens, enc.attention_mask, strict=True) if m]
+
     def lengths(self, texts: list[str]) -> list[int]:
         return [len(e.ids) for e in self.tokenizer.encode_batch(texts)]
 

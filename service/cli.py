@@ -242,17 +242,35 @@ def index_build(
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, max=1024)] = 32,
     publish: Annotated[bool, typer.Option("--publish/--no-publish", help="make it the served version")] = True,
+    late: Annotated[
+        bool, typer.Option("--late/--no-late", help="also store every item's token vectors, for `mode: late` search")
+    ] = False,
+    token_storage: Annotated[
+        str, typer.Option(help="with --late: fp16 (exact) or residual (centroid + 2/4-bit residual codes, ~1/8 size)")
+    ] = "fp16",
+    nbits: Annotated[int, typer.Option(help="with --token-storage residual: bits per coordinate (1, 2, 4 or 8)")] = 2,
+    pool_factor: Annotated[
+        int, typer.Option(min=1, max=16, help="with --late: merge similar tokens of an item, this many into one")
+    ] = 1,
 ) -> None:
-    """Encode a JSONL corpus and write a new index version, published atomically.
+    """Encode a JSONL corpus and write a new index version, published atomically. With --late, the token store
+    too, and the recall its storage and fast path cost is measured against exhaustive MaxSim.
 
     Example: xmodal index build --name docs --corpus docs.jsonl
+
+    Example: xmodal index build --name photos --corpus photos.jsonl --late --token-storage residual
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from indexer.build import build_index
+    from indexer.build import LateBuild, build_index
     from indexer.corpus import read_corpus
+    from indexer.tokens import STORAGES
     from models.encoder import Encoder
 
+    if token_storage not in STORAGES:
+        raise InvalidInput(f"--token-storage must be one of {list(STORAGES)}, not {token_storage!r}")
+    if not late and (token_storage != "fp16" or pool_factor != 1):
+        raise InvalidInput("--token-storage and --pool-factor shape the token store: add --late")
     s = _settings(model=model)
     items = read_corpus(corpus)
     encoder = Encoder(s.model_dir, device=s.device, threads=s.threads)
@@ -270,6 +288,7 @@ def index_build(
             publish=publish,
             use_gpu=s.device != "cpu",
             progress=lambda done, total: bar.update(task, completed=done, total=total),
+            late=LateBuild(storage=token_storage, nbits=nbits, pool_factor=pool_factor) if late else None,
         )
     m = result.manifest
     counts = ", ".join(f"{n} {modality}" for modality, n in m.counts.items())
@@ -278,6 +297,16 @@ def index_build(
         f"vectors/s, FAISS {m.faiss['key']}, recall@10 {m.recall_at_10['value']:.3f}"
         + ("" if publish else f" (not published: `xmodal index publish {name} {m.version}`)")
     )
+    if m.tokens:
+        t = m.tokens
+        storage = (
+            "" if t["storage_recall_at_10"] is None else f", storage recall@10 {t['storage_recall_at_10']['value']:.3f}"
+        )
+        console.print(
+            f"late: {t['tokens']} tokens, {t['bytes_per_token']} bytes/token ({t['storage']}, pool factor "
+            f"{t['pool_factor']}), fast-path recall@10 {t['engine_recall_at_10']['value']:.3f} vs exhaustive MaxSim"
+            + storage
+        )
     if publish:
         _announce(s, name, m.version)
     if m.build["failed"]:
@@ -378,7 +407,8 @@ def demo(
     serve_it: Annotated[bool, typer.Option("--serve/--no-serve", help="start the service at the end")] = True,
 ) -> None:
     """The whole path in one command: prepare the default model (xmodal-mini), generate the demo corpus (pictures
-    of shapes, synthetic sounds, their captions) under <data>/corpora/demo, build the demo index, serve it.
+    of shapes, synthetic sounds, their captions) under <data>/corpora/demo, build the demo index (dense and late
+    interaction), serve it.
 
     Example: xmodal demo --port 8000
     """
@@ -394,19 +424,35 @@ def demo(
         corpus = write_media_demo(s.data_dir / "corpora" / "demo")
     d = IndexDir(s.indexes_dir, "demo")
     current = d.manifest() if d.exists() else None
-    # Rebuild when the corpus or the model changed; a re-exported model gets a new fingerprint.
+    # Rebuild when the corpus or the model changed (a re-exported model gets a new fingerprint), or the index
+    # predates late interaction.
     if (
         current
         and current.build.get("corpus_sha256") == sha256_file(corpus)
         and current.model["fingerprint"] == fingerprint
+        and current.tokens is not None
     ):
         console.print(f"demo index up to date (version {current.version})")
     else:
-        index_build(name="demo", corpus=corpus, model=s.model, faiss_key=None, batch_size=32, publish=True)
+        index_build(
+            name="demo",
+            corpus=corpus,
+            model=s.model,
+            faiss_key=None,
+            batch_size=32,
+            publish=True,
+            late=True,
+            token_storage="fp16",
+            nbits=2,
+            pool_factor=1,
+        )
     base = f"http://{s.host}:{s.port}"
     example = (
         f"\n\nTry:\n  curl -s {base}/v1/search -H 'content-type: application/json' "
         '-d \'{"index": "demo", "query": {"text": "two red circles"}, "modalities": ["image"], "k": 3}\'\n'
+        f"  curl -s {base}/v1/search -H 'content-type: application/json' "
+        '-d \'{"index": "demo", "query": {"text": "two red circles"}, "modalities": ["image"], "k": 3, '
+        '"mode": "late", "late": {"explain": true}}\'\n'
         f"  curl -s {base}/v1/search/file -F index=demo -F modalities=text -F k=3 "
         f"-F file=@{corpus.parent / 'sounds' / 'snd-00000.flac'}\n"
     )

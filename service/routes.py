@@ -20,9 +20,11 @@ from starlette.concurrency import run_in_threadpool
 
 from indexer.corpus import AUDIO_SUFFIXES
 from indexer.layout import IndexDir
+from indexer.search import Hit, LateRequest, LoadedIndex
 from models.errors import InvalidInput
 from service.cache import result_key
-from service.schemas import ErrorResponse, Result, SearchRequest, SearchResponse
+from service.explain import describe
+from service.schemas import ErrorResponse, LateOptions, Result, SearchRequest, SearchResponse, TokenMatch
 from service.state import ServiceState, get_state, now_ms
 
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 413, 415, 422, 429, 503)}
@@ -39,7 +41,9 @@ async def search(req: SearchRequest, state: ServiceState = Depends(get_state)) -
         raise InvalidInput(f"k must be between 1 and {settings.max_k}, not {req.k}")
     index = state.index(req.index)
     if req.mode == "late":
-        raise InvalidInput(f"index {req.index!r} has no token store, so `mode: late` is not available; use dense")
+        index.require_tokens()  # before any encoding
+        if req.query.embedding is not None:
+            raise InvalidInput("`mode: late` needs a text, image or audio query: a raw embedding has no token vectors")
     encoder = state.require_encoder()
     async with state.admit():
         key = result_key(index.name, index.version, req.model_dump(mode="json"))
@@ -48,6 +52,8 @@ async def search(req: SearchRequest, state: ServiceState = Depends(get_state)) -
         state.metrics.cache.labels("result", "hit" if cached else "miss").inc()
         if cached:
             results = [Result(**r) for r in json.loads(raw)]
+        elif req.mode == "late":
+            results = await late_results(req, index, state)
         else:
             if req.query.text is not None:
                 vec = await state.text_vector(req.query.text)
@@ -58,18 +64,9 @@ async def search(req: SearchRequest, state: ServiceState = Depends(get_state)) -
             else:
                 vec = state.given_vector(req.query.embedding or [])
             hits = await run_in_threadpool(index.search, vec, req.k, req.modalities, req.filter, req.query.modality)
-            results = [
-                Result(
-                    id=h.id,
-                    score=h.score,
-                    similarity=h.similarity,
-                    modality=h.modality,
-                    text=h.text,
-                    metadata=h.metadata,
-                )
-                for h in hits
-            ]
-            payload = json.dumps([r.model_dump() for r in results]).encode()
+            results = [result(h) for h in hits]
+        if not cached:
+            payload = json.dumps([r.model_dump(exclude_none=True) for r in results]).encode()
             await state.cache.set(key, payload, settings.result_ttl_s)
     took = now_ms(t0)
     state.metrics.search_seconds.labels(str(cached).lower()).observe(took / 1000)
@@ -81,6 +78,33 @@ async def search(req: SearchRequest, state: ServiceState = Depends(get_state)) -
         mode=req.mode,
         cached=cached,
         took_ms=took,
+    )
+
+
+async def late_results(req: SearchRequest, index: LoadedIndex, state: ServiceState) -> list[Result]:
+    """Late interaction: the query's token vectors, MaxSim over the token store, explained on request."""
+    if req.query.text is not None:
+        out = await state.text_tokens(req.query.text)
+    else:
+        modality = "image" if req.query.image is not None else "audio"
+        out = await state.media_tokens(modality, decode_base64(getattr(req.query, modality), f"query.{modality}"))
+    options = req.late or LateOptions()
+    query = LateRequest(out.tokens[0], out.embedding[0], options.params(), explain=options.explain)
+    hits = await run_in_threadpool(index.search_late, query, req.k, req.modalities, req.filter, req.query.modality)
+    encoder = state.require_encoder()
+    pooled = (index.manifest.tokens or {}).get("pool_factor", 1) > 1
+    return [result(h, describe(h, encoder, req.query.text, pooled) if options.explain else None) for h in hits]
+
+
+def result(hit: Hit, matches: list[TokenMatch] | None = None) -> Result:
+    return Result(
+        id=hit.id,
+        score=hit.score,
+        similarity=hit.similarity,
+        modality=hit.modality,
+        text=hit.text,
+        metadata=hit.metadata,
+        matches=matches,
     )
 
 

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from indexer.layout import IndexDir, list_indexes
 from indexer.search import LoadedIndex
-from models.encoder import Encoder
+from models.encoder import Encoder, TokenOutput
 from models.errors import IndexNotFound, InvalidInput, XmodalError
 from service.cache import Cache, CircuitBreaker, LocalCache, RedisCache, embedding_key
 from service.errors import NotReady, Overloaded
@@ -155,10 +155,13 @@ class ServiceState:
             self._inflight -= 1
             self.metrics.inflight.dec()
 
-    async def text_vector(self, text: str) -> np.ndarray:
-        encoder = self.require_encoder()
+    def _check_text(self, text: str) -> None:
         if len(text) > self.settings.max_text_chars:
             raise InvalidInput(f"query.text is {len(text)} characters; the limit is {self.settings.max_text_chars}")
+
+    async def text_vector(self, text: str) -> np.ndarray:
+        encoder = self.require_encoder()
+        self._check_text(text)
         return await self._cached_vector("text", text.encode(), lambda: encoder.encode_text([text])[0])
 
     async def media_vector(self, modality: str, data: bytes) -> np.ndarray:
@@ -180,6 +183,36 @@ class ServiceState:
         vec = await run_in_threadpool(encode)
         await self.cache.set(key, vec.astype(np.float32).tobytes(), self.settings.embedding_ttl_s)
         return vec
+
+    async def text_tokens(self, text: str) -> TokenOutput:
+        """One text's pooled vector and token vectors, for late interaction."""
+        encoder = self.require_encoder()
+        self._check_text(text)
+        return await self._cached_tokens("text", text.encode(), lambda: encoder.encode_text_tokens([text]))
+
+    async def media_tokens(self, modality: str, data: bytes) -> TokenOutput:
+        encoder = self.require_encoder()
+        return await self._cached_tokens(
+            modality, data, lambda: encoder.encode_media_tokens(modality, [encoder.decode(modality, data)])
+        )
+
+    async def _cached_tokens(self, modality: str, content: bytes, encode: Callable[[], TokenOutput]) -> TokenOutput:
+        """Through the embedding cache, stored as float32 [1 + n, D]: the pooled vector, then the tokens."""
+        encoder = self.require_encoder()
+        key = embedding_key(encoder.fingerprint, f"{modality}+tokens", content)
+        raw = await self.cache.get(key)
+        row = encoder.dim * 4
+        if raw is not None and len(raw) > row and len(raw) % row == 0:
+            self.metrics.cache.labels("embedding", "hit").inc()
+            both = np.frombuffer(raw, dtype=np.float32).reshape(-1, encoder.dim)
+            return TokenOutput(both[:1], [both[1:]])
+        self.metrics.cache.labels("embedding", "miss").inc()
+        out = await run_in_threadpool(encode)
+        if len(out.tokens[0]) == 0:
+            raise InvalidInput(f"the {modality} query has no tokens to match")
+        both = np.concatenate([out.embedding[:1], out.tokens[0]]).astype(np.float32)
+        await self.cache.set(key, both.tobytes(), self.settings.embedding_ttl_s)
+        return out
 
     def given_vector(self, values: list[float]) -> np.ndarray:
         encoder = self.require_encoder()

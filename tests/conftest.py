@@ -64,6 +64,34 @@ def served_data(
     return data
 
 
+@pytest.fixture(scope="session")
+def media_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tri-modal demo corpus, small: 120 pictures and 120 sounds, each with a caption."""
+    from indexer.demo import write_media_demo
+
+    return write_media_demo(tmp_path_factory.mktemp("media"), n_scenes=120, n_sounds=120)
+
+
+@pytest.fixture(scope="session")
+def late_data(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, encoder: Encoder, media_corpus: Path) -> Path:
+    """A data folder holding the model bundle and a published `media` index with a token store (fp16)."""
+    from indexer.build import LateBuild
+    from indexer.corpus import read_corpus
+
+    data = tmp_path_factory.mktemp("late-data")
+    shutil.copytree(models_dir, data / "models")
+    build_index(
+        indexes_dir=data / "indexes",
+        name="media",
+        items=read_corpus(media_corpus),
+        encoder=encoder,
+        corpus_path=media_corpus,
+        use_gpu=False,
+        late=LateBuild(),
+    )
+    return data
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

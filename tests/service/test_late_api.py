@@ -1,0 +1,82 @@
+"""`mode: late` through the real app: a tri-modal index with a token store, text and media queries, explain."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def client(late_data: Path):
+    with TestClient(create_app(Settings(data_dir=late_data, reload_interval_s=0))) as c:
+        yield c
+
+
+def search(client: TestClient, **body):
+    return client.post("/v1/search", json={"index": "media", **body})
+
+
+def test_late_text_query_ranks_pictures_and_explains_words(client: TestClient) -> None:
+    body = {"query": {"text": "two red circles"}, "modalities": ["image"], "k": 5, "mode": "late"}
+    r = search(client, **body, late={"explain": True})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["mode"] == "late" and len(out["results"]) == 5
+    top = out["results"][0]
+    assert top["modality"] == "image" and "red" in top["metadata"]["shows"]
+    words = [m["query_text"] for m in top["matches"]]
+    assert words[0] == "[CLS]" and "red" in words and "circles" in words
+    assert all(m["modality"] == "image" and m["where"].startswith("patch row") for m in top["matches"])
+    assert sum(m["similarity"] for m in top["matches"]) / len(words) == pytest.approx(top["similarity"], abs=1e-4)
+    # without explain: no matches; the same request again comes from the result cache
+    plain = search(client, **body)
+    assert plain.json()["results"][0].get("matches") is None
+    assert [x["id"] for x in plain.json()["results"]] == [x["id"] for x in out["results"]]
+    assert search(client, **body).json()["cached"] is True
+
+
+def test_late_audio_query_and_text_item_words(client: TestClient, media_corpus: Path) -> None:
+    sound = base64.b64encode((media_corpus.parent / "sounds" / "snd-00003.flac").read_bytes()).decode()
+    r = search(client, query={"audio": sound}, mode="late", k=3, modalities=["audio"])
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["id"] == "snd-00003"  # a sound finds itself by its frames
+    r = search(
+        client,
+        query={"text": "a fast beeping sound"},
+        mode="late",
+        k=3,
+        modalities=["text"],
+        late={"explain": True, "scope": "all", "depth": 16, "nprobe": 4},
+    )
+    assert r.status_code == 200, r.text
+    top = r.json()["results"][0]
+    assert top["modality"] == "text" and all(m["where"].startswith("word ") for m in top["matches"])
+
+
+def test_mixed_modalities_are_calibrated(client: TestClient) -> None:
+    r = search(client, query={"text": "a low hum"}, mode="late", k=10, modalities=["image", "audio"])
+    results = r.json()["results"]
+    assert {x["modality"] for x in results} <= {"image", "audio"}
+    assert all(x["score"] != x["similarity"] for x in results)  # z-scores, not raw MaxSim
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        ({"query": {"embedding": [0.1] * 384}, "mode": "late"}, 400, "raw embedding has no token vectors"),
+        ({"query": {"text": "a"}, "late": {"depth": 8}}, 422, "apply to `mode: late` only"),
+        ({"query": {"text": "a"}, "mode": "late", "late": {"depth": 0}}, 422, "greater than or equal to 1"),
+        ({"query": {"text": "a"}, "mode": "late", "late": {"scope": "every"}}, 422, "modality"),
+        ({"query": {"text": "a"}, "mode": "late", "late": {"unknown": 1}}, 422, "Extra inputs"),
+    ],
+)
+def test_bad_late_requests(client: TestClient, body: dict, status: int, fragment: str) -> None:
+    r = search(client, **body)
+    assert r.status_code == status, r.text
+    assert fragment in r.text
