@@ -231,6 +231,7 @@ async def list_served(state: ServiceState = Depends(get_state)) -> dict:
                 "modalities": idx.modalities,
                 "model": idx.manifest.model["name"],
                 "faiss": idx.manifest.faiss["key"],
+                "late": idx.tokens is not None,
             }
             for name, idx in sorted(state.indexes.items())
         ],

@@ -61,6 +61,17 @@ def test_cli_build_info_verify_and_errors(data: Path, tmp_path: Path) -> None:
     assert staged.returncode == 0 and "not published" in staged.stderr
     assert json.loads(cli(data, "index", "info", "aero").stdout)["version"] == info["version"]
 
+    late = cli(
+        data, "index", "build", "--name", "aero", "--corpus", str(corpus), "--late", "--token-storage", "residual"
+    )
+    assert late.returncode == 0, late.stderr
+    assert "fast-path recall@10" in " ".join(late.stderr.split()) and "residual" in late.stderr
+    tokens = json.loads(cli(data, "index", "info", "aero").stdout)["tokens"]
+    assert tokens["storage"] == "residual" and tokens["nbits"] == 2 and tokens["rows"] == 4
+    assert json.loads(cli(data, "index", "verify", "aero").stdout)["ok"] is True
+    no_late = cli(data, "index", "build", "--name", "aero", "--corpus", str(corpus), "--pool-factor", "2")
+    assert no_late.returncode == 2 and "add --late" in no_late.stderr
+
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": 1, "text": "fine"}\n{"id": 2}\n')
     failed = cli(data, "index", "build", "--name", "aero2", "--corpus", str(bad))
@@ -105,6 +116,9 @@ def test_demo_builds_once_then_is_up_to_date(data: Path) -> None:
     said = " ".join(first.stderr.split())  # rich wraps long lines
     assert "already ready" in said and "demo version" in said and "3000 items" in said
     assert "1500 image, 1500 audio" in said
+    assert "late: " in said and "bytes/token (fp16, pool factor 1)" in said  # the demo serves mode late too
+    recall = float(said.split("fast-path recall@10 ")[1].split()[0])
+    assert recall >= 0.95, said
     corpus = data / "corpora" / "demo" / "corpus.jsonl"
     assert corpus.is_file() and len(list((corpus.parent / "sounds").glob("*.flac"))) == 1500
     again = cli(data, "demo", "--no-serve")

@@ -136,7 +136,7 @@ def test_unknown_route_and_method_use_the_error_shape(client: TestClient) -> Non
 
 def test_indexes_health_ready_metrics(client: TestClient) -> None:
     listing = client.get("/v1/indexes").json()["indexes"]
-    assert [(i["name"], i["items"], i["modalities"]) for i in listing] == [("demo", 800, ["text"])]
+    assert [(i["name"], i["items"], i["modalities"], i["late"]) for i in listing] == [("demo", 800, ["text"], False)]
     info = client.get("/v1/indexes/demo").json()
     assert info["manifest"]["counts"] == {"text": 800} and info["version"] in info["versions"]
     assert client.get("/v1/indexes/absent").status_code == 404

@@ -59,6 +59,10 @@ def test_late_audio_query_and_text_item_words(client: TestClient, media_corpus: 
     assert top["modality"] == "text" and all(m["where"].startswith("word ") for m in top["matches"])
 
 
+def test_listing_says_which_indexes_serve_late(client: TestClient) -> None:
+    assert [(i["name"], i["late"]) for i in client.get("/v1/indexes").json()["indexes"]] == [("media", True)]
+
+
 def test_mixed_modalities_are_calibrated(client: TestClient) -> None:
     r = search(client, query={"text": "a low hum"}, mode="late", k=10, modalities=["image", "audio"])
     results = r.json()["results"]
