@@ -77,6 +77,7 @@ class LoadedIndex:
         self.items = ItemStore(path / ITEMS)
         self.modalities = sorted(m for m, n in self.manifest.counts.items() if n > 0)
         self.tokens = TokenStore(path / TOKENS) if self.manifest.tokens else None
+        self._allowed: dict[tuple[str, ...], tuple[np.ndarray, int]] = {}
 
     @property
     def size(self) -> int:
@@ -156,15 +157,11 @@ class LoadedIndex:
         """Top k distinct items among the rows of ``targets``, scored as one group, metadata-filtered (widening
         the search until k survive or every item was seen); each with the rows it was scored on."""
         store = self.tokens
-        allowed = np.zeros(self.size, dtype=bool)
-        for t in targets:
-            start, end = self.manifest.rows.get(t, (0, self.size))
-            allowed[start:end] = True
+        allowed, n_items = self._allowed_rows(tuple(targets))
         extra = None
         if vector is not None and not params.exhaustive:
             extra = np.concatenate([self._faiss_rows(vector, params.depth, t)[1] for t in targets])
             extra = extra[extra >= 0]
-        n_items = len(np.unique(store.row_item[allowed]))
         fetch = min(n_items, k * 4 if filter else k)
         while True:
             found = late_search(store, tokens, fetch, allowed, params, extra)
@@ -184,6 +181,18 @@ class LoadedIndex:
             if fetch >= n_items:
                 return hits
             fetch = min(n_items, fetch * 4)
+
+    def _allowed_rows(self, targets: tuple[str, ...]) -> tuple[np.ndarray, int]:
+        """The rows of the target modalities (bool [R], read-only) and how many items they hold; kept per
+        target set (a handful per index)."""
+        if targets not in self._allowed:
+            allowed = np.zeros(self.size, dtype=bool)
+            for t in targets:
+                start, end = self.manifest.rows.get(t, (0, self.size))
+                allowed[start:end] = True
+            allowed.flags.writeable = False
+            self._allowed[targets] = allowed, len(np.unique(self.require_tokens().row_item[allowed]))
+        return self._allowed[targets]
 
     def _explain(self, tokens: np.ndarray, rows: np.ndarray) -> list[TokenMatch]:
         """Each query token's best match among the tokens of ``rows`` (one row, or an item's rows for scope all)."""
