@@ -59,6 +59,24 @@ def test_late_audio_query_and_text_item_words(client: TestClient, media_corpus: 
     assert top["modality"] == "text" and all(m["where"].startswith("word ") for m in top["matches"])
 
 
+def embedding_hits(client: TestClient) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith('xmodal_cache_lookups_total{kind="embedding",outcome="hit"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_query_tokens_are_cached_apart_from_vectors(client: TestClient) -> None:
+    text = {"text": "four yellow triangles"}
+    first = search(client, query=text, mode="late", k=3).json()
+    before = embedding_hits(client)
+    again = search(client, query=text, mode="late", k=4).json()  # another result key, the same query tokens
+    assert embedding_hits(client) == before + 1 and again["cached"] is False
+    assert [r["id"] for r in again["results"][:3]] == [r["id"] for r in first["results"]]
+    search(client, query=text, k=3)  # dense: a pooled vector, not the token entry
+    assert embedding_hits(client) == before + 1
+
+
 def test_listing_says_which_indexes_serve_late(client: TestClient) -> None:
     assert [(i["name"], i["late"]) for i in client.get("/v1/indexes").json()["indexes"]] == [("media", True)]
 
