@@ -7,9 +7,10 @@ says what each file is:
   through one modality (as in the dense index), so every token of a row has that row's modality: the modality
   of a token is its row's (``manifest.rows`` gives each modality's row range).
 - ``row_item.npy`` int32 [R]: the item each row belongs to (rows of one item across modalities share it).
-- ``vectors.npy`` float16 [T, D] (storage ``fp16``), or ``residuals.npy`` uint8 [T, D*nbits/8] plus
-  ``buckets.npy`` float32 [D, 2^nbits] (storage ``residual``: token ≈ normalise(centroid + residual), each
-  residual coordinate one of 2^nbits per-dimension bucket values, ColBERTv2-style).
+- ``vectors.npy`` float16 [T, D] (storage ``fp16``), or ``residuals.npy`` uint8 [T, D*nbits/8] (storage
+  ``residual``: token ≈ normalise(centroid + residual), the residual in nbits bits a dimension on average, as
+  ColBERTv2's; transform-coded, see ``ResidualCodec``) with ``rotation.npy``, ``bits.npy``, ``levels.npy`` and
+  ``cutoffs.npy``. Stores written before transform coding have ``buckets.npy`` instead and still read.
 - ``centroids.npy`` float32 [K, D] (spherical k-means of the tokens), ``codes.npy`` uint16 [T] (each token's
   centroid), ``ivf_offsets.npy`` int64 [K+1] and ``ivf_rows.npy`` int32: the rows having a token in each
   centroid, for PLAID-like candidate generation.
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from indexer.faiss_backend import import_faiss
-from indexer.late import Segments, ranges_to_indices
+from indexer.late import Segments, Similarity, gathered_product, ranges_to_indices, residual_kernel
 from models.errors import BundleError, InvalidInput
 from models.files import read_json
 
@@ -91,66 +92,215 @@ def assign(vectors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return codes
 
 
+# Bits a rotated residual coordinate may get: whole bytes then hold 8, 4, 2 or 1 of them.
+LEVEL_BITS = (0, 1, 2, 4, 8)
+LLOYD_ITERATIONS = 12
+
+
 @dataclass
-class ResidualCodec:
-    """Each coordinate of a residual (token - its centroid) as one of 2^nbits values per dimension: bucket
-    edges at the quantiles of a sample, bucket values at the mean of the sample in each bucket."""
+class Segment:
+    """Consecutive rotated coordinates with the same bit width, packed 8 // bits to a byte."""
 
-    nbits: int
-    cutoffs: np.ndarray  # [D, 2^nbits - 1]
-    buckets: np.ndarray  # [D, 2^nbits]
-
-    @classmethod
-    def fit(cls, residuals: np.ndarray, nbits: int) -> ResidualCodec:
-        if nbits not in (1, 2, 4, 8):
-            raise InvalidInput(f"residual compression takes 1, 2, 4 or 8 bits per coordinate, not {nbits}")
-        levels = 1 << nbits
-        r = np.asarray(residuals, dtype=np.float32)
-        cutoffs = np.quantile(r, np.arange(1, levels) / levels, axis=0).T.astype(np.float32)  # [D, levels-1]
-        codes = _bucketise(r, cutoffs)
-        buckets = np.zeros((r.shape[1], levels), dtype=np.float64)
-        counts = np.zeros_like(buckets)
-        dims = np.broadcast_to(np.arange(r.shape[1]), r.shape)
-        np.add.at(buckets, (dims, codes), r)
-        np.add.at(counts, (dims, codes), 1)
-        mids = np.concatenate([cutoffs[:, :1], (cutoffs[:, 1:] + cutoffs[:, :-1]) / 2, cutoffs[:, -1:]], axis=1)
-        buckets = np.where(counts > 0, buckets / np.maximum(counts, 1), mids)  # an empty bucket: its edges' middle
-        return cls(nbits, cutoffs, buckets.astype(np.float32))
+    dim_start: int
+    dims: int
+    bits: int
+    byte_start: int
 
     @property
     def per_byte(self) -> int:
-        return 8 // self.nbits
+        return 8 // self.bits
+
+    @property
+    def n_bytes(self) -> int:
+        return self.dims // self.per_byte
+
+
+@dataclass
+class ResidualCodec:
+    """Residuals (token - its centroid) in ``nbits`` bits per dimension on average: ``dim * nbits / 8`` bytes a
+    token, what ColBERTv2's nbits residuals take. Transform coding: the residual is rotated onto the principal
+    directions of a sample of residuals (``z = r @ rotation.T``) and the bits go where they lower the squared
+    error most (``allocate_bits``: 0, 1, 2, 4 or 8 bits a coordinate; token vectors are far from isotropic, so
+    a few directions get 8 bits and a flat tail none), each coded coordinate quantised by its own Lloyd-Max
+    quantiser (``lloyd_max``). Coordinates are ordered by decreasing width, so equal widths pack into bytes.
+
+    Without rotation (``rotation`` None: stores written before transform coding) every coordinate has ``nbits``
+    bits: ColBERTv2's scheme (its buckets at quantiles)."""
+
+    nbits: int
+    bits: np.ndarray  # [D] int, non-increasing
+    cutoffs: np.ndarray  # [D, 255] float32: the first 2^bits - 1 are used
+    values: np.ndarray  # [D, 256] float32: the first 2^bits are used
+    rotation: np.ndarray | None = None  # [D, D] float32, orthonormal rows
+
+    @classmethod
+    def fit(cls, residuals: np.ndarray, nbits: int, rotate: bool = True) -> ResidualCodec:
+        if nbits not in (1, 2, 4, 8):
+            raise InvalidInput(f"residual compression takes 1, 2, 4 or 8 bits per coordinate, not {nbits}")
+        r = np.asarray(residuals, dtype=np.float32)
+        dim = r.shape[1]
+        if not rotate:
+            bits = np.full(dim, nbits, dtype=np.int64)
+            fits = {(i, nbits): lloyd_max(r[:, i], 1 << nbits) for i in range(dim)}
+            return cls._assemble(nbits, bits, fits, None)
+        second = (r.T.astype(np.float64) @ r) / max(len(r), 1)
+        _, vecs = np.linalg.eigh(second)  # ascending
+        rotation = np.ascontiguousarray(vecs[:, ::-1].T, dtype=np.float32)
+        z = r @ rotation.T
+        # The squared error of each coordinate at each width, measured with its fitted quantiser on the sample
+        # (real residual coordinates are far from Gaussian: a formula would misjudge the wide widths).
+        errors = np.zeros((dim, len(LEVEL_BITS)))
+        errors[:, 0] = (z.astype(np.float64) ** 2).mean(axis=0)  # no bits: the coordinate decodes to 0
+        floor = 1e-9 * max(errors[:, 0].sum(), 1e-30)
+        fits: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        for i in range(dim):
+            if errors[i, 0] <= floor:  # nothing to code here: any width keeps the error it has
+                errors[i, 1:] = errors[i, 0]
+                continue
+            col = z[:, i]
+            for j, b in enumerate(LEVEL_BITS[1:], start=1):
+                edges, means = fits[i, b] = lloyd_max(col, 1 << b)
+                errors[i, j] = float(np.mean((col - means[np.searchsorted(edges, col)]) ** 2))
+        bits = allocate_bits(errors, dim * nbits)
+        order = np.argsort(-bits, kind="stable")  # rotated coordinates reordered: widths non-increasing
+        bits = bits[order]
+        fits = {(k, int(bits[k])): fits.get((int(i), int(bits[k]))) for k, i in enumerate(order) if bits[k]}
+        for (k, b), fit in list(fits.items()):
+            if fit is None:
+                fits[k, b] = lloyd_max(z[:, order[k]], 1 << b)
+        return cls._assemble(nbits, bits, fits, np.ascontiguousarray(rotation[order]))
+
+    @classmethod
+    def _assemble(cls, nbits: int, bits: np.ndarray, fits: dict, rotation: np.ndarray | None) -> ResidualCodec:
+        dim = len(bits)
+        cutoffs = np.zeros((dim, 255), dtype=np.float32)
+        values = np.zeros((dim, 256), dtype=np.float32)
+        for (i, _b), (edges, means) in fits.items():
+            cutoffs[i, : len(edges)] = edges
+            values[i, : len(means)] = means
+        return cls(nbits, bits, cutoffs, values, rotation)
+
+    @classmethod
+    def from_buckets(cls, buckets: np.ndarray, nbits: int) -> ResidualCodec:
+        """The decoder of a store written without rotation (``buckets.npy`` [D, 2^nbits])."""
+        dim, levels = buckets.shape
+        values = np.zeros((dim, 256), dtype=np.float32)
+        values[:, :levels] = buckets
+        return cls(nbits, np.full(dim, nbits, dtype=np.int64), np.zeros((dim, 255), np.float32), values, None)
+
+    @property
+    def dim(self) -> int:
+        return len(self.bits)
+
+    @property
+    def n_bytes(self) -> int:
+        return self.dim * self.nbits // 8
+
+    def segments(self) -> list[Segment]:
+        out, start, byte = [], 0, 0
+        for b in sorted({int(b) for b in self.bits if b}, reverse=True):
+            count = int(np.sum(self.bits == b))
+            out.append(Segment(start, count, b, byte))
+            start, byte = start + count, byte + out[-1].n_bytes
+        return out
+
+    def rotate(self, r: np.ndarray) -> np.ndarray:
+        r = np.asarray(r, dtype=np.float32)
+        return r if self.rotation is None else r @ self.rotation.T
 
     def encode(self, residuals: np.ndarray) -> np.ndarray:
-        codes = _bucketise(np.asarray(residuals, dtype=np.float32), self.cutoffs).astype(np.uint8)
-        n, d = codes.shape
-        groups = codes.reshape(n, d // self.per_byte, self.per_byte)
-        shifts = (np.arange(self.per_byte) * self.nbits).astype(np.uint8)
-        return np.bitwise_or.reduce(groups << shifts, axis=2).astype(np.uint8)
+        z = self.rotate(residuals)
+        packed = np.zeros((len(z), self.n_bytes), dtype=np.uint8)
+        for seg in self.segments():
+            dims = range(seg.dim_start, seg.dim_start + seg.dims)
+            levels = (1 << seg.bits) - 1
+            codes = np.empty((len(z), seg.dims), dtype=np.uint8)
+            for j, i in enumerate(dims):
+                codes[:, j] = np.searchsorted(self.cutoffs[i, :levels], z[:, i], side="left")
+            groups = codes.reshape(len(z), seg.n_bytes, seg.per_byte)
+            shifts = (np.arange(seg.per_byte) * seg.bits).astype(np.uint8)
+            packed[:, seg.byte_start : seg.byte_start + seg.n_bytes] = np.bitwise_or.reduce(groups << shifts, axis=2)
+        return packed
 
-    def decode_table(self) -> np.ndarray:
-        """[D / per_byte, 256, per_byte] float32: the residual coordinates each byte value stands for, at each
-        byte position; decoding is one gather."""
-        d = self.buckets.shape[0]
+    def decode_tables(self) -> list[tuple[Segment, np.ndarray]]:
+        """Per segment, [n_bytes, 256, per_byte] float32: the rotated coordinates each byte value stands for at
+        each of its byte positions; decoding is one gather per segment."""
         values = np.arange(256, dtype=np.int64)
-        mask = (1 << self.nbits) - 1
-        table = np.empty((d // self.per_byte, 256, self.per_byte), dtype=np.float32)
-        for j in range(self.per_byte):
-            level = (values >> (j * self.nbits)) & mask  # [256]
-            table[:, :, j] = self.buckets[np.arange(j, d, self.per_byte)][:, level]
-        return table
+        out = []
+        for seg in self.segments():
+            mask = (1 << seg.bits) - 1
+            table = np.empty((seg.n_bytes, 256, seg.per_byte), dtype=np.float32)
+            dims = np.arange(seg.dim_start, seg.dim_start + seg.dims)
+            for j in range(seg.per_byte):
+                level = (values >> (j * seg.bits)) & mask
+                table[:, :, j] = self.values[dims[j :: seg.per_byte]][:, level]
+            out.append((seg, table))
+        return out
+
+    def decode(self, packed: np.ndarray, tables: list[tuple[Segment, np.ndarray]] | None = None) -> np.ndarray:
+        """Residuals [n, D] float32 (back in the original coordinates) from packed codes."""
+        packed = np.asarray(packed)
+        z = np.zeros((len(packed), self.dim), dtype=np.float32)
+        for seg, table in tables or self.decode_tables():
+            part = packed[:, seg.byte_start : seg.byte_start + seg.n_bytes].astype(np.intp)
+            z[:, seg.dim_start : seg.dim_start + seg.dims] = table[np.arange(seg.n_bytes)[None, :], part].reshape(
+                len(packed), seg.dims
+            )
+        return z if self.rotation is None else z @ self.rotation
 
 
-def _bucketise(r: np.ndarray, cutoffs: np.ndarray) -> np.ndarray:
-    out = np.zeros(r.shape, dtype=np.int64)
-    for j in range(cutoffs.shape[1]):
-        out += r > cutoffs[:, j]
-    return out
+def lloyd_max(sample: np.ndarray, levels: int, iterations: int = LLOYD_ITERATIONS) -> tuple[np.ndarray, np.ndarray]:
+    """A scalar quantiser of ``levels`` buckets for one coordinate: (edges [levels-1], values [levels]), Lloyd-Max
+    (edges midway between values, values at their bucket's mean) from the high-rate optimal start. Equal-probability
+    buckets (ColBERTv2's quantiles) are wide in the tails: at 8 bits they lose 10-50x more than this on real token
+    residuals."""
+    col = np.sort(np.asarray(sample, dtype=np.float64))
+    cumulative = np.r_[0.0, np.cumsum(col)]
+    # Start from the high-rate optimum: bucket density proportional to the cube root of the sample's density.
+    hist, bin_edges = np.histogram(col, bins=int(np.clip(16 * levels, 64, 4096)))
+    weight = np.r_[0.0, np.cumsum(hist.astype(np.float64) ** (1 / 3))]
+    edges = np.interp(np.arange(1, levels) / levels, weight / max(weight[-1], 1e-300), bin_edges)
+    means = np.zeros(levels)
+    for it in range(iterations + 1):
+        ends = np.r_[np.searchsorted(col, edges, side="right"), len(col)]  # bucket j: col[ends[j-1]:ends[j]]
+        starts = np.r_[0, ends[:-1]]
+        counts = ends - starts
+        mids = np.concatenate([edges[:1], (edges[1:] + edges[:-1]) / 2, edges[-1:]])
+        # an empty bucket (ties in the sample) keeps the middle of its edges
+        means = np.where(counts > 0, (cumulative[ends] - cumulative[starts]) / np.maximum(counts, 1), mids)
+        means = np.maximum.accumulate(means)  # keep the values ordered, as the edges are
+        if it < iterations:
+            edges = (means[1:] + means[:-1]) / 2
+    return edges.astype(np.float32), means.astype(np.float32)
 
 
-def decode_residuals(table: np.ndarray, packed: np.ndarray) -> np.ndarray:
-    positions = np.arange(table.shape[0])
-    return table[positions[None, :], packed.astype(np.intp)].reshape(len(packed), -1)
+def allocate_bits(errors: np.ndarray, budget: int) -> np.ndarray:
+    """Bits per coordinate (0, 1, 2, 4 or 8) within ``budget`` bits in all, from ``errors`` [D, 5]: each
+    coordinate's squared error at each of those widths. Greedy: again and again the step to a coordinate's next
+    width that lowers the error most per bit spent; then each width's count is cut to fill whole bytes (the
+    coordinates that lose least drop to the next smaller width)."""
+    err = np.asarray(errors, dtype=np.float64)
+    dim = len(err)
+    level = np.zeros(dim, dtype=np.int64)  # index into LEVEL_BITS
+    widths = np.array(LEVEL_BITS)
+    left = int(budget)
+    rows = np.arange(dim)
+    while True:
+        up = np.minimum(level + 1, len(LEVEL_BITS) - 1)
+        cost = widths[up] - widths[level]
+        rate = np.where((cost > 0) & (cost <= left), (err[rows, level] - err[rows, up]) / np.maximum(cost, 1), -1.0)
+        i = int(np.argmax(rate))
+        if rate[i] <= 0:
+            break
+        level[i], left = up[i], left - int(cost[i])
+    for width in (4, 2, 1):
+        k = LEVEL_BITS.index(width)
+        idx = np.flatnonzero(level == k)
+        extra = len(idx) % (8 // width)
+        if extra:  # drop those that lose least by one width
+            loss = err[idx, k - 1] - err[idx, k]
+            level[idx[np.argsort(loss, kind="stable")[:extra]]] = k - 1
+    return widths[level]
 
 
 # --- building -----------------------------------------------------------------------------------------------
@@ -229,13 +379,18 @@ def write_token_store(
         sample = np.random.default_rng(seed).choice(n_tokens, size=min(n_tokens, 1 << 16), replace=False)
         sample.sort()
         codec = ResidualCodec.fit(_residuals(vectors, cents, codes, sample), nbits)
-        packed = np.empty((n_tokens, dim // codec.per_byte), dtype=np.uint8)
+        packed = np.empty((n_tokens, codec.n_bytes), dtype=np.uint8)
         for start in range(0, n_tokens, ASSIGN_CHUNK):
             part = np.arange(start, min(start + ASSIGN_CHUNK, n_tokens))
             packed[part] = codec.encode(_residuals(vectors, cents, codes, part))
         arrays["residuals"] = packed
-        arrays["buckets"] = codec.buckets
+        arrays["rotation"] = np.eye(dim, dtype=np.float32) if codec.rotation is None else codec.rotation
+        arrays["bits"] = codec.bits.astype(np.uint8)
+        arrays["levels"] = codec.values
+        arrays["cutoffs"] = codec.cutoffs
         meta["nbits"] = nbits
+        meta["codec"] = "pca"
+        meta["bits_histogram"] = {str(b): int(np.sum(codec.bits == b)) for b in LEVEL_BITS}
     for name, array in arrays.items():
         np.save(path / f"{name}.npy", array)
     meta.update(
@@ -259,8 +414,11 @@ def write_token_store(
                     {"vectors.npy": "float16 [T, D] token vectors"}
                     if storage == "fp16"
                     else {
-                        "residuals.npy": f"uint8 [T, D*{nbits}/8]: packed {nbits}-bit residual bucket per coordinate",
-                        "buckets.npy": f"float32 [D, {1 << nbits}]: residual value of each bucket per dimension",
+                        "residuals.npy": f"uint8 [T, D*{nbits}/8]: packed bucket numbers of the rotated residual",
+                        "rotation.npy": "float32 [D, D]: principal directions of the residuals (rows), z = r @ R.T",
+                        "bits.npy": "uint8 [D]: bits of each rotated coordinate (0, 1, 2, 4 or 8), non-increasing",
+                        "levels.npy": "float32 [D, 256]: value of each bucket per rotated coordinate",
+                        "cutoffs.npy": "float32 [D, 255]: bucket edges per rotated coordinate (for encoding)",
                     }
                 ),
             },
@@ -286,15 +444,28 @@ class TokenStore:
             self.offsets = np.asarray(load("offsets"))
             self.row_item = np.asarray(load("row_item"))
             self.centroids = np.ascontiguousarray(load("centroids"))
-            self.codes = load("codes")
+            # np.asarray: plain arrays over the same mapped bytes (indexing them skips np.memmap's Python wrapper)
+            self.codes = np.asarray(load("codes"))
             self.ivf_offsets = np.asarray(load("ivf_offsets"))
-            self.ivf_rows = load("ivf_rows")
+            self.ivf_rows = np.asarray(load("ivf_rows"))
             if self.meta["storage"] == "fp16":
                 self.vectors = load("vectors")
+                self._plain = np.asarray(self.vectors)
             else:
                 self.residuals = load("residuals")
-                codec = ResidualCodec(self.meta["nbits"], np.zeros(0), np.asarray(load("buckets")))
-                self._table = codec.decode_table()
+                self._plain = np.asarray(self.residuals)
+                if self.meta.get("codec") == "pca":
+                    self.codec = ResidualCodec(
+                        self.meta["nbits"],
+                        np.asarray(load("bits"), dtype=np.int64),
+                        np.zeros((0, 255), np.float32),  # encoding only
+                        np.asarray(load("levels")),
+                        np.ascontiguousarray(load("rotation")),
+                    )
+                else:  # written before transform coding: plain per-dimension buckets
+                    self.codec = ResidualCodec.from_buckets(np.asarray(load("buckets")), self.meta["nbits"])
+                self._tables = self.codec.decode_tables()
+                self._decode_product = residual_kernel(self._tables, self.centroids, self.codec.rotation)
         except (OSError, ValueError, KeyError) as exc:
             raise BundleError(f"token store {path} cannot be read: {exc}") from exc
         if self.meta.get("format") != FORMAT or len(self.offsets) != self.meta["rows"] + 1:
@@ -309,9 +480,20 @@ class TokenStore:
         """Token vectors [len(idx), D] float32 (decoded from residual codes when compressed)."""
         idx = np.asarray(idx)
         if self.meta["storage"] == "fp16":
-            return np.asarray(self.vectors[idx], dtype=np.float32)
-        approx = self.centroids[self.codes[idx]] + decode_residuals(self._table, np.asarray(self.residuals[idx]))
+            return self._plain[idx].astype(np.float32)
+        approx = self.centroids[self.codes[idx]] + self.codec.decode(self._plain[idx], self._tables)
         return l2_normalise(approx)
+
+    def similarity(self, query: np.ndarray) -> Similarity:
+        """token numbers → float32 [Lq, n]: the query tokens' inner products with these stored tokens, as
+        ``query @ take(idx).T`` but without a float32 copy of the tokens in numpy: fp16 vectors are cast inside
+        the product, residual codes decoded there (``indexer.late.token_product`` / ``residual_kernel``)."""
+        q = np.ascontiguousarray(query, dtype=np.float32)
+        if self.meta["storage"] == "fp16":
+            return lambda idx: gathered_product(q, self._plain, np.asarray(idx))
+        if self._decode_product is None:  # no ONNX Runtime: decode in numpy
+            return lambda idx: gathered_product(q, self.take(idx))
+        return lambda idx: self._decode_product(q, self._plain, self.codes, np.asarray(idx))
 
     def row_tokens(self, row: int) -> np.ndarray:
         return self.take(np.arange(self.offsets[row], self.offsets[row + 1]))

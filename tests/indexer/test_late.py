@@ -166,3 +166,110 @@ def test_pooling_halves_tokens(store_data, tmp_path: Path) -> None:  # noqa: ANN
     store = TokenStore(tmp_path / "p")
     assert meta["tokens"] == 500 * 16 and meta["tokens_before_pooling"] == 500 * 32
     assert np.allclose(np.linalg.norm(store.row_tokens(0), axis=1), 1, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_token_product_equals_numpy_in_blocks_on_threads(dtype, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """The ONNX Runtime product (cast + GEMM in one session) against float64 numpy, on its one-thread and
+    multi-thread sessions and on the numpy fallback (no onnxruntime)."""
+    import indexer.late as late
+
+    rng = np.random.default_rng(4)
+    q = unit(rng.standard_normal((16, 96)))
+    x = unit(rng.standard_normal((3000, 96))).astype(dtype)
+    want = q.astype(np.float64) @ x.astype(np.float64).T
+    np.testing.assert_allclose(late.token_product(q, x), want, atol=1e-5)
+    monkeypatch.setattr(late, "PRODUCT_BLOCK", 256)  # 12 blocks (the last one short) over two threads
+    monkeypatch.setenv("XMODAL_LATE_THREADS", "2")
+    np.testing.assert_allclose(late.token_product(q, x), want, atol=1e-5)
+    idx = np.random.default_rng(5).permutation(len(x))[:2500]
+    np.testing.assert_allclose(late.gathered_product(q, x, idx), want[:, idx], atol=1e-5)
+    monkeypatch.setattr(late, "_ORT", [None])
+    np.testing.assert_allclose(late.token_product(q, x), want, atol=1e-5)
+    np.testing.assert_allclose(late.gathered_product(q, x, idx), want[:, idx], atol=1e-5)
+    assert late.token_product(q, x[:0]).shape == (16, 0)
+
+
+def test_residual_similarity_decodes_like_take(store_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """The residual store's similarity (codes decoded inside ONNX Runtime) equals the product with the tokens
+    ``take`` decodes in numpy, for ragged, unsorted token numbers; and the numpy fallback gives the same."""
+    import indexer.late as late
+
+    _, vectors, offsets = store_data
+    write_token_store(tmp_path / "r4", vectors, offsets, np.arange(4000), storage="residual", nbits=4)
+    store = TokenStore(tmp_path / "r4")
+    idx = np.random.default_rng(2).choice(len(vectors), size=5000, replace=False)
+    q = noisy_queries(vectors, offsets, 1, 16, seed=3)[0]
+    want = q.astype(np.float64) @ store.take(idx).astype(np.float64).T
+    np.testing.assert_allclose(store.similarity(q)(idx), want, atol=1e-5)
+    monkeypatch.setattr(late, "_ORT", [None])
+    store = TokenStore(tmp_path / "r4")
+    np.testing.assert_allclose(store.similarity(q)(idx), want, atol=1e-5)
+
+
+def test_lloyd_max_quantiser_beats_equal_probability_buckets() -> None:
+    from indexer.tokens import lloyd_max
+
+    rng = np.random.default_rng(6)
+    gauss = rng.standard_normal(60000)
+    edges, values = lloyd_max(gauss, 4)
+    mse = np.mean((gauss - values[np.searchsorted(edges, gauss)]) ** 2)
+    assert abs(mse - 0.1175) < 0.003  # the Lloyd-Max error of a 2-bit Gaussian quantiser
+    heavy = rng.laplace(size=60000) ** 3  # heavy tails, as real residual coordinates have
+    edges, values = lloyd_max(heavy, 256)
+    mse = np.mean((heavy - values[np.searchsorted(edges, heavy)]) ** 2)
+    cut = np.quantile(heavy, np.arange(1, 256) / 256)
+    bucket = np.searchsorted(cut, heavy)
+    means = np.bincount(bucket, heavy, 256) / np.maximum(np.bincount(bucket, minlength=256), 1)
+    assert mse < 0.5 * np.mean((heavy - means[bucket]) ** 2)
+
+
+def test_transform_coding_spends_bits_where_the_variance_is(tmp_path: Path) -> None:
+    """Tokens near a 12-dimensional subspace of 64 dimensions: the rotated codec gives the flat directions no
+    bits and decodes far better than per-dimension buckets in the same bytes."""
+    from indexer.tokens import ResidualCodec
+
+    rng = np.random.default_rng(8)
+    basis = np.linalg.qr(rng.standard_normal((64, 64)))[0][:12]
+    centres = unit(rng.standard_normal((50, 12)) @ basis)
+    tokens = unit(centres[rng.integers(0, 50, 20000)] + 0.3 * rng.standard_normal((20000, 12)) @ basis)
+    tokens = unit(tokens + 0.002 * rng.standard_normal(tokens.shape))
+    offsets = np.arange(0, 20001, 20, dtype=np.int64)
+    meta = write_token_store(tmp_path / "t", tokens, offsets, np.arange(1000), storage="residual", nbits=2)
+    assert meta["bits_histogram"]["0"] >= 16 and meta["bits_histogram"]["8"] > 0
+    store = TokenStore(tmp_path / "t")
+    err = 1 - np.sum(store.take(np.arange(20000)) * tokens.astype(np.float16).astype(np.float32), axis=1)
+    residual = tokens - store.centroids[store.codes]
+    flat = ResidualCodec.fit(residual, 2, rotate=False)
+    plain = unit(store.centroids[store.codes] + flat.decode(flat.encode(residual)))
+    flat_err = 1 - np.sum(plain * tokens, axis=1)
+    assert err.mean() < 0.2 * flat_err.mean(), (err.mean(), flat_err.mean())
+    assert np.load(tmp_path / "t" / "residuals.npy", mmap_mode="r").shape == (20000, 64 * 2 // 8)
+
+
+def test_stores_written_before_transform_coding_still_read(tmp_path: Path) -> None:
+    """The older residual format (per-dimension buckets.npy, no rotation) decodes as it always did."""
+    import json
+
+    from indexer.tokens import ResidualCodec
+
+    rng = np.random.default_rng(10)
+    tokens = unit(rng.standard_normal((3000, 32)))
+    offsets = np.arange(0, 3001, 30, dtype=np.int64)
+    write_token_store(tmp_path / "old", tokens, offsets, np.arange(100), storage="residual", nbits=2)
+    path = tmp_path / "old"
+    store = TokenStore(path)
+    residual = tokens - store.centroids[store.codes]
+    codec = ResidualCodec.fit(residual, 2, rotate=False)  # what the old writer did: buckets per dimension
+    np.save(path / "residuals.npy", codec.encode(residual))
+    np.save(path / "buckets.npy", codec.values[:, :4])
+    for name in ("rotation", "bits", "levels", "cutoffs"):
+        (path / f"{name}.npy").unlink()
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["codec"]
+    (path / "meta.json").write_text(json.dumps(meta))
+    old = TokenStore(path)
+    want = unit(old.centroids[old.codes] + codec.decode(codec.encode(residual)))
+    np.testing.assert_allclose(old.take(np.arange(3000)), want, atol=1e-5)
+    q = unit(rng.standard_normal((5, 32)))
+    np.testing.assert_allclose(old.similarity(q)(np.arange(3000)), q @ want.T, atol=1e-5)
