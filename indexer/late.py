@@ -81,15 +81,9 @@ def _node(op: str, inputs: list[str], outputs: list[str], **attrs: int | list[in
     return out
 
 
-def _tensor(name: str, array: np.ndarray) -> bytes:  # TensorProto, raw little-endian data
-    a = np.ascontiguousarray(array)
-    return b"".join(_int(1, d) for d in a.shape) + _int(2, _ORT_TYPES[a.dtype]) + _str(8, name) + _bytes(9, a.tobytes())
-
-
-def onnx_model(nodes: list[bytes], inputs: list[bytes], outputs: list[bytes], initializers: list[bytes]) -> bytes:
-    """A serialised ModelProto (IR 8, opset 17) from NodeProto / ValueInfoProto / TensorProto bytes."""
+def onnx_model(nodes: list[bytes], inputs: list[bytes], outputs: list[bytes]) -> bytes:
+    """A serialised ModelProto (IR 8, opset 17) from NodeProto and ValueInfoProto bytes."""
     graph = b"".join(_bytes(1, n) for n in nodes) + _str(2, "xmodal_late")
-    graph += b"".join(_bytes(5, t) for t in initializers)
     graph += b"".join(_bytes(11, v) for v in inputs) + b"".join(_bytes(12, v) for v in outputs)
     return _int(1, 8) + _str(2, "xmodal.indexer.late") + _bytes(7, graph) + _bytes(8, _int(2, 17))
 
@@ -133,7 +127,7 @@ class OnnxKernel:
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
-def _blockwise(lq: int, n: int, block: Callable[[int, int], np.ndarray], parallel: bool = True) -> np.ndarray:
+def blockwise(lq: int, n: int, block: Callable[[int, int], np.ndarray], parallel: bool = True) -> np.ndarray:
     """float32 [lq, n] from ``block(a, b)`` → its columns a:b, blocks of PRODUCT_BLOCK spread over threads."""
     out = np.empty((lq, n), dtype=np.float32)
     starts = range(0, n, PRODUCT_BLOCK)
@@ -161,7 +155,7 @@ def _product_kernel(dtype: np.dtype) -> OnnxKernel:
     if dtype == np.float32:
         nodes = [_node("Gemm", ["x", "q"], ["y"], transB=1)]
     inputs = [_value_info("q", np.float32, ["lq", "d"]), _value_info("x", dtype, ["n", "d"])]
-    return OnnxKernel(onnx_model(nodes, inputs, [_value_info("y", np.float32, ["n", "lq"])], []))
+    return OnnxKernel(onnx_model(nodes, inputs, [_value_info("y", np.float32, ["n", "lq"])]))
 
 
 _PRODUCTS = {np.dtype(np.float16): _product_kernel(np.float16), np.dtype(np.float32): _product_kernel(np.float32)}
@@ -175,93 +169,24 @@ def gathered_product(query: np.ndarray, source: np.ndarray, idx: np.ndarray | No
     n = len(src) if idx is None else len(idx)
     rows = (lambda a, b: src[a:b]) if idx is None else (lambda a, b: src[idx[a:b]])
     if _onnxruntime() is None or src.dtype not in _PRODUCTS:  # numpy's BLAS has its own threads: no pool
-        return _blockwise(len(q), n, lambda a, b: q @ rows(a, b).astype(np.float32, copy=False).T, parallel=False)
+        return blockwise(len(q), n, lambda a, b: q @ rows(a, b).astype(np.float32, copy=False).T, parallel=False)
     kernel = _PRODUCTS[src.dtype]
-    return _blockwise(len(q), n, lambda a, b: kernel(q=q, x=np.ascontiguousarray(rows(a, b))).T)
+    return blockwise(len(q), n, lambda a, b: kernel(q=q, x=np.ascontiguousarray(rows(a, b))).T)
+
+
+def rows_product(rows: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """float32 [n, Lq] = rows [n, d] float32 @ query [Lq, d].T in one one-thread ONNX Runtime call (numpy's
+    OpenBLAS, with its own threads, runs these small products 3x slower when the other core is busy)."""
+    x = np.ascontiguousarray(rows, dtype=np.float32)
+    q = np.ascontiguousarray(query, dtype=np.float32)
+    if _onnxruntime() is None or len(x) == 0 or len(q) == 0:
+        return x @ q.T
+    return _PRODUCTS[np.dtype(np.float32)](q=q, x=x)
 
 
 def token_product(query: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     """float32 [Lq, n]: query tokens [Lq, D] times token vectors [n, D] (any float dtype), transposed."""
     return gathered_product(query, tokens)
-
-
-def residual_kernel(
-    tables: list, centroids: np.ndarray, rotation: np.ndarray | None
-) -> Callable[..., np.ndarray] | None:
-    """For a residual token store: (query [Lq, D], packed residual bytes uint8 [T, B], centroid numbers [T], token
-    numbers [n]) → float32 [Lq, n], the query's inner products with those tokens decoded, normalise(centroid +
-    residual), inside ONNX Runtime. ``tables``: ``indexer.tokens.ResidualCodec.decode_tables()``, per segment of
-    equal-width codes its (segment, [bytes, 256, per_byte] table). The product is taken in the rotated
-    coordinates of the codes (``rotation`` [D, D], orthonormal): the query and the centroids are rotated once
-    instead of every decoded token. None without onnxruntime."""
-    if _onnxruntime() is None:
-        return None
-    cents = np.ascontiguousarray(centroids, dtype=np.float32)
-    rot = None if rotation is None else np.ascontiguousarray(rotation, dtype=np.float32)
-    if rot is not None:
-        cents = np.ascontiguousarray(cents @ rot.T)
-    dim = cents.shape[1]
-    init = [
-        _tensor("centroids", cents),
-        _tensor("eps", np.array([1e-12], dtype=np.float32)),
-        _tensor("axis1", np.array([1], dtype=np.int64)),
-    ]
-    nodes = [_node("Cast", ["packed"], ["byte"], to=6)]
-    parts, coded = [], 0
-    for i, (seg, table) in enumerate(tables):
-        name = f"s{i}"
-        init += [
-            _tensor(f"{name}_table", np.ascontiguousarray(table, dtype=np.float32).reshape(-1, seg.per_byte)),
-            _tensor(f"{name}_position", np.arange(seg.n_bytes, dtype=np.int32) * 256),
-            _tensor(f"{name}_start", np.array([seg.byte_start], dtype=np.int64)),
-            _tensor(f"{name}_end", np.array([seg.byte_start + seg.n_bytes], dtype=np.int64)),
-            _tensor(f"{name}_shape", np.array([-1, seg.dims], dtype=np.int64)),
-        ]
-        nodes += [
-            _node("Slice", ["byte", f"{name}_start", f"{name}_end", "axis1"], [f"{name}_byte"]),
-            _node("Add", [f"{name}_byte", f"{name}_position"], [f"{name}_entry"]),
-            _node("Gather", [f"{name}_table", f"{name}_entry"], [f"{name}_parts"], axis=0),  # [n, bytes, per_byte]
-            _node("Reshape", [f"{name}_parts", f"{name}_shape"], [f"{name}_z"]),
-        ]
-        parts.append(f"{name}_z")
-        coded += seg.dims
-    if not parts:  # zero bits: every residual decodes to 0
-        init.append(_tensor("zero", np.zeros((1, dim), dtype=np.float32)))
-        nodes.append(_node("Add", ["centre", "zero"], ["token"]))
-    else:
-        nodes.append(_node("Concat", parts, ["z"], axis=1) if len(parts) > 1 else _node("Identity", parts, ["z"]))
-        if coded < dim:  # the rotated tail without bits decodes to 0
-            init.append(_tensor("pads", np.array([0, 0, 0, dim - coded], dtype=np.int64)))
-            nodes.append(_node("Pad", ["z", "pads"], ["residual"]))
-        else:
-            nodes.append(_node("Identity", ["z"], ["residual"]))
-        nodes.append(_node("Add", ["centre", "residual"], ["token"]))
-    nodes = nodes[:1] + [_node("Gather", ["centroids", "codes"], ["centre"], axis=0)] + nodes[1:]
-    nodes += [
-        _node("Gemm", ["token", "q"], ["raw"], transB=1),  # [n, Lq]
-        _node("ReduceL2", ["token"], ["norm"], axes=[1], keepdims=1),  # [n, 1]
-        _node("Max", ["norm", "eps"], ["safe"]),
-        _node("Div", ["raw", "safe"], ["y"]),
-    ]
-    inputs = [
-        _value_info("q", np.float32, ["lq", dim]),
-        _value_info("packed", np.uint8, ["n", "bytes"]),
-        _value_info("codes", np.int64, ["n"]),
-    ]
-    kernel = OnnxKernel(onnx_model(nodes, inputs, [_value_info("y", np.float32, ["n", "lq"])], init))
-
-    def run(query: np.ndarray, packed: np.ndarray, codes: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        q = np.ascontiguousarray(query, dtype=np.float32)
-        if rot is not None:
-            q = np.ascontiguousarray(q @ rot.T)
-
-        def block(a: int, b: int) -> np.ndarray:
-            part = idx[a:b]
-            return kernel(q=q, packed=np.ascontiguousarray(packed[part]), codes=codes[part].astype(np.int64)).T
-
-        return _blockwise(len(q), len(idx), block)
-
-    return run
 
 
 def ranges_to_indices(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -518,7 +443,9 @@ def late_search(
         approx, _ = groups.scores(lambda idx: centroid_sim[:, store.codes[idx]], store.offsets, params.scope, False)
         keep = max(params.depth, k)
         groups = groups.take(np.sort(np.argpartition(-approx, keep - 1)[:keep]))
-    similarity = store.similarity(q) if hasattr(store, "similarity") else exact_similarity(q, store.take)
+    # a TokenStore gives products without float32 copies (and reuses the centroid similarities)
+    has_own = hasattr(store, "similarity")
+    similarity = store.similarity(q, centroid_sim) if has_own else exact_similarity(q, store.take)
     scores, rows = groups.scores(similarity, store.offsets, params.scope, params.symmetric)
     k = min(k, len(groups.items))
     top = np.argpartition(-scores, k - 1)[:k] if 0 < k < len(scores) else np.arange(len(scores))

@@ -30,7 +30,15 @@ from pathlib import Path
 import numpy as np
 
 from indexer.faiss_backend import import_faiss
-from indexer.late import Segments, Similarity, gathered_product, ranges_to_indices, residual_kernel
+from indexer.late import (
+    Segments,
+    Similarity,
+    blockwise,
+    gathered_product,
+    ranges_to_indices,
+    rows_product,
+    token_product,
+)
 from models.errors import BundleError, InvalidInput
 from models.files import read_json
 
@@ -237,16 +245,25 @@ class ResidualCodec:
             out.append((seg, table))
         return out
 
+    def decode_rotated(self, packed: np.ndarray, tables: list[tuple[Segment, np.ndarray]] | None = None) -> np.ndarray:
+        """The coded rotated coordinates [n, coded] float32 (the first ``coded`` of ``z``; the rest decode to 0)."""
+        packed = np.asarray(packed)
+        tables = tables if tables is not None else self.decode_tables()
+        coded = sum(seg.dims for seg, _ in tables)
+        z = np.empty((len(packed), coded), dtype=np.float32)
+        for seg, table in tables:
+            entry = packed[:, seg.byte_start : seg.byte_start + seg.n_bytes].astype(np.intp)
+            entry += np.arange(seg.n_bytes) * 256
+            flat = table.reshape(seg.n_bytes * 256, seg.per_byte)
+            z[:, seg.dim_start : seg.dim_start + seg.dims] = np.take(flat, entry, axis=0).reshape(len(packed), seg.dims)
+        return z
+
     def decode(self, packed: np.ndarray, tables: list[tuple[Segment, np.ndarray]] | None = None) -> np.ndarray:
         """Residuals [n, D] float32 (back in the original coordinates) from packed codes."""
-        packed = np.asarray(packed)
-        z = np.zeros((len(packed), self.dim), dtype=np.float32)
-        for seg, table in tables or self.decode_tables():
-            part = packed[:, seg.byte_start : seg.byte_start + seg.n_bytes].astype(np.intp)
-            z[:, seg.dim_start : seg.dim_start + seg.dims] = table[np.arange(seg.n_bytes)[None, :], part].reshape(
-                len(packed), seg.dims
-            )
-        return z if self.rotation is None else z @ self.rotation
+        coded = self.decode_rotated(packed, tables)
+        if self.rotation is None:
+            return np.pad(coded, ((0, 0), (0, self.dim - coded.shape[1])))
+        return coded @ self.rotation[: coded.shape[1]]
 
 
 def lloyd_max(sample: np.ndarray, levels: int, iterations: int = LLOYD_ITERATIONS) -> tuple[np.ndarray, np.ndarray]:
@@ -465,7 +482,10 @@ class TokenStore:
                 else:  # written before transform coding: plain per-dimension buckets
                     self.codec = ResidualCodec.from_buckets(np.asarray(load("buckets")), self.meta["nbits"])
                 self._tables = self.codec.decode_tables()
-                self._decode_product = residual_kernel(self._tables, self.centroids, self.codec.rotation)
+                coded = sum(seg.dims for seg, _ in self._tables)
+                rotated = self.centroids if self.codec.rotation is None else self.centroids @ self.codec.rotation.T
+                self._centroids_coded = np.ascontiguousarray(rotated[:, :coded], dtype=np.float32)
+                self._centroid_norm2 = np.sum(self.centroids.astype(np.float64) ** 2, axis=1).astype(np.float32)
         except (OSError, ValueError, KeyError) as exc:
             raise BundleError(f"token store {path} cannot be read: {exc}") from exc
         if self.meta.get("format") != FORMAT or len(self.offsets) != self.meta["rows"] + 1:
@@ -484,16 +504,36 @@ class TokenStore:
         approx = self.centroids[self.codes[idx]] + self.codec.decode(self._plain[idx], self._tables)
         return l2_normalise(approx)
 
-    def similarity(self, query: np.ndarray) -> Similarity:
+    def similarity(self, query: np.ndarray, centroid_sim: np.ndarray | None = None) -> Similarity:
         """token numbers → float32 [Lq, n]: the query tokens' inner products with these stored tokens, as
-        ``query @ take(idx).T`` but without a float32 copy of the tokens in numpy: fp16 vectors are cast inside
-        the product, residual codes decoded there (``indexer.late.token_product`` / ``residual_kernel``)."""
+        ``query @ take(idx).T`` but cheaper. fp16: the vectors are cast inside one ONNX Runtime product
+        (``indexer.late.gathered_product``). Residual: nothing is decoded to full vectors. In the codec's rotated
+        coordinates a token is normalise(c + z) with z zero past the coded coordinates, so
+        q·token = (q·c + q[:coded]·z[:coded]) / |c + z|, where q·c comes from ``centroid_sim`` [Lq, K] (the
+        query's centroid similarities, which the search has already) and |c + z|² = |c|² + 2 c·z + |z|² needs
+        only the coded coordinates too."""
         q = np.ascontiguousarray(query, dtype=np.float32)
         if self.meta["storage"] == "fp16":
             return lambda idx: gathered_product(q, self._plain, np.asarray(idx))
-        if self._decode_product is None:  # no ONNX Runtime: decode in numpy
-            return lambda idx: gathered_product(q, self.take(idx))
-        return lambda idx: self._decode_product(q, self._plain, self.codes, np.asarray(idx))
+        rot = self.codec.rotation
+        coded = self._centroids_coded.shape[1]
+        q_coded = np.ascontiguousarray((q if rot is None else q @ rot.T)[:, :coded])  # [Lq, coded]
+        sim = token_product(q, self.centroids) if centroid_sim is None else centroid_sim
+        by_centroid = np.ascontiguousarray(sim.T, dtype=np.float32)  # [K, Lq]: one contiguous row per token
+
+        def block(part: np.ndarray) -> np.ndarray:
+            codes = self.codes[part]
+            z = self.codec.decode_rotated(self._plain[part], self._tables)
+            raw = by_centroid[codes] + rows_product(z, q_coded)  # [n, Lq]
+            cz = np.einsum("nd,nd->n", self._centroids_coded[codes], z)
+            norm2 = self._centroid_norm2[codes] + 2 * cz + np.einsum("nd,nd->n", z, z)
+            return (raw / np.sqrt(np.maximum(norm2, 1e-24))[:, None]).T
+
+        def similarity(idx: np.ndarray) -> np.ndarray:
+            idx = np.asarray(idx)
+            return blockwise(len(q), len(idx), lambda a, b: block(idx[a:b]))
+
+        return similarity
 
     def row_tokens(self, row: int) -> np.ndarray:
         return self.take(np.arange(self.offsets[row], self.offsets[row + 1]))

@@ -191,8 +191,9 @@ def test_token_product_equals_numpy_in_blocks_on_threads(dtype, monkeypatch: pyt
 
 
 def test_residual_similarity_decodes_like_take(store_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
-    """The residual store's similarity (codes decoded inside ONNX Runtime) equals the product with the tokens
-    ``take`` decodes in numpy, for ragged, unsorted token numbers; and the numpy fallback gives the same."""
+    """The residual store's similarity (in the codec's rotated coordinates, from the centroid similarities and the
+    coded coordinates, no token decoded in full) equals the product with the tokens ``take`` decodes, for
+    unsorted token numbers; also without onnxruntime, and with the centroid similarities handed in."""
     import indexer.late as late
 
     _, vectors, offsets = store_data
@@ -202,6 +203,7 @@ def test_residual_similarity_decodes_like_take(store_data, tmp_path: Path, monke
     q = noisy_queries(vectors, offsets, 1, 16, seed=3)[0]
     want = q.astype(np.float64) @ store.take(idx).astype(np.float64).T
     np.testing.assert_allclose(store.similarity(q)(idx), want, atol=1e-5)
+    np.testing.assert_allclose(store.similarity(q, q @ store.centroids.T)(idx), want, atol=1e-5)
     monkeypatch.setattr(late, "_ORT", [None])
     store = TokenStore(tmp_path / "r4")
     np.testing.assert_allclose(store.similarity(q)(idx), want, atol=1e-5)
