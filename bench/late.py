@@ -11,8 +11,11 @@ Two data sets, each ``--items`` items of exactly ``--tokens`` token vectors (dim
 (a) synthetic, clustered: ``items // 100`` topics (Zipf-popular), 24 terms around each topic (cosine ~0.7 to it)
     plus 40 stop-word terms shared by all, and one common direction all of them lean towards (real token
     vectors are anisotropic). An item mixes one to three topics; each token is a term of one of them (Zipf
-    within the topic, 15% stop words) plus noise (cosine ~0.9 to its term). A query is a held-out item made the
-    same way with 16 tokens. Top MaxSim scores are ~0.6-0.75 against a median of ~0.2, with ~100 close rivals.
+    within the topic, 15% stop words) plus noise (cosine ~0.9 to its term). Every random direction comes from a
+    Gaussian with the eigenvalue spectrum of real token vectors (i^-0.9, fitted to MiniLM-L6 tokens of the
+    Cranfield abstracts; ``--isotropic``: isotropic instead). A query is a held-out item made the same way with
+    16 tokens. At 100k items the median query's best MaxSim is 0.68, its 10th best 0.62, the median item 0.33,
+    and its 10th and 11th best differ by 0.0011.
 (b) real, from the demo model xmodal-mini (``models.registry.prepare``, then ``models.encoder.Encoder``): items
     are two-picture posts, the 16 + 16 image tokens of two ``models.mini.data.make_scenes`` pictures (split
     "all", seed 21; rendered with ``Scene.render`` and handed to ``encode_media_tokens`` as PIL images, no PNG
@@ -37,18 +40,22 @@ queries (latency = wall time of the search call, in the system's own process):
   2-bit and 4-bit residual storage; token pooling (``pool_factor=2``); a sweep of nprobe / candidates / depth.
   bytes/token = the store's files / stored tokens (``meta["bytes_per_token"]``).
 - PyLate (bench/pylate_runner.py in ``bench/.pylate-venv``, made by bench/pylate-env.sh): PLAID (fast-plaid
-  backend) at nbits 2 and 4, PyLate's default k-means settings, a grid of n_ivf_probe / n_full_scores, timed
-  through ``retrieve.ColBERT.retrieve`` and through the fast-plaid search call alone (PyLate's wrapper reloads its
-  id pickles on every call; the faster figure is PyLate's best); Voyager (HNSW over every token, M=16,
-  ef_construction=100: PyLate's defaults 64 / 200 take hours to build here; then exact reranking), a grid of
-  ef_search / k_token. bytes/token: the index files fast-plaid searches (its per-chunk copies of the codes are
-  left out) or ``index.voyager``. PyLate indexes take 15+ minutes each to build at 100k items on 2 cores, so they
-  are cached under ``--cache-dir`` (keyed by the data and the build settings) with their measured build time;
-  ``--rebuild-pylate`` builds them again. Latency and recall are measured afresh every run.
+  backend) at nbits 2 and 4, PyLate's default k-means settings (kmeans_niters=4, its sample size and centroid
+  count), a grid of n_ivf_probe / n_full_scores timed through the fast-plaid search call (PyLate's
+  ``retrieve.ColBERT`` wrapper reloads its id pickles on every call, ~40 ms here; it is timed too, at PyLate's
+  default setting n_ivf_probe=8, n_full_scores=8192); Voyager (HNSW over every token, M=16, ef_construction=100:
+  PyLate's defaults 64 / 200 would take hours to build here; then exact reranking), a grid of ef_search /
+  k_token. bytes/token: the files fast-plaid searches (its per-chunk copies of the codes left out), or
+  ``index.voyager``. PyLate's indexes take 15+ minutes each to build at 100k items on 2 cores, so they are kept
+  under ``--cache-dir`` (keyed by the data and the build settings) with their measured build time and the CPU
+  share other processes took meanwhile; ``--rebuild-pylate`` builds them again. Latency and recall are measured
+  afresh every run.
 
-Threads: every system runs with OMP/OPENBLAS/MKL_NUM_THREADS = ``--threads`` (default 2, the machine's cores) and
-torch.set_num_threads(--threads). xmodal's products use one thread below 32k tokens and --threads above it
-(``indexer.late.PARALLEL_TOKENS``): measured here, a second thread does not pay on one query's exact stage.
+Threads: every system runs with OMP/OPENBLAS/MKL_NUM_THREADS = ``--threads`` (default 2, the machine's cores);
+PyLate also with torch.set_num_threads(--threads). xmodal's products run in blocks of 4096 tokens on a pool of
+--threads threads, each block one one-thread ONNX Runtime call (``indexer.late.blockwise``): measured here, a
+2-thread OpenBLAS product of this shape runs 3x slower than a 1-thread one while the other core is busy (the two
+vCPUs behave like one core's hyperthreads), while one-thread blocks on two threads gain ~1.3x on a quiet machine.
 
 Prints markdown tables (progress on stderr), and how much CPU other processes took during each system's queries.
 Full run: about 30 minutes with the PyLate indexes cached (more than an hour the first time); ``--quick`` (10k
@@ -642,7 +649,9 @@ def run_pylate(data: DataSet, truth: np.ndarray, cache: Path, args: argparse.Nam
                 f"M={c['M']} ef_construction={c['ef_construction']} ef_search={c['ef_search']} k_token={c['k_token']}"
             )
             system = "PyLate Voyager"
-        note = "build cached from an earlier run" if run.get("cached") else ""
+        note = "index from the cache, build time as measured then" if run.get("cached") else ""
+        if run.get("build_other_load") is not None:
+            note += ("; " if note else "") + f"other CPU during its build {run['build_other_load']:.0f}%"
         results.append(
             Result(
                 system,
@@ -677,6 +686,14 @@ def report(data: DataSet, results: list[Result], pylate_note: str | None) -> Non
         rows += [r.row() for r in pylate if id(r) in shown]
     say(table(HEADERS, rows))
     say()
+    notes = {}
+    for r in results:
+        if r.note:
+            notes.setdefault(f"{r.system}, {r.config.split(' n_ivf')[0].split(' ef_search')[0]}", r.note)
+    for what, note in notes.items():
+        say(f"- {what}: {note}")
+    if notes:
+        say()
     sweep = [r for r in results if r.group == "sweep" or (r.group == "main" and r.config.endswith("(defaults)"))]
     if len(sweep) > 2:
         say("Recall / latency trade-off (xmodal):")

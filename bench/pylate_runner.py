@@ -100,8 +100,15 @@ def cached_build(folder: Path, settings: dict, rebuild: bool) -> float | None:
     return built["build_s"] if built.get("settings") == settings else None
 
 
-def record_build(folder: Path, settings: dict, build_s: float) -> None:
-    (folder / "built.json").write_text(json.dumps({"settings": settings, "build_s": build_s}) + "\n")
+def record_build(folder: Path, settings: dict, build_s: float, other_load: float) -> None:
+    record = {"settings": settings, "build_s": build_s, "build_other_load": other_load, "built_at": time.time()}
+    (folder / "built.json").write_text(json.dumps(record) + "\n")
+
+
+def build_other_load(folder: Path) -> float | None:
+    """The share of CPU time other processes used while the index in ``folder`` was built."""
+    record = folder / "built.json"
+    return json.loads(record.read_text()).get("build_other_load") if record.is_file() else None
 
 
 def main() -> None:
@@ -194,15 +201,17 @@ def main() -> None:
                 if docs16 is None:
                     docs16 = [torch.from_numpy(np.array(vectors[offsets[i] : offsets[i + 1]])) for i in range(n_docs)]
                 log(f"PLAID nbits={nbits}: building")
-                index.add_documents(documents_ids=doc_ids, documents_embeddings=docs16)
+                with OtherLoad() as load:
+                    index.add_documents(documents_ids=doc_ids, documents_embeddings=docs16)
                 build_s = time.perf_counter() - t0
-                record_build(args.work / name, settings, build_s)
+                record_build(args.work / name, settings, build_s, load.share)
             core = plaid_bytes(args.work / name / "fast_plaid_index")
             base = {
                 "build_s": build_s,
                 "cached": cached,
                 "index_bytes": core,
                 "all_bytes": folder_bytes(args.work / name),
+                "build_other_load": build_other_load(args.work / name),
             }
             log(f"PLAID nbits={nbits}: {build_s:.1f} s to build, {core / n_tokens:.1f} B/token")
             retriever = retrieve.ColBERT(index=index)
@@ -256,9 +265,10 @@ def main() -> None:
         else:
             log(f"Voyager M={args.voyager_m} ef_construction={args.voyager_ef_construction}: building")
             docs32 = [np.asarray(vectors[offsets[i] : offsets[i + 1]], dtype=np.float32) for i in range(n_docs)]
-            index.add_documents(documents_ids=doc_ids, documents_embeddings=docs32)
+            with OtherLoad() as load:
+                index.add_documents(documents_ids=doc_ids, documents_embeddings=docs32)
             build_s = time.perf_counter() - t0
-            record_build(args.work / "voyager", settings, build_s)
+            record_build(args.work / "voyager", settings, build_s, load.share)
             del docs32
         core = (args.work / "voyager" / "index.voyager").stat().st_size
         base = {
@@ -266,6 +276,7 @@ def main() -> None:
             "cached": cached,
             "index_bytes": core,
             "all_bytes": folder_bytes(args.work / "voyager"),
+            "build_other_load": build_other_load(args.work / "voyager"),
         }
         log(f"Voyager: {build_s:.1f} s to build, {core / n_tokens:.1f} B/token")
         retriever = retrieve.ColBERT(index=index)
