@@ -46,6 +46,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable from a checkout without the editable install
     sys.path.insert(0, str(REPO))
 
+from common import OtherLoad, cpu_model, table  # noqa: E402  (bench/common.py: this script's folder is on sys.path)
+
 from indexer.build import build_index  # noqa: E402
 from indexer.corpus import read_jsonl  # noqa: E402
 from indexer.demo import TOPICS, write_demo_corpus  # noqa: E402
@@ -83,29 +85,6 @@ QUERY_TEMPLATES = [
 
 
 # --- output ------------------------------------------------------------------------------------------------
-def table(headers: list[str], rows: list[list[object]]) -> str:
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    right = [all(_numeric(r[i]) for r in cells) for i in range(len(headers))]
-
-    def line(values: list[str]) -> str:
-        parts = [v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right, strict=True)]
-        return "| " + " | ".join(parts) + " |"
-
-    sep = "|" + "|".join(("-" * (w + 1) + ":") if r else ("-" * (w + 2)) for w, r in zip(widths, right, strict=True))
-    return "\n".join([line(headers), sep + "|", *(line(r) for r in cells)])
-
-
-def _numeric(value: str) -> bool:
-    if value == "":
-        return True
-    try:
-        float(value.rstrip("x"))
-    except ValueError:
-        return False
-    return True
-
-
 def say(text: str = "") -> None:
     print(text, flush=True)
 
@@ -122,37 +101,6 @@ def verdict(value: float, target: float) -> str:
     return "met" if value >= target else "MISSED"
 
 
-def _cpu_times() -> tuple[int, int]:
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return sum(fields), fields[3] + fields[4]  # (all, idle + iowait)
-
-
-class OtherLoad:
-    """CPU time other processes took while a section ran, as a share of the whole machine.
-
-    Machine busy time (/proc/stat) minus this process's and its waited-for children's (the servers') CPU time.
-    Other work on the machine skews every figure here, torch's OpenMP threads most of all."""
-
-    def __enter__(self) -> OtherLoad:
-        self._start = (_cpu_times(), _own_cpu())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        (total0, idle0), own0 = self._start
-        total1, idle1 = _cpu_times()
-        tick = os.sysconf("SC_CLK_TCK")
-        busy_s = ((total1 - total0) - (idle1 - idle0)) / tick
-        self.share = 100 * max(busy_s - (_own_cpu() - own0), 0.0) / max((total1 - total0) / tick, 1e-9)
-
-    def __str__(self) -> str:
-        return f"other processes used {self.share:.0f}% of the CPUs meanwhile"
-
-
-def _own_cpu() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
 # --- header ------------------------------------------------------------------------------------------------
 def _version(module: str) -> str:
     try:
@@ -160,14 +108,6 @@ def _version(module: str) -> str:
     except ImportError:
         return "not installed"
     return str(getattr(mod, "__version__", "?"))
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for raw in Path("/proc/cpuinfo").read_text().splitlines():
-            if raw.startswith("model name"):
-                return raw.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def _git_rev() -> str:
@@ -196,7 +136,7 @@ def header(argv: list[str]) -> None:
     say()
     say(f"- command: `python {shlex.join(argv)}` (interpreter {sys.executable})")
     say(f"- date: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}")
-    say(f"- machine: {platform.platform()}, {_cpu_model()}, os.cpu_count()={os.cpu_count()}, usable CPUs={affinity}")
+    say(f"- machine: {platform.platform()}, {cpu_model()}, os.cpu_count()={os.cpu_count()}, usable CPUs={affinity}")
     say(
         f"- python {platform.python_version()}; onnxruntime {_version('onnxruntime')}, torch {_version('torch')}, "
         f"faiss {_version('faiss')}, transformers {_version('transformers')}, fastapi {_version('fastapi')}, "

@@ -97,6 +97,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable from a checkout without the editable install
     sys.path.insert(0, str(REPO))
 
+from common import OtherLoad, cpu_model, table  # noqa: E402  (bench/common.py: this script's folder is on sys.path)
+
 from indexer.late import LateParams, late_search  # noqa: E402
 from indexer.tokens import TokenStore, write_token_store  # noqa: E402
 
@@ -119,44 +121,11 @@ def log(text: str) -> None:  # progress goes to stderr so stdout holds only the 
     print(f"[bench] {text}", file=sys.stderr, flush=True)
 
 
-def table(headers: list[str], rows: list[list[object]]) -> str:
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    right = [bool(cells) and all(_numeric(r[i]) for r in cells) for i in range(len(headers))]
-
-    def line(values: list[str]) -> str:
-        parts = [v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right, strict=True)]
-        return "| " + " | ".join(parts) + " |"
-
-    sep = "|" + "|".join(("-" * (w + 1) + ":") if r else ("-" * (w + 2)) for w, r in zip(widths, right, strict=True))
-    return "\n".join([line(headers), sep + "|", *(line(r) for r in cells)])
-
-
-def _numeric(value: str) -> bool:
-    if value in ("", "-"):
-        return True
-    try:
-        float(value.rstrip("x"))
-    except ValueError:
-        return False
-    return True
-
-
 def _version(dist: str) -> str:
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return "absent"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _git_rev() -> str:
@@ -175,34 +144,6 @@ def _git_rev() -> str:
         return head[:12]
     except OSError:
         return "unknown"
-
-
-def _cpu_times() -> tuple[int, int]:
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return sum(fields), fields[3] + fields[4]  # (all, idle + iowait)
-
-
-def _own_cpu() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-class OtherLoad:
-    """CPU time other processes took while a section ran, as a share of the whole machine (busy time from
-    /proc/stat minus this process's and its waited-for children's)."""
-
-    share = 0.0
-
-    def __enter__(self) -> OtherLoad:
-        self._start = (_cpu_times(), _own_cpu())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        (total0, idle0), own0 = self._start
-        total1, idle1 = _cpu_times()
-        tick = os.sysconf("SC_CLK_TCK")
-        busy_s = ((total1 - total0) - (idle1 - idle0)) / tick
-        self.share = 100 * max(busy_s - (_own_cpu() - own0), 0.0) / max((total1 - total0) / tick, 1e-9)
 
 
 # --- data sets ---------------------------------------------------------------------------------------------
@@ -787,7 +728,7 @@ def header(argv: list[str], args: argparse.Namespace) -> None:
     say()
     say(f"- command: `python {shlex.join(argv)}` (interpreter {sys.executable})")
     say(f"- date: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}")
-    say(f"- machine: {platform.platform()}, {_cpu_model()}, os.cpu_count()={os.cpu_count()}, usable CPUs={affinity}")
+    say(f"- machine: {platform.platform()}, {cpu_model()}, os.cpu_count()={os.cpu_count()}, usable CPUs={affinity}")
     say(
         f"- python {platform.python_version()}; numpy {_version('numpy')}, onnxruntime {_version('onnxruntime')}, "
         f"faiss {_version('faiss-cpu')}, scipy {_version('scipy')}; xmodal commit {_git_rev()}"

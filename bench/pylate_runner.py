@@ -36,6 +36,8 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+from common import OtherLoad  # bench/common.py (standard library only): this script's folder is on sys.path
+
 
 def log(text: str) -> None:
     print(f"[pylate] {text}", file=sys.stderr, flush=True)
@@ -62,33 +64,6 @@ def pairs(spec: str) -> list[tuple[int, int]]:
             a, b = part.split(":")
             out.append((int(a), int(b)))
     return out
-
-
-def _cpu_times() -> tuple[int, int]:
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return sum(fields), fields[3] + fields[4]
-
-
-def _own_cpu() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-class OtherLoad:
-    """Share of the machine's CPU time that other processes used meanwhile (as in bench/late.py)."""
-
-    share = 0.0
-
-    def __enter__(self) -> OtherLoad:
-        self._start = (_cpu_times(), _own_cpu())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        (total0, idle0), own0 = self._start
-        total1, idle1 = _cpu_times()
-        tick = os.sysconf("SC_CLK_TCK")
-        busy = ((total1 - total0) - (idle1 - idle0)) / tick
-        self.share = 100 * max(busy - (_own_cpu() - own0), 0.0) / max((total1 - total0) / tick, 1e-9)
 
 
 def cached_build(folder: Path, settings: dict, rebuild: bool) -> float | None:
