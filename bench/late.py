@@ -108,6 +108,7 @@ DIM = 384
 PYLATE_VENV = REPO / "bench" / ".pylate-venv"
 RUNNER = REPO / "bench" / "pylate_runner.py"
 TRUTH_CHUNK = 1 << 17
+SYNTHETIC_CHUNK = 4096  # items generated per draw (the draws' order fixes the data)
 PLAID_GRID = "8:256,8:1024,16:1024,32:4096,8:8192"
 VOYAGER_GRID = "32:16,64:32,200:100"
 
@@ -185,17 +186,28 @@ class Topics:
         w = 1.0 / np.arange(1, self.n_topics + 1) ** 0.6
         self.topic_p = w / w.sum()
 
-    def items(self, n: int, length: int, rng: np.random.Generator, noise: float = 0.45, stop: float = 0.15):  # noqa: ANN201
+    NOISE = 0.45  # a token is unit(term + NOISE * jitter), E|jitter|^2 = 1
+    STOP = 0.15  # the share of stop-word tokens
+
+    def items(self, n: int, length: int, rng: np.random.Generator) -> np.ndarray:
+        base, jitter = self.parts(n, length, rng)
+        return unit(base + self.NOISE * jitter)
+
+    def parts(self, n: int, length: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(terms [n, length, D], jitter [n, length, D]) of ``n`` items, before they are mixed and normalised."""
         k = rng.integers(1, 4, size=n)
         picked = rng.choice(self.n_topics, size=(n, 3), p=self.topic_p)
         which = (rng.random((n, length)) * k[:, None]).astype(np.int64)
         topic = picked[np.arange(n)[:, None], which]
         term = rng.choice(self.PER_TOPIC, size=(n, length), p=self.term_p)
         base = self.terms[topic, term]
-        is_stop = rng.random((n, length)) < stop
+        is_stop = rng.random((n, length)) < self.STOP
         base[is_stop] = self.stop[rng.integers(0, self.STOP_WORDS, int(is_stop.sum()))]
-        jitter = self.gauss(rng, (n, length, self.dim)) / np.sqrt(self.dim)
-        return unit(base + noise * jitter)
+        return base, self.gauss(rng, (n, length, self.dim)) / np.sqrt(self.dim)
+
+    def jitter_covariance(self) -> np.ndarray:
+        """float64 [D, D]: the covariance of one jitter vector."""
+        return self.colour.T.astype(np.float64) @ self.colour / self.dim
 
     def gauss(self, rng: np.random.Generator, shape: int | tuple) -> np.ndarray:
         return rng.standard_normal(shape, dtype=np.float32) @ self.colour
@@ -261,8 +273,8 @@ def synthetic(
         world = Topics(n, DIM, seed, isotropic)
         rng = np.random.default_rng([seed, 1])
         vectors = np.empty((n * tokens, DIM), dtype=np.float16)
-        for start in range(0, n, 4096):
-            m = min(4096, n - start)
+        for start in range(0, n, SYNTHETIC_CHUNK):
+            m = min(SYNTHETIC_CHUNK, n - start)
             vectors[start * tokens : (start + m) * tokens] = world.items(m, tokens, rng).reshape(-1, DIM)
         queries = world.items(n_queries, q_tokens, np.random.default_rng([seed, 2]))
         notes = [
@@ -353,15 +365,21 @@ def truth_scores(data: DataSet, tokens: int) -> np.ndarray:
         return np.load(path)
     log(f"{data.name}: exhaustive MaxSim of {len(data.queries)} queries over {data.items} items")
     t0 = time.perf_counter()
-    q = data.queries.reshape(-1, data.queries.shape[2]).astype(np.float32)
-    nq, lq = data.queries.shape[:2]
-    out = np.empty((nq, data.items), dtype=np.float32)
-    for start in range(0, len(data.vectors), TRUTH_CHUNK):
-        x = np.asarray(data.vectors[start : start + TRUTH_CHUNK], dtype=np.float32)
-        sim = (q @ x.T).reshape(nq, lq, -1, tokens)
-        out[:, start // tokens : (start + len(x)) // tokens] = sim.max(axis=3).mean(axis=1)
+    out = maxsim_all(data.vectors, data.queries, tokens)
     np.save(path, out)
     log(f"{data.name}: truth in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def maxsim_all(vectors: np.ndarray, queries: np.ndarray, tokens: int) -> np.ndarray:
+    """float32 [Q, N]: MaxSim of queries [Q, Lq, D] against every item of ``tokens`` consecutive vectors."""
+    q = queries.reshape(-1, queries.shape[2]).astype(np.float32)
+    nq, lq = queries.shape[:2]
+    out = np.empty((nq, len(vectors) // tokens), dtype=np.float32)
+    for start in range(0, len(vectors), TRUTH_CHUNK):
+        x = np.asarray(vectors[start : start + TRUTH_CHUNK], dtype=np.float32)
+        sim = (q @ x.T).reshape(nq, lq, -1, tokens)
+        out[:, start // tokens : (start + len(x)) // tokens] = sim.max(axis=3).mean(axis=1)
     return out
 
 
