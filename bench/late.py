@@ -58,8 +58,10 @@ PyLate also with torch.set_num_threads(--threads). xmodal's products run in bloc
 vCPUs behave like one core's hyperthreads), while one-thread blocks on two threads gain ~1.3x on a quiet machine.
 
 Prints markdown tables (progress on stderr), and how much CPU other processes took during each system's queries.
-Full run: about 30 minutes with the PyLate indexes cached (more than an hour the first time); ``--quick`` (10k
-items, 100 queries): a few minutes.
+Full run: about 30 minutes with the PyLate indexes cached. The first time, PyLate's builds dominate: on
+2026-12-03, PLAID at nbits 4 took 2,434 s and Voyager 798 s on the synthetic set, so every PyLate index on both
+sets takes about 3 hours (``--plaid-nbits 4`` halves PLAID's share); ``--quick`` (10k items, 100 queries): a few
+minutes.
 """
 
 from __future__ import annotations
