@@ -222,7 +222,7 @@ def tower_setups(encoder: Encoder, tower: str, size: str, captions: list[str]) -
     """{batch size: [feeds]}, the tower's preprocessed inputs: real captions, photos, spoken digits when present."""
     n_batches, n_single = PLAN[(tower, size)]
     need = n_batches * BATCH + n_single
-    pre = encoder._preprocessor(tower)
+    pre = encoder.preprocessor(tower)
     rng = np.random.default_rng(3)
     if tower == "text":
         items: list[Any] = [captions[i] for i in rng.choice(len(captions), size=need, replace=len(captions) < need)]
@@ -417,7 +417,7 @@ def bench_preprocessing(bundle: Path, modality: str, files: list[Path], passes: 
     """decode every file, then ``pre(batch)`` on batches of 32; the best of ``passes`` (files stay in the page
     cache after the first, untimed, pass)."""
     enc = Encoder(bundle, device="cpu", threads=1)
-    pre = enc._preprocessor(modality)
+    pre = enc.preprocessor(modality)
     decoded = [pre.decode(p) for p in files]  # warm: page cache, lazy imports, soxr and FFT plans
 
     def decode_all() -> list:

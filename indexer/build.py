@@ -188,6 +188,17 @@ def calibration_stats(vectors: np.ndarray, ranges: dict[str, list[int]], seed: i
     return stats
 
 
+# How items.sqlite names a media row's file; indexes without it (older builds) cannot show their media.
+MEDIA_SOURCES = "absolute-path"
+
+
+def row_source(item: CorpusItem, modality: str) -> str:
+    """An image or audio row's file as an absolute path (so the service can show it, whatever its working
+    directory); a text row's corpus line."""
+    media = getattr(item, modality) if modality in MEDIA else None
+    return str(Path(media).resolve()) if media is not None else item.source
+
+
 def build_index(
     *,
     indexes_dir: Path,
@@ -242,10 +253,12 @@ def build_index(
             "providers": encoder.providers,
             "corpus": str(corpus_path) if corpus_path else None,
             "corpus_sha256": corpus_digest(corpus_path) if corpus_path else None,
+            "media_sources": MEDIA_SOURCES,
         },
         files={
             DENSE: "FAISS index of item vectors (one per item and modality); ids are row numbers",
-            ITEMS: "SQLite table items(row, id, modality, source, text, metadata JSON)",
+            ITEMS: "SQLite table items(row, id, modality, source, text, metadata JSON); the source of an image or "
+            "audio row is its media file's absolute path, of a text row its corpus line",
             MANIFEST: "this file",
         },
     )
@@ -264,7 +277,7 @@ def build_index(
                     i,
                     r.item.id,
                     r.modality,
-                    str(r.item.image) if r.modality == "image" else r.item.source,
+                    row_source(r.item, r.modality),
                     r.item.text,
                     r.item.metadata,
                 )

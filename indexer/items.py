@@ -51,5 +51,20 @@ class ItemStore:
             r: {"id": i, "modality": m, "source": s, "text": t, "metadata": json.loads(md)} for r, i, m, s, t, md in cur
         }
 
+    def sources(self, ids: list[str], modalities: tuple[str, ...] = ("image", "audio")) -> dict[str, dict[str, str]]:
+        """For each of ``ids`` that has rows of ``modalities``: {modality: source}. One query, on the
+        (id, modality) unique index; ids not in the store are absent."""
+        if not ids or not modalities:
+            return {}
+        marks, kinds = ",".join("?" * len(ids)), ",".join("?" * len(modalities))
+        cur = self._con.execute(
+            f"SELECT id, modality, source FROM items WHERE id IN ({marks}) AND modality IN ({kinds})",
+            [*ids, *modalities],
+        )
+        out: dict[str, dict[str, str]] = {}
+        for item_id, modality, source in cur:
+            out.setdefault(item_id, {})[modality] = source
+        return out
+
     def close(self) -> None:
         self._con.close()

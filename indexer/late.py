@@ -281,11 +281,10 @@ def _slab_scores(sim: np.ndarray, group_len: np.ndarray, symmetric: bool) -> np.
     return out
 
 
-def best_matches(query: np.ndarray, item_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each query token, the item token it matched best and that similarity: why an item ranked."""
-    sim = np.ascontiguousarray(query, dtype=np.float32) @ np.asarray(item_tokens, dtype=np.float32).T
-    best = sim.argmax(axis=1)
-    return best, sim[np.arange(len(best)), best]
+def similarities(query: np.ndarray, item_tokens: np.ndarray) -> np.ndarray:
+    """[Lq, T] float32: each query token against each of an item row's tokens (why an item ranked: the argmax of
+    a row is the token that query token matched best)."""
+    return np.ascontiguousarray(query, dtype=np.float32) @ np.asarray(item_tokens, dtype=np.float32).T
 
 
 def exact_scores(

@@ -10,7 +10,7 @@ import numpy as np
 
 from indexer import faiss_backend
 from indexer.items import ItemStore
-from indexer.late import SCOPES, LateParams, best_matches, late_search
+from indexer.late import SCOPES, LateParams, late_search, similarities
 from indexer.layout import DENSE, ITEMS, TOKENS, IndexDir, IndexManifest
 from indexer.tokens import TokenStore
 from models.errors import FingerprintMismatch, InvalidInput
@@ -36,6 +36,7 @@ class TokenMatch:
     item_token: int
     item_tokens: int  # how many tokens that row has
     similarity: float
+    heat: np.ndarray | None = None  # with a heat map: the query token's similarity to each of that row's tokens
 
 
 @dataclass
@@ -46,6 +47,7 @@ class LateRequest:
     vector: np.ndarray | None = None
     params: LateParams = field(default_factory=LateParams)
     explain: bool = False
+    heatmap: bool = False  # with explain: each query token's similarity to every token of the row it matched in
 
 
 class LoadedIndex:
@@ -134,7 +136,7 @@ class LoadedIndex:
         if query.explain:
             rows_of = {id(hit): rows for pairs in found.values() for hit, rows in pairs}
             for hit in hits:
-                hit.matches = self._explain(tokens, rows_of[id(hit)])
+                hit.matches = self._explain(tokens, rows_of[id(hit)], query.heatmap)
         return hits
 
     def require_tokens(self) -> TokenStore:
@@ -194,17 +196,21 @@ class LoadedIndex:
             self._allowed[targets] = allowed, len(np.unique(self.require_tokens().row_item[allowed]))
         return self._allowed[targets]
 
-    def _explain(self, tokens: np.ndarray, rows: np.ndarray) -> list[TokenMatch]:
-        """Each query token's best match among the tokens of ``rows`` (one row, or an item's rows for scope all)."""
+    def _explain(self, tokens: np.ndarray, rows: np.ndarray, heatmap: bool = False) -> list[TokenMatch]:
+        """Each query token's best match among the tokens of ``rows`` (one row, or an item's rows for scope all);
+        with ``heatmap``, also its similarity to every token of the row that match is in."""
         best: list[TokenMatch | None] = [None] * len(tokens)
         for row in rows.tolist():
             item_tokens = self.tokens.row_tokens(row)
             if len(item_tokens) == 0:
                 continue
-            index, sim = best_matches(tokens, item_tokens)
-            for i, (j, s) in enumerate(zip(index.tolist(), sim.tolist(), strict=True)):
+            sim = similarities(tokens, item_tokens)
+            index = sim.argmax(axis=1)
+            for i, j in enumerate(index.tolist()):
+                s = float(sim[i, j])
                 if best[i] is None or s > best[i].similarity:
-                    best[i] = TokenMatch(i, self._modality_of(row), j, len(item_tokens), s)
+                    heat = sim[i] if heatmap else None
+                    best[i] = TokenMatch(i, self._modality_of(row), j, len(item_tokens), s, heat)
         return [m for m in best if m is not None]
 
     def _modality_of(self, row: int) -> str:

@@ -71,7 +71,8 @@ class Encoder:
     def modalities(self) -> list[str]:
         return sorted(self.manifest.towers)
 
-    def _preprocessor(self, modality: str) -> Any:
+    def preprocessor(self, modality: str) -> Any:
+        """The tower's preprocessor (tokenizer, image resizer, audio features), for callers that need its geometry."""
         if modality not in self._pre:
             raise InvalidInput(f"model {self.name} has no {modality} tower (it has {self.modalities})")
         return self._pre[modality]
@@ -86,13 +87,17 @@ class Encoder:
 
     def text_token_strings(self, text: str) -> list[str]:
         """The strings of the tokens ``encode_text_tokens`` returns vectors for, one per vector."""
-        return self._preprocessor("text").token_strings(text)
+        return self.preprocessor("text").token_strings(text)
+
+    def text_token_spans(self, text: str) -> list[tuple[int, int] | None]:
+        """Character offsets in ``text`` of each token ``text_token_strings`` names (None: a special token)."""
+        return self.preprocessor("text").token_spans(text)
 
     def count_tokens(self, texts: list[str]) -> list[int]:
-        return self._preprocessor("text").lengths(texts)
+        return self.preprocessor("text").lengths(texts)
 
     def _encode_texts(self, texts: list[str], batch_size: int, with_tokens: bool) -> TokenOutput:
-        pre = self._preprocessor("text")
+        pre = self.preprocessor("text")
         if any(not t.strip() for t in texts):
             raise InvalidInput("texts to encode must not be empty")
         # Sort by token length so each batch pads to a similar width: less work for the same result.
@@ -103,7 +108,7 @@ class Encoder:
     def decode(self, modality: str, data: bytes | Path) -> Any:
         """An image file → RGB PIL image; an audio file → mono float32 waveform at the tower's rate.
         InvalidInput says why the bytes or file cannot be used."""
-        return self._preprocessor(modality).decode(data)
+        return self.preprocessor(modality).decode(data)
 
     def encode_media(self, modality: str, decoded: Sequence[Any], batch_size: int = 16) -> np.ndarray:
         """Decoded images or waveforms (see ``decode``) → [len(decoded), dim] float32, L2-normalised."""
@@ -115,7 +120,7 @@ class Encoder:
     def _encode_media(self, modality: str, decoded: Sequence[Any], batch_size: int, with_tokens: bool) -> TokenOutput:
         if modality == "text":
             raise InvalidInput("texts go through encode_text")
-        pre = self._preprocessor(modality)
+        pre = self.preprocessor(modality)
         order = np.arange(len(decoded))
         return self._run(
             modality, len(decoded), order, lambda idx: pre([decoded[i] for i in idx]), batch_size, with_tokens

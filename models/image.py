@@ -136,6 +136,17 @@ class ImagePreprocessor:
         new_long = int(size * long / short)
         return (size, new_long) if width <= height else (new_long, size)
 
+    def view_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """The part of a ``width`` x ``height`` image the model sees, in its pixels (left, top, right, bottom):
+        the centre crop mapped back through the resize. It may reach past the image where the crop zero-pads."""
+        crop = self.config.crop_size
+        if crop is None:
+            return 0.0, 0.0, float(width), float(height)
+        rw, rh = self.resized_size(width, height)
+        left, top = (rw - crop) // 2, (rh - crop) // 2
+        sx, sy = width / rw, height / rh
+        return left * sx, top * sy, (left + crop) * sx, (top + crop) * sy
+
     def _pixels(self, image: Image.Image) -> np.ndarray:
         """One image → uint8 [S, S, 3], resized and centre-cropped."""
         image = to_rgb(image)

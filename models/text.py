@@ -28,6 +28,16 @@ class TextPreprocessor:
         enc = self.tokenizer.encode(text)
         return [t for t, m in zip(enc.tokens, enc.attention_mask, strict=True) if m]
 
+    def token_spans(self, text: str) -> list[tuple[int, int] | None]:
+        """Where each real token of ``token_strings`` lies in ``text`` (character offsets, end exclusive);
+        None for a special token such as ``[CLS]``, which stands for no characters."""
+        enc = self.tokenizer.encode(text)
+        return [
+            (a, b) if b > a and not special else None
+            for (a, b), m, special in zip(enc.offsets, enc.attention_mask, enc.special_tokens_mask, strict=True)
+            if m
+        ]
+
     def lengths(self, texts: list[str]) -> list[int]:
         return [len(e.ids) for e in self.tokenizer.encode_batch(texts)]
 

@@ -13,6 +13,8 @@ from starlette.concurrency import run_in_threadpool
 from service.errors import install_error_handlers
 from service.events import listen
 from service.middleware import BodyLimit, CountRequests
+from service.page import mount_static
+from service.page import router as page_router
 from service.routes import router
 from service.settings import Settings
 from service.state import ServiceState
@@ -56,6 +58,8 @@ def create_app(settings: Settings) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(page_router)
+    mount_static(app)
 
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(CountRequests)

@@ -412,6 +412,7 @@ def demo(
 
     Example: xmodal demo --port 8000
     """
+    from indexer.build import MEDIA_SOURCES
     from indexer.demo import write_media_demo
     from indexer.layout import IndexDir
     from models.bundle import load_manifest
@@ -425,12 +426,13 @@ def demo(
     d = IndexDir(s.indexes_dir, "demo")
     current = d.manifest() if d.exists() else None
     # Rebuild when the corpus or the model changed (a re-exported model gets a new fingerprint), or the index
-    # predates late interaction.
+    # predates late interaction or media paths (the search page shows the pictures and sounds).
     if (
         current
         and current.build.get("corpus_sha256") == sha256_file(corpus)
         and current.model["fingerprint"] == fingerprint
         and current.tokens is not None
+        and current.build.get("media_sources") == MEDIA_SOURCES
     ):
         console.print(f"demo index up to date (version {current.version})")
     else:

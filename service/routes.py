@@ -24,6 +24,7 @@ from indexer.search import Hit, LateRequest, LoadedIndex
 from models.errors import InvalidInput
 from service.cache import result_key
 from service.explain import describe
+from service.media import media_of
 from service.schemas import ErrorResponse, LateOptions, Result, SearchRequest, SearchResponse, TokenMatch
 from service.state import ServiceState, get_state, now_ms
 
@@ -64,7 +65,8 @@ async def search(req: SearchRequest, state: ServiceState = Depends(get_state)) -
             else:
                 vec = state.given_vector(req.query.embedding or [])
             hits = await run_in_threadpool(index.search, vec, req.k, req.modalities, req.filter, req.query.modality)
-            results = [result(h) for h in hits]
+            media = await run_in_threadpool(media_of, index, [h.id for h in hits])
+            results = [result(h, media=media.get(h.id)) for h in hits]
         if not cached:
             payload = json.dumps([r.model_dump(exclude_none=True) for r in results]).encode()
             await state.cache.set(key, payload, settings.result_ttl_s)
@@ -89,14 +91,20 @@ async def late_results(req: SearchRequest, index: LoadedIndex, state: ServiceSta
         modality = "image" if req.query.image is not None else "audio"
         out = await state.media_tokens(modality, decode_base64(getattr(req.query, modality), f"query.{modality}"))
     options = req.late or LateOptions()
-    query = LateRequest(out.tokens[0], out.embedding[0], options.params(), explain=options.explain)
+    query = LateRequest(
+        out.tokens[0], out.embedding[0], options.params(), explain=options.explain, heatmap=options.heatmap
+    )
     hits = await run_in_threadpool(index.search_late, query, req.k, req.modalities, req.filter, req.query.modality)
     encoder = state.require_encoder()
     pooled = (index.manifest.tokens or {}).get("pool_factor", 1) > 1
-    return [result(h, describe(h, encoder, req.query.text, pooled) if options.explain else None) for h in hits]
+    media = await run_in_threadpool(media_of, index, [h.id for h in hits])
+    return [
+        result(h, describe(h, encoder, req.query.text, pooled) if options.explain else None, media.get(h.id))
+        for h in hits
+    ]
 
 
-def result(hit: Hit, matches: list[TokenMatch] | None = None) -> Result:
+def result(hit: Hit, matches: list[TokenMatch] | None = None, media: list[str] | None = None) -> Result:
     return Result(
         id=hit.id,
         score=hit.score,
@@ -105,6 +113,7 @@ def result(hit: Hit, matches: list[TokenMatch] | None = None) -> Result:
         text=hit.text,
         metadata=hit.metadata,
         matches=matches,
+        media=media,
     )
 
 

@@ -56,6 +56,17 @@ class LateOptions(BaseModel):
     )
     symmetric: bool = Field(LateParams.symmetric, description="average FILIP's two directions (query→item, item→query)")
     explain: bool = Field(False, description="return each query token's best-matching item token (word, patch, frame)")
+    heatmap: bool = Field(
+        False,
+        description="with explain: also each query token's similarity to every token of the row it matched in "
+        "(`matches[].heat`: a patch grid for an image, frames for a sound, words for a text)",
+    )
+
+    @model_validator(mode="after")
+    def _heatmap_explains(self) -> LateOptions:
+        if self.heatmap:
+            self.explain = True  # a heat map is an explanation: it comes with the matches it belongs to
+        return self
 
     def params(self) -> LateParams:
         return LateParams(
@@ -92,6 +103,15 @@ class TokenMatch(BaseModel):
     modality: str = Field(description="the modality of the matched item token")
     item_token: int = Field(description="position of the matched token in that modality's token set")
     where: str = Field(description="the matched token: a word, an image patch, an audio frame span")
+    box: list[float] | None = Field(
+        None,
+        description="[left, top, right, bottom] as fractions of the item's picture: of the image as the model sees "
+        "it (its centre crop: the page's thumbnail) for a patch, of the clip window (the page's waveform) for frames",
+    )
+    chars: list[int] | None = Field(None, description="[start, end) character offsets of a matched word in `text`")
+    heat: list[float] | None = Field(
+        None, description="late.heatmap: the query token's similarity to each token of that row, in token order"
+    )
     similarity: float
 
 
@@ -106,6 +126,9 @@ class Result(BaseModel):
     text: str | None = None
     metadata: dict[str, Any]
     matches: list[TokenMatch] | None = Field(None, description="late search with explain: per query token")
+    media: list[str] | None = Field(
+        None, description="the item's modalities that have a file to show (GET /v1/indexes/{index}/media)"
+    )
 
 
 class SearchResponse(BaseModel):

@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(10 << 20, ge=1024, description="larger request bodies get 413 (base64 images count)")
     max_text_chars: int = Field(4096, ge=1)
     max_inflight: int = Field(64, ge=1, description="concurrent searches before 429")
+    serve_media: bool = Field(
+        True, description="serve the indexed items' own pictures and sounds (by item id) for the search page at /"
+    )
+    media_cache_bytes: int = Field(64 << 20, ge=0, description="rendered thumbnails and waveforms kept in memory")
     reload_interval_s: float = Field(2.0, ge=0, description="how often to look for newly published versions; 0 = never")
 
     @property

@@ -23,6 +23,7 @@ from models.encoder import Encoder, TokenOutput
 from models.errors import IndexNotFound, InvalidInput, XmodalError
 from service.cache import Cache, CircuitBreaker, LocalCache, RedisCache, embedding_key
 from service.errors import NotReady, Overloaded
+from service.media import MediaRenderer
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class ServiceState:
         self.model_error: str | None = None
         self.cache: Cache = make_cache(settings)
         self.metrics = Metrics()
+        self.media = MediaRenderer(settings.media_cache_bytes)
         self._inflight = 0
 
     # --- loading -------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -102,3 +103,33 @@ def test_bad_late_requests(client: TestClient, body: dict, status: int, fragment
     r = search(client, **body)
     assert r.status_code == status, r.text
     assert fragment in r.text
+
+
+def test_late_heatmap_and_highlight_geometry(client: TestClient) -> None:
+    """`late.heatmap` gives each query token's similarity to every token of the row it matched in; the page draws
+    it over the thumbnail (a patch grid), the waveform (frames) or the caption (character offsets)."""
+    for modality, query in (
+        ("image", "two red circles"),
+        ("audio", "three short high beeps"),
+        ("text", "a red circle"),
+    ):
+        r = search(client, query={"text": query}, modalities=[modality], k=3, mode="late", late={"heatmap": True})
+        assert r.status_code == 200, r.text
+        for hit in r.json()["results"]:
+            for m in hit["matches"]:  # heatmap implies explain
+                heat = np.array(m["heat"])
+                assert len(heat) > 1 and int(heat.argmax()) == m["item_token"]
+                assert heat.max() == pytest.approx(m["similarity"], abs=1e-4)
+                if modality == "image":  # xmodal-mini: a 4x4 patch grid, no class token
+                    row, col = divmod(m["item_token"], 4)
+                    assert m["box"] == pytest.approx([col / 4, row / 4, (col + 1) / 4, (row + 1) / 4])
+                elif modality == "audio":
+                    n = len(heat)
+                    assert m["box"] == pytest.approx([m["item_token"] / n, 0, (m["item_token"] + 1) / n, 1], abs=1e-5)
+                else:
+                    start, end = m["chars"] or (0, 0)
+                    word = m["where"].removeprefix("word ").strip("'")
+                    if m["chars"] is not None:  # special tokens ([CLS], [SEP]) stand for no characters
+                        assert hit["text"][start:end].lower() == word.removeprefix("##")
+    plain = search(client, query={"text": "two red circles"}, k=3, mode="late", late={"explain": True})
+    assert all(m.get("heat") is None for hit in plain.json()["results"] for m in hit["matches"])
