@@ -396,7 +396,11 @@ def _serve(s: Settings, banner: str = "") -> None:
     from service.app import create_app
 
     # Plain print: rich would wrap the curl example, and a wrapped command cannot be pasted.
-    print(f"xmodal listening on http://{s.host}:{s.port} (API docs at /docs){banner}", file=sys.stderr, flush=True)
+    print(
+        f"xmodal listening on http://{s.host}:{s.port} (search page at /, API docs at /docs){banner}",
+        file=sys.stderr,
+        flush=True,
+    )
     uvicorn.run(create_app(s), host=s.host, port=s.port, log_level="info", access_log=False)
 
 
@@ -450,7 +454,8 @@ def demo(
         )
     base = f"http://{s.host}:{s.port}"
     example = (
-        f"\n\nTry:\n  curl -s {base}/v1/search -H 'content-type: application/json' "
+        f"\n\nOpen the search page: {base}/\n"
+        f"\nTry:\n  curl -s {base}/v1/search -H 'content-type: application/json' "
         '-d \'{"index": "demo", "query": {"text": "two red circles"}, "modalities": ["image"], "k": 3}\'\n'
         f"  curl -s {base}/v1/search -H 'content-type: application/json' "
         '-d \'{"index": "demo", "query": {"text": "two red circles"}, "modalities": ["image"], "k": 3, '

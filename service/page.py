@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import AfterValidator
 from starlette.concurrency import run_in_threadpool
 
 from indexer.search import LoadedIndex
@@ -30,6 +31,7 @@ PAGE_HEADERS = {
     "cache-control": "no-cache",
 }
 MEDIA_CACHE = "public, max-age=3600"
+THUMB_SIZES = (64, 128, 256, 512)
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 422, 503)}
 
 router = APIRouter()
@@ -95,6 +97,12 @@ async def media(
     )
 
 
+def _thumb_size(size: int) -> int:
+    if size not in THUMB_SIZES:
+        raise ValueError(f"size must be one of {list(THUMB_SIZES)}")
+    return size
+
+
 @router.get(
     "/v1/indexes/{name}/thumbnail",
     responses=ERRORS,
@@ -105,7 +113,7 @@ async def thumbnail(
     request: Request,
     name: str,
     id: str = ItemId,
-    size: int = Query(256, description="64, 128, 256 or 512 pixels"),
+    size: Annotated[int, Query(description="pixels a side: 64, 128, 256 or 512"), AfterValidator(_thumb_size)] = 256,
     state: ServiceState = Depends(get_state),
 ) -> Response:
     def render(index: LoadedIndex, encoder: Encoder, found: MediaFile) -> tuple[bytes, str]:

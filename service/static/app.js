@@ -217,7 +217,7 @@ async function runSearch({ push = true, like = null } = {}) {
       body: JSON.stringify(body),
     });
     if (seq !== searchSeq) return; // a newer search has started
-    render(out, queryText);
+    render(out, queryText, Object.keys(query)[0]);
   } catch (err) {
     if (seq !== searchSeq) return;
     showError(err.message, err.status);
@@ -231,7 +231,7 @@ async function runSearch({ push = true, like = null } = {}) {
 }
 
 // --- results ----------------------------------------------------------------------------------------------------
-function render(out, queryText) {
+function render(out, queryText, queryModality) {
   state.results = out.results;
   const list = $("results");
   list.replaceChildren(...out.results.map((r, i) => card(out.index, r, i)));
@@ -239,7 +239,7 @@ function render(out, queryText) {
   setStatus(`${n} result${n === 1 ? "" : "s"} · ${out.took_ms.toFixed(1)} ms · ${out.cached ? "from the cache" : "not cached"}`
     + ` · ${out.mode} · ${out.model} · version ${out.index_version}`);
   if (!n) setStatus("No result: try other words, other targets or no filter.");
-  renderTokens(out.results, queryText);
+  renderTokens(out.results, queryText, queryModality);
 }
 
 function card(index, r, position) {
@@ -295,7 +295,10 @@ function moreLike(r, visualModality) {
 }
 
 // Late interaction explained: each query token, and where its best match lies in each result.
-function renderTokens(results, queryText) {
+// A text query's tokens are its words; a picture's, its patches; a sound's, its frames.
+const TOKEN_NAMES = { image: "patch", audio: "frame" };
+
+function renderTokens(results, queryText, queryModality) {
   const bar = $("tokens");
   const list = $("token-list");
   const first = results.find((r) => r.matches && r.matches.length);
@@ -306,11 +309,11 @@ function renderTokens(results, queryText) {
   }
   const labels = new Map();
   for (const r of results) for (const m of r.matches || []) {
-    if (!labels.has(m.query_token)) labels.set(m.query_token, m.query_text || `token ${m.query_token}`);
+    if (!labels.has(m.query_token)) labels.set(m.query_token, m.query_text || `${TOKEN_NAMES[queryModality] || "token"} ${m.query_token}`);
   }
   list.replaceChildren(...[...labels.entries()].sort((a, b) => a[0] - b[0]).map(([i, label]) => {
     const show = () => highlight(i);
-    return el("button", { type: "button", class: "token", "data-token": i, text: label, title: queryText ? "" : "a token of the query file",
+    return el("button", { type: "button", class: "token", "data-token": i, text: label, title: queryText ? "" : `a ${TOKEN_NAMES[queryModality] || "token"} of the query file`,
       onmouseenter: show, onfocus: show, onmouseleave: clearHighlight, onblur: clearHighlight });
   }));
   bar.hidden = false;
