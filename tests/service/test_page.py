@@ -207,6 +207,22 @@ def test_uploaded_picture_and_sound_find_themselves(browser, server, page, media
     browser.find_element(By.ID, "clear-file").click()
     assert not browser.find_element(By.ID, "query-file").is_displayed()
 
+    # dropped on the drop zone (a real drop event carrying the file's bytes, as a file manager sends it)
+    set_targets(browser, {"image"})
+    before = searches(browser)
+    browser.execute_script(
+        "const [zone, done] = arguments;"
+        "fetch('/v1/indexes/media/media?id=img-00021').then(r => r.blob()).then(blob => {"
+        "  const data = new DataTransfer();"
+        "  data.items.add(new File([blob], 'dropped.png', {type: 'image/png'}));"
+        "  zone.dispatchEvent(new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true}));"
+        "});",
+        browser.find_element(By.ID, "drop"),
+    )
+    search_done(browser, before)
+    assert card_ids(browser)[0] == "img-00021"
+    assert "dropped.png" in browser.find_element(By.ID, "query-file-name").text
+
 
 def spot_box(browser, card) -> list[float]:
     """The highlight's box as fractions of its picture, read from the layout the browser computed."""
