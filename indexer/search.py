@@ -162,7 +162,8 @@ class LoadedIndex:
         allowed, n_items = self._allowed_rows(tuple(targets))
         extra = None
         if vector is not None and not params.exhaustive:
-            extra = np.concatenate([self._faiss_rows(vector, params.depth, t)[1] for t in targets])
+            # one row of ids per target modality, each as long as that modality allows
+            extra = np.concatenate([self._faiss_rows(vector, params.depth, t)[1][0] for t in targets])
             extra = extra[extra >= 0]
         fetch = min(n_items, k * 4 if filter else k)
         while True:

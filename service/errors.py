@@ -101,4 +101,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_req: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return error_response(500, "internal_error", f"internal error ({type(exc).__name__})")
+        # The server closes the connection after an unhandled error: say so, so keep-alive clients reconnect.
+        return error_response(
+            500, "internal_error", f"internal error ({type(exc).__name__})", headers={"connection": "close"}
+        )

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from indexer.corpus import AUDIO_SUFFIXES
@@ -25,7 +25,15 @@ from models.errors import InvalidInput
 from service.cache import result_key
 from service.explain import describe
 from service.media import media_of
-from service.schemas import ErrorResponse, LateOptions, Result, SearchRequest, SearchResponse, TokenMatch
+from service.schemas import (
+    ErrorResponse,
+    LateOptions,
+    RequestBody,
+    Result,
+    SearchRequest,
+    SearchResponse,
+    TokenMatch,
+)
 from service.state import ServiceState, get_state, now_ms
 
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 413, 415, 422, 429, 503)}
@@ -174,7 +182,8 @@ def decode_base64(value: str, field: str) -> bytes:
 MAX_EMBED_TEXTS, MAX_EMBED_MEDIA = 256, 32
 
 
-class EmbeddingsRequest(BaseModel):
+class EmbeddingsRequest(RequestBody):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields such as `user`
     input: str | list[str] = Field(description="texts, or images / audio files as base64 or data URIs")
     model: str | None = Field(None, description="must name the loaded model when given")
     encoding_format: Literal["float", "base64"] = Field("float", description="base64: little-endian float32")

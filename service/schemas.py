@@ -9,6 +9,39 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from indexer.late import LateParams
 
 Modality = Literal["text", "image", "audio"]
+MAX_JSON_DEPTH = 16  # far above any request this API defines; deep nesting only costs the server
+
+
+def check_json(value: Any, where: str = "body", depth: int = 0) -> None:
+    """What JSON allows but no request means: nesting deeper than MAX_JSON_DEPTH, and strings that are not
+    Unicode (a lone surrogate escape such as "\\ud800", which cannot be encoded, hashed or tokenized). A
+    ValueError, so a 422 that names the field, before any other validation."""
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"{where}: nested deeper than {MAX_JSON_DEPTH} levels")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where}: not valid Unicode (a lone surrogate such as \\ud800)") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_json(key, f"{where} (a key)", depth + 1)
+            check_json(item, f"{where}.{key}", depth + 1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_json(item, f"{where}[{i}]", depth + 1)
+
+
+class RequestBody(BaseModel):
+    """A JSON request body: unknown fields refused, and checked by ``check_json`` first."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_json(cls, data: Any) -> Any:
+        check_json(data)
+        return data
 
 
 class Query(BaseModel):
@@ -74,8 +107,7 @@ class LateOptions(BaseModel):
         )
 
 
-class SearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SearchRequest(RequestBody):
     index: str = Field(min_length=1, max_length=64)
     query: Query
     k: int = Field(10, ge=1, description="number of results (at most XMODAL_MAX_K)")

@@ -103,6 +103,29 @@ def test_bad_input_gets_a_clear_4xx(client: TestClient, body: dict, status: int,
     assert err["code"] == code and err["message"]
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"index": "demo", "query": {"text": "\\ud800"}}',  # a lone surrogate escape: valid JSON, not Unicode
+        '{"index": "demo", "query": {"text": "a"}, "filter": {"k": "\\udfff"}}',
+        '{"index": "demo", "query": {"text": "a"}, "filter": {"\\ud800": 1}}',
+        '{"index": "demo", "query": {"image": "\\ud800"}}',
+        '{"index": "demo", "query": {"text": "a"}, "filter": {"k": ' + "[" * 300 + "]" * 300 + "}}",
+        '{"index": "demo", "query": {"text": "a"}, "filter": {"k": ' + "[" * 5000 + "]" * 5000 + "}}",
+    ],
+)
+def test_json_that_no_request_means_is_a_4xx_not_a_500(client: TestClient, raw: str) -> None:
+    r = client.post("/v1/search", content=raw.encode(), headers={"content-type": "application/json"})
+    assert r.status_code in (400, 422), r.text
+    assert r.json()["error"]["message"]
+    r = client.post("/v1/embeddings", json={"input": "ok"})  # and the service is fine afterwards
+    assert r.status_code == 200
+    bad = client.post(
+        "/v1/embeddings", content=b'{"input": ["ok", "\\ud800"]}', headers={"content-type": "application/json"}
+    )
+    assert bad.status_code == 422 and "input[1]" in bad.json()["error"]["message"]
+
+
 def test_non_finite_embedding_is_rejected(client: TestClient) -> None:
     raw = '{"index": "demo", "query": {"embedding": [' + ",".join(["1e400"] * 384) + "]}}"
     r = client.post("/v1/search", content=raw, headers={"content-type": "application/json"})

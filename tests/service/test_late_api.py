@@ -133,3 +133,13 @@ def test_late_heatmap_and_highlight_geometry(client: TestClient) -> None:
                         assert hit["text"][start:end].lower() == word.removeprefix("##")
     plain = search(client, query={"text": "two red circles"}, k=3, mode="late", late={"explain": True})
     assert all(m.get("heat") is None for hit in plain.json()["results"] for m in hit["matches"])
+
+
+def test_late_scope_all_deeper_than_a_modality_holds(client: TestClient) -> None:
+    """Dense candidates come from each target modality's rows; a depth above one modality's row count (text has
+    more rows than images here) once made arrays of unequal length meet (a 500)."""
+    r = search(
+        client, query={"text": "a red circle"}, mode="late", k=5, late={"scope": "all", "depth": 5000, "explain": True}
+    )
+    assert r.status_code == 200, r.text
+    assert len(r.json()["results"]) == 5
