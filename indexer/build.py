@@ -16,6 +16,7 @@ import numpy as np
 
 from indexer import faiss_backend
 from indexer.corpus import MEDIA, CorpusItem
+from indexer.integrity import file_checksums
 from indexer.items import write_items
 from indexer.late_eval import measure_late
 from indexer.layout import DENSE, ITEMS, MANIFEST, TOKENS, IndexDir, IndexManifest, new_version_name
@@ -284,6 +285,7 @@ def build_index(
                 for i, r in enumerate(rows)
             ),
         )
+        manifest.checksums = file_checksums(tmp)  # last: every file is written
         atomic_write_json(tmp / MANIFEST, manifest.model_dump())
         replace_dir(tmp, target.versions_dir / version)
     if publish:

@@ -7,6 +7,8 @@ import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
 
+from models.errors import BundleError
+
 SCHEMA = """
 CREATE TABLE items (
     row INTEGER PRIMARY KEY,
@@ -47,9 +49,14 @@ class ItemStore:
         cur = self._con.execute(
             f"SELECT row, id, modality, source, text, metadata FROM items WHERE row IN ({marks})", rows
         )
-        return {
-            r: {"id": i, "modality": m, "source": s, "text": t, "metadata": json.loads(md)} for r, i, m, s, t, md in cur
-        }
+        out = {}
+        for r, i, m, s, t, md in cur:
+            try:
+                metadata = json.loads(md)
+            except (json.JSONDecodeError, TypeError):  # a damaged row (checksums catch it at load when present)
+                raise BundleError(f"row {r} of the items store is damaged: its metadata is not JSON") from None
+            out[r] = {"id": i, "modality": m, "source": s, "text": t, "metadata": metadata}
+        return out
 
     def sources(self, ids: list[str], modalities: tuple[str, ...] = ("image", "audio")) -> dict[str, dict[str, str]]:
         """For each of ``ids`` that has rows of ``modalities``: {modality: source}. One query, on the

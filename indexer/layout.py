@@ -46,6 +46,11 @@ class IndexManifest(BaseModel):
     )
     build: dict = Field(default_factory=dict)
     files: dict[str, str] = Field(description="what each file is")
+    checksums: dict[str, str] = Field(
+        default_factory=dict,
+        description="sha256 of every file of the version (tokens/ files by their path), checked before it is served; "
+        "empty in versions built before checksums were written",
+    )
 
 
 def check_name(name: str) -> str:
@@ -91,11 +96,20 @@ class IndexDir:
         return path
 
     def manifest(self, version: str | None = None) -> IndexManifest:
-        path = self.version_dir(version or self.current()) / MANIFEST
+        """The manifest of ``version`` (default: the published one). A version is the folder it is in: a
+        manifest that names another index or version (a copied folder) is refused."""
+        version = version or self.current()
+        path = self.version_dir(version) / MANIFEST
         try:
-            return IndexManifest.model_validate(read_json(path))
+            manifest = IndexManifest.model_validate(read_json(path))
         except (ValidationError, ValueError) as exc:
             raise BundleError(f"{path} is not a valid index manifest: {exc}") from exc
+        if (manifest.name, manifest.version) != (self.name, version):
+            raise BundleError(
+                f"index {self.name!r} version {version}: its manifest describes index {manifest.name!r} version "
+                f"{manifest.version} (a copied or moved folder); rebuild it, or publish the version it describes"
+            )
+        return manifest
 
     def publish(self, version: str) -> None:
         self.version_dir(version)  # refuses unknown or staging versions

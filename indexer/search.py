@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 
 from indexer import faiss_backend
+from indexer.integrity import check_version_files, consistency_problems
 from indexer.items import ItemStore
 from indexer.late import SCOPES, LateParams, late_search, similarities
 from indexer.layout import DENSE, ITEMS, TOKENS, IndexDir, IndexManifest
 from indexer.tokens import TokenStore
-from models.errors import FingerprintMismatch, InvalidInput
+from models.errors import BundleError, FingerprintMismatch, InvalidInput
 
 
 @dataclass
@@ -61,7 +62,11 @@ class LoadedIndex:
         version: str | None = None,
         use_gpu: bool = True,
         expect_fingerprint: str | None = None,
+        verify: bool = True,
     ) -> None:
+        """Load ``version`` (default: the published one) of index ``name``. BundleError (never a half-loaded
+        index) when a file fails its checksum (with ``verify``), the files disagree with the manifest, or the
+        model is not ``expect_fingerprint``."""
         d = IndexDir(indexes_dir, name)
         self.name = name
         self.manifest: IndexManifest = d.manifest(version)
@@ -73,10 +78,19 @@ class LoadedIndex:
                 f"{self.manifest.model['name']} ({fp[:12]}), not the loaded model ({expect_fingerprint[:12]})"
             )
         path = d.version_dir(self.version)
-        index = faiss_backend.read(path / DENSE)
+        if verify:
+            check_version_files(path, self.manifest)
+        try:
+            index = faiss_backend.read(path / DENSE)
+        except RuntimeError as exc:  # FAISS's reader on a damaged file (versions without checksums)
+            raise BundleError(f"index {name!r} version {self.version}: {DENSE} cannot be read ({exc})") from None
         faiss_backend.apply_params(index, self.manifest.faiss.get("params", {}))
-        self.index, self.device = faiss_backend.maybe_to_gpu(index, use_gpu)
         self.items = ItemStore(path / ITEMS)
+        problems = consistency_problems(self.manifest, index.d, index.ntotal, self.items.count)
+        if problems:
+            self.items.close()
+            raise BundleError(f"index {name!r} version {self.version} is inconsistent: {'; '.join(problems)}")
+        self.index, self.device = faiss_backend.maybe_to_gpu(index, use_gpu)
         self.modalities = sorted(m for m, n in self.manifest.counts.items() if n > 0)
         self.tokens = TokenStore(path / TOKENS) if self.manifest.tokens else None
         self._allowed: dict[tuple[str, ...], tuple[np.ndarray, int]] = {}

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -77,10 +78,12 @@ def staging_dir(parent: Path, final_name: str) -> Iterator[Path]:
     """A temporary folder beside the final one; removed if the block fails, left for the caller to rename.
 
     Staging folders start with ``.tmp-`` so that listings skip them and a crash leaves nothing that
-    looks published.
+    looks published; they carry the writer's pid, so ``remove_stale_staging`` can tell a dead writer's
+    leftovers from a running one's work.
     """
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final_name}-", dir=parent))
+    remove_stale_staging(parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final_name}-pid{os.getpid()}-", dir=parent))
     os.chmod(tmp, _default_mode(0o777))
     try:
         yield tmp
@@ -89,13 +92,40 @@ def staging_dir(parent: Path, final_name: str) -> Iterator[Path]:
         raise
 
 
+_STAGING_PID = re.compile(r"^\.(?:tmp|old)-.*-pid(\d+)-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_staging(parent: Path) -> list[Path]:
+    """Remove what writers killed mid-way left in ``parent`` (``.tmp-*``/``.old-*`` folders whose process is gone);
+    the folders of writers still running (or of unknown writers) are kept. Returns what was removed."""
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for path in parent.iterdir():
+        match = _STAGING_PID.match(path.name)
+        if match and path.is_dir() and not _alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move a fully written staging folder to ``final``, replacing an existing one as atomically as POSIX
     allows (the old folder is renamed aside first, then removed)."""
     fsync_tree(tmp)
     old = None
     if final.exists():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        old = final.with_name(f".old-{final.name}-pid{os.getpid()}-")
         os.replace(final, old)
     os.replace(tmp, final)
     fsync_dir(final.parent)

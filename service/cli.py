@@ -264,6 +264,7 @@ def index_build(
 
     from indexer.build import LateBuild, build_index
     from indexer.corpus import read_corpus
+    from indexer.layout import IndexDir
     from indexer.tokens import STORAGES
     from models.encoder import Encoder
 
@@ -274,6 +275,9 @@ def index_build(
     s = _settings(model=model)
     items = read_corpus(corpus)
     encoder = Encoder(s.model_dir, device=s.device, threads=s.threads)
+    served_model = _settings().model  # what `xmodal serve` loads here (XMODAL_MODEL)
+    before = IndexDir(s.indexes_dir, name)
+    previous = before.manifest() if before.exists() else None
     columns = (TextColumn("encoding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("encode", total=len(items))
@@ -309,6 +313,18 @@ def index_build(
         )
     if publish:
         _announce(s, name, m.version)
+        if s.model != served_model:
+            console.print(
+                f"[yellow]warning[/]: built with model {s.model!r}, but services here load {served_model!r} "
+                f"(XMODAL_MODEL): they refuse this version and keep serving the one they have; serve it with "
+                f"XMODAL_MODEL={s.model}"
+            )
+        if previous is not None and previous.model["fingerprint"] != encoder.fingerprint:
+            console.print(
+                f"[yellow]warning[/]: the previous version {previous.version} was built with model "
+                f"{previous.model['name']!r} ({previous.model['fingerprint'][:12]}); a service still running that "
+                f"model refuses this one; to roll back: xmodal index publish {name} {previous.version}"
+            )
     if m.build["failed"]:
         console.print(f"[yellow]{m.build['failed']} item(s) skipped[/] (could not be decoded):")
         for failure in m.build["failures"][:5]:

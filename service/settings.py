@@ -40,6 +40,9 @@ class Settings(BaseSettings):
         True, description="serve the indexed items' own pictures and sounds (by item id) for the search page at /"
     )
     media_cache_bytes: int = Field(64 << 20, ge=0, description="rendered thumbnails and waveforms kept in memory")
+    verify_checksums: bool = Field(
+        True, description="check every file of an index version against its manifest's sha256 before serving it"
+    )
     reload_interval_s: float = Field(2.0, ge=0, description="how often to look for newly published versions; 0 = never")
 
     @property

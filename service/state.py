@@ -80,38 +80,47 @@ class ServiceState:
             log.error("model not loaded: %s", exc.message)
 
     def refresh_indexes(self) -> None:
-        """Load indexes whose published version changed. An index that fails to load (or was built with
-        another model) is refused, and the version already loaded keeps serving."""
+        """Load indexes whose published version changed. A version that cannot be served (a damaged file, another
+        model, an unreadable manifest) is refused and listed with the reason, once in the log; the version already
+        loaded keeps serving; other indexes are not held up by it."""
         if self.encoder is None:
             return
         for name in list_indexes(self.settings.indexes_dir):
             try:
-                version = IndexDir(self.settings.indexes_dir, name).current()
-                if name in self.indexes and self.indexes[name].version == version:
-                    continue
-                loaded = LoadedIndex(
-                    self.settings.indexes_dir,
-                    name,
-                    version,
-                    use_gpu=self.settings.device != "cpu",
-                    expect_fingerprint=self.encoder.fingerprint,
-                )
-            except XmodalError as exc:
-                if self.index_errors.get(name) != exc.message:
-                    log.error("index %s not loaded: %s", name, exc.message)
-                self.index_errors[name] = exc.message
-                continue
-            old = self.indexes.get(name)
-            self.indexes[name] = loaded
-            self.index_errors.pop(name, None)
-            self.metrics.index_items.labels(name).set(loaded.size)
-            log.info(
-                "serving index %s version %s (%d items)%s",
-                name,
-                loaded.version,
-                loaded.size,
-                f", replacing {old.version}" if old else "",
-            )
+                self._refresh_one(name)
+            except Exception as exc:  # noqa: BLE001 - whatever one index does, the others keep swapping
+                message = exc.message if isinstance(exc, XmodalError) else f"{type(exc).__name__}: {exc}"
+                if self.index_errors.get(name) != message:
+                    if isinstance(exc, XmodalError):
+                        log.error("index %s not loaded: %s", name, message)
+                    else:
+                        log.exception("index %s not loaded", name)
+                self.index_errors[name] = message
+
+    def _refresh_one(self, name: str) -> None:
+        version = IndexDir(self.settings.indexes_dir, name).current()
+        old = self.indexes.get(name)
+        if old is not None and old.version == version:
+            self.index_errors.pop(name, None)  # e.g. rolled back to the version being served
+            return
+        loaded = LoadedIndex(
+            self.settings.indexes_dir,
+            name,
+            version,
+            use_gpu=self.settings.device != "cpu",
+            expect_fingerprint=self.encoder.fingerprint,
+            verify=self.settings.verify_checksums,
+        )
+        self.indexes[name] = loaded
+        self.index_errors.pop(name, None)
+        self.metrics.index_items.labels(name).set(loaded.size)
+        log.info(
+            "serving index %s version %s (%d items)%s",
+            name,
+            loaded.version,
+            loaded.size,
+            f", replacing {old.version}" if old else "",
+        )
 
     async def watch_indexes(self) -> None:
         while True:
@@ -128,7 +137,9 @@ class ServiceState:
 
     # --- serving -------------------------------------------------------------------------------
     def ready(self) -> bool:
-        return self.encoder is not None
+        """The model is loaded and every published index has a version being served (a refused new version
+        while an older one serves is degraded, not unready)."""
+        return self.encoder is not None and all(name in self.indexes for name in self.index_errors)
 
     def require_encoder(self) -> Encoder:
         if self.encoder is None:

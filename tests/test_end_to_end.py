@@ -79,6 +79,14 @@ def test_cli_build_info_verify_and_errors(data: Path, tmp_path: Path) -> None:
     missing = cli(data, "index", "info", "nope")
     assert missing.returncode == 1 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
 
+    # built with a model the service here does not load: published, and said so with the way back
+    other = cli(data, "index", "build", "--name", "aero", "--corpus", str(corpus), "--model", "all-minilm-l6-v2")
+    assert other.returncode == 0, other.stderr
+    said = " ".join(other.stderr.split())
+    assert "services here load 'xmodal-mini'" in said and "XMODAL_MODEL=all-minilm-l6-v2" in said
+    assert f"xmodal index publish aero {info['version']}" not in said  # the previous version was the late one
+    assert "to roll back: xmodal index publish aero" in said
+
 
 def test_serve_over_real_http(served_data: Path) -> None:
     port = free_port()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -160,6 +161,11 @@ def test_verify_detects_a_broken_version(tmp_path: Path, encoder: Encoder, items
     # Replace the FAISS file with one holding fewer vectors: counts no longer agree.
     small, _ = faiss_backend.build(encoder.encode_text(["one", "two"]), "Flat", use_gpu=False)
     faiss_backend.write(small, r.path / "dense.faiss")
+    with pytest.raises(BundleError, match="dense.faiss is damaged"):
+        verify_index(tmp_path, "t")
+    # without checksums (versions built before them), the counts still give it away
+    manifest = json.loads((r.path / "manifest.json").read_text())
+    (r.path / "manifest.json").write_text(json.dumps({**manifest, "checksums": {}}))
     with pytest.raises(BundleError, match="inconsistent"):
         verify_index(tmp_path, "t")
     os.remove(r.path / "items.sqlite")

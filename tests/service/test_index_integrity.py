@@ -1,0 +1,172 @@
+"""Index versions an operator can trust: what a service does with a damaged, copied or inconsistent version, done for
+real to files of real indexes (two of them, so one's trouble can be seen not to hold up the other)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from indexer.build import build_index
+from indexer.corpus import read_jsonl
+from indexer.layout import ITEMS, IndexDir
+from indexer.verify import verify_index
+from models.encoder import Encoder
+from models.errors import BundleError
+from service.app import create_app
+from service.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def two_indexes(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, encoder: Encoder, demo_corpus: Path):
+    """Indexes `a` (two versions, the second published) and `b` (one), small."""
+    data = tmp_path_factory.mktemp("integrity")
+    shutil.copytree(models_dir, data / "models")
+    items = read_jsonl(demo_corpus)
+    for name, chunk in (("a", items[:60]), ("a", items[:80]), ("b", items[100:160])):
+        build_index(indexes_dir=data / "indexes", name=name, items=chunk, encoder=encoder, use_gpu=False)
+    return data
+
+
+@pytest.fixture
+def data(two_indexes: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "data"
+    shutil.copytree(two_indexes, copy)
+    return copy
+
+
+def client(data: Path) -> TestClient:
+    return TestClient(create_app(Settings(data_dir=data, reload_interval_s=0)))
+
+
+def versions(data: Path, name: str = "a") -> list[str]:
+    """[older, ..., published]: the fixture publishes its last build of each index."""
+    d = IndexDir(data / "indexes", name)
+    current = d.current()
+    return [v for v in d.versions() if v != current] + [current]
+
+
+def path_of(data: Path, version: str, name: str = "a") -> Path:
+    return data / "indexes" / name / "versions" / version
+
+
+def publish(c: TestClient, data: Path, version: str, name: str = "a") -> None:
+    IndexDir(data / "indexes", name).publish(version)
+    c.app.state.xmodal.refresh_indexes()  # what the watcher and the Redis announcement do
+
+
+def served(c: TestClient, name: str = "a") -> str:
+    r = c.post("/v1/search", json={"index": name, "query": {"text": "a storm at sea"}, "k": 3})
+    assert r.status_code == 200, r.text
+    return r.json()["index_version"]
+
+
+def damage_bytes(path: Path, offset: int, data: bytes) -> None:
+    with path.open("r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def test_a_damaged_faiss_file_is_refused_and_the_old_version_keeps_serving(data: Path) -> None:
+    old, new = versions(data)
+    with client(data) as c:
+        assert served(c) == new
+        publish(c, data, old)
+        assert served(c) == old
+        size = (path_of(data, new) / "dense.faiss").stat().st_size
+        damage_bytes(path_of(data, new) / "dense.faiss", size // 4, os.urandom(min(20_000, size // 2)))
+        publish(c, data, new)
+        assert served(c) == old  # the damaged version is never answered from
+        listing = c.get("/v1/indexes").json()
+        assert "dense.faiss is damaged" in listing["refused"]["a"] and new in listing["refused"]["a"]
+        assert c.get("/readyz").status_code == 200  # degraded, but every index serves a version
+        # a rollback to the version being served clears the refusal
+        publish(c, data, old)
+        assert "a" not in c.get("/v1/indexes").json()["refused"]
+    with pytest.raises(BundleError, match="dense.faiss is damaged"):
+        verify_index(data / "indexes", "a", new)
+
+
+def test_one_flipped_byte_in_the_items_store_is_refused(data: Path) -> None:
+    old, new = versions(data)
+    items = path_of(data, new) / ITEMS
+    con = sqlite3.connect(items)
+    row = con.execute("SELECT row, metadata FROM items LIMIT 1").fetchone()
+    con.close()
+    raw = items.read_bytes()
+    at = raw.index(row[1].encode())
+    damage_bytes(items, at, b"\x00")  # the JSON of one row's metadata is no longer JSON
+    with pytest.raises(BundleError, match="items.sqlite is damaged"):
+        verify_index(data / "indexes", "a", new)
+    with client(data) as c:
+        assert "items.sqlite is damaged" in c.get("/v1/indexes").json()["refused"]["a"]
+
+
+def test_a_fresh_replica_starts_serves_the_other_indexes_and_is_not_ready(data: Path) -> None:
+    _, new = versions(data)
+    damage_bytes(path_of(data, new) / "dense.faiss", 100, os.urandom(4000))
+    with client(data) as c:  # starts, rather than exiting
+        assert served(c, "b")  # the other index serves
+        r = c.post("/v1/search", json={"index": "a", "query": {"text": "x"}})
+        assert r.status_code == 503 and "damaged" in r.json()["error"]["message"]
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and "a" in ready.json()["refused_indexes"]
+
+
+def test_a_version_without_checksums_whose_faiss_file_is_garbage_is_refused(data: Path) -> None:
+    """Versions built before checksums were written: the damage shows when FAISS reads the file."""
+    _, new = versions(data)
+    manifest_path = path_of(data, new) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "checksums": {}}))
+    (path_of(data, new) / "dense.faiss").write_bytes(os.urandom(5000))
+    with client(data) as c:
+        assert served(c, "b")
+        refused = c.get("/v1/indexes").json()["refused"]["a"]
+        assert "dense.faiss cannot be read" in refused
+
+
+def test_a_copied_folder_is_not_another_version(data: Path) -> None:
+    old, new = versions(data)
+    copy = path_of(data, old).with_name("20990101T000000-c0ffee")
+    shutil.copytree(path_of(data, old), copy)
+    with client(data) as c:
+        publish(c, data, copy.name)
+        assert served(c) == new
+        assert "copied or moved folder" in c.get("/v1/indexes").json()["refused"]["a"]
+    with pytest.raises(BundleError, match="copied or moved folder"):
+        verify_index(data / "indexes", "a", copy.name)
+
+
+def test_a_manifest_whose_dim_disagrees_with_its_faiss_file_is_refused(data: Path) -> None:
+    old, new = versions(data)
+    manifest_path = path_of(data, new) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "dim": 128}))
+    with client(data) as c:
+        r = c.post("/v1/search", json={"index": "a", "query": {"text": "x"}})
+        assert r.status_code == 503  # the index's fault, said as such: not a 400 that blames the client
+        assert "FAISS dimension 384, manifest dim 128" in r.json()["error"]["message"]
+
+
+def test_a_killed_builds_staging_folder_is_removed_and_a_live_ones_kept(data: Path, encoder: Encoder) -> None:
+    versions_dir = data / "indexes" / "a" / "versions"
+    dead = versions_dir / ".tmp-20260101T000000-abcdef-pid999999999-x1y2"
+    live = versions_dir / f".tmp-20260101T000000-fedcba-pid{os.getpid()}-z3"
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / "dense.faiss").write_bytes(b"\0" * 1000)
+    build_index(indexes_dir=data / "indexes", name="a", items=tiny_items(), encoder=encoder, use_gpu=False)
+    assert not dead.exists() and live.exists()
+    assert len(versions(data)) == 3  # staging folders are never listed
+
+
+def tiny_items():
+    from indexer.corpus import CorpusItem
+
+    return [CorpusItem(id=f"x{i}", text=f"item number {i}") for i in range(12)]
