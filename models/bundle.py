@@ -132,6 +132,11 @@ class ModelManifest(BaseModel):
     source: dict = Field(default_factory=dict, description="where the weights came from and how")
     parity: dict = Field(default_factory=dict, description="torch vs ONNX figures measured at export")
     created_at: str
+    matryoshka_dims: list[int] = Field(
+        default_factory=list,
+        description="shorter dimensions the model was trained to keep meaning at (Matryoshka): an embedding may be "
+        "cut to one of these and renormalised; empty: only the full dim",
+    )
 
 
 def compute_fingerprint(bundle_dir: Path, towers: dict[str, Tower]) -> str:

@@ -42,27 +42,42 @@ class Cache(Protocol):
     def status(self) -> dict: ...
 
 
+ENTRY_OVERHEAD = 256  # bytes an entry costs beyond its value: the key string, the tuple, the cache's bookkeeping
+
+
 class LocalCache:
-    """In-process LRU whose entries each expire after their own TTL."""
+    """In-process LRU bounded in bytes (values plus a per-entry overhead), whose entries each expire after their
+    own TTL. A value larger than the whole budget is not kept."""
 
     backend = "memory"
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, max_bytes: int) -> None:
         # TLRU: least-recently-used eviction, and each entry's time-to-use taken from its (data, ttl) value.
-        self._data: TLRUCache = TLRUCache(maxsize=size, ttu=lambda _k, v, now: now + v[1], timer=time.monotonic)
+        self._data: TLRUCache = TLRUCache(
+            maxsize=max_bytes,
+            ttu=lambda _k, v, now: now + v[1],
+            timer=time.monotonic,
+            getsizeof=lambda v: len(v[0]) + ENTRY_OVERHEAD,
+        )
 
     async def get(self, key: str) -> bytes | None:
         value = self._data.get(key)
         return None if value is None else value[0]
 
     async def set(self, key: str, value: bytes, ttl_s: int) -> None:
-        self._data[key] = (value, ttl_s)
+        if len(value) + ENTRY_OVERHEAD <= self._data.maxsize:
+            self._data[key] = (value, ttl_s)
 
     async def close(self) -> None:
         self._data.clear()
 
     def status(self) -> dict:
-        return {"backend": self.backend, "entries": len(self._data)}
+        return {
+            "backend": self.backend,
+            "entries": len(self._data),
+            "bytes": self._data.currsize,
+            "max_bytes": self._data.maxsize,
+        }
 
 
 class CircuitBreaker:

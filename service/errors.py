@@ -34,9 +34,16 @@ class NotReady(XmodalError):
     code = "not_ready"
 
 
+class ResponseTooLarge(XmodalError):
+    """The answer would be larger than the service sends in one response."""
+
+    code = "response_too_large"
+
+
 # Most specific first: the first class the error is an instance of decides the status.
 STATUS: list[tuple[type[XmodalError], int]] = [
     (Overloaded, 429),
+    (ResponseTooLarge, 413),
     (NotReady, 503),
     (NotFound, 404),
     (InvalidInput, 400),
@@ -54,10 +61,20 @@ def status_for(exc: XmodalError) -> int:
     return next(code for cls, code in STATUS if isinstance(exc, cls))
 
 
+REQUEST_PARTS = ("body", "query", "path", "header", "cookie")  # where FastAPI's error locations start
+# OpenAI's error `type` for a status, so that OpenAI clients raise the right exception with the message.
+OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
+
+
 def error_response(
     status: int, code: str, message: str, details: dict | None = None, headers: dict | None = None
 ) -> JSONResponse:
-    body = {"error": {"code": code, "message": message, "details": details or {}}}
+    """The one error shape: ``code``, ``message``, ``details``, plus OpenAI's ``type`` and ``param``."""
+    details = details or {}
+    kind = OPENAI_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    body = {
+        "error": {"code": code, "message": message, "details": details, "type": kind, "param": details.get("param")}
+    }
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -91,7 +108,11 @@ def install_error_handlers(app: FastAPI) -> None:
                 message = f"send the body as JSON with `Content-Type: application/json` (got {ctype or 'none'!r})"
                 return error_response(415, "unsupported_media_type", message)
         code, message, errors = _validation_message(exc)
-        return error_response(400 if code == "malformed_json" else 422, code, message, {"errors": errors})
+        details = {"errors": errors}
+        if errors:  # the first field at fault, as OpenAI names it: "dimensions", "query.text"
+            loc = errors[0]["loc"]
+            details["param"] = ".".join(map(str, loc[1:] if loc and loc[0] in REQUEST_PARTS else loc)) or None
+        return error_response(400 if code == "malformed_json" else 422, code, message, details)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:

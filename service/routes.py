@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import json
+import re
 import time
 from functools import partial
 from pathlib import Path
@@ -21,8 +23,10 @@ from starlette.concurrency import run_in_threadpool
 from indexer.corpus import AUDIO_SUFFIXES
 from indexer.layout import IndexDir
 from indexer.search import Hit, LateRequest, LoadedIndex
+from models.encoder import Encoder
 from models.errors import InvalidInput
 from service.cache import result_key
+from service.errors import ResponseTooLarge
 from service.explain import describe
 from service.media import media_of
 from service.schemas import (
@@ -46,8 +50,16 @@ router = APIRouter()
 async def search(req: SearchRequest, state: ServiceState = Depends(get_state)) -> SearchResponse:
     t0 = time.perf_counter()
     settings = state.settings
-    if req.k > settings.max_k:
-        raise InvalidInput(f"k must be between 1 and {settings.max_k}, not {req.k}")
+    if req.k > settings.max_k:  # the schema's own bound is the absolute one; this service's may be lower
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("body", "k"),
+                    "msg": f"Input should be less than or equal to {settings.max_k}",
+                    "type": "less_than_equal",
+                }
+            ]
+        )
     index = state.index(req.index)
     if req.mode == "late":
         index.require_tokens()  # before any encoding
@@ -187,7 +199,12 @@ class EmbeddingsRequest(RequestBody):
     input: str | list[str] = Field(description="texts, or images / audio files as base64 or data URIs")
     model: str | None = Field(None, description="must name the loaded model when given")
     encoding_format: Literal["float", "base64"] = Field("float", description="base64: little-endian float32")
-    modality: Literal["text", "image", "audio"] = "text"
+    modality: Literal["text", "image", "audio"] | None = Field(
+        None, description="default: image or audio when every input is such a data URI, else text"
+    )
+    dimensions: int | None = Field(
+        None, ge=1, description="a shorter embedding: only for models whose manifest declares Matryoshka dimensions"
+    )
     tokens: bool = Field(False, description="also return each input's token vectors ([n, dim], real tokens only)")
 
 
@@ -197,27 +214,35 @@ async def embeddings(req: EmbeddingsRequest, state: ServiceState = Depends(get_s
     if req.model not in (None, encoder.name):
         raise InvalidInput(f"model {req.model!r} is not loaded; this service runs {encoder.name!r}")
     inputs = [req.input] if isinstance(req.input, str) else req.input
-    limit = MAX_EMBED_TEXTS if req.modality == "text" else MAX_EMBED_MEDIA
+    modality = input_modality(inputs, req.modality)
+    dims = output_dims(encoder, req.dimensions)
+    limit = MAX_EMBED_TEXTS if modality == "text" else MAX_EMBED_MEDIA
     if not inputs or len(inputs) > limit:
-        raise InvalidInput(f"input must hold 1 to {limit} {req.modality} items")
-    if req.modality == "text":
+        raise InvalidInput(f"input must hold 1 to {limit} {modality} items", param="input")
+    if modality == "text":
         if any(not t.strip() or len(t) > state.settings.max_text_chars for t in inputs):
             raise InvalidInput(f"every input must be non-empty and at most {state.settings.max_text_chars} characters")
         run = encoder.encode_text_tokens if req.tokens else encoder.encode_text
         work = partial(run, inputs)
         usage = sum(encoder.count_tokens(inputs))
+        if req.tokens:  # refuse before the work: each token is a dim-float vector in the answer
+            check_response_floats(state, (usage + len(inputs)) * encoder.dim)
     else:
         files = [decode_base64(x, f"input[{i}]") for i, x in enumerate(inputs)]
 
         def work():  # noqa: ANN202 - decode and encode off the event loop
-            decoded = [encoder.decode(req.modality, f) for f in files]
+            decoded = [encoder.decode(modality, f) for f in files]
             run = encoder.encode_media_tokens if req.tokens else encoder.encode_media
-            return run(req.modality, decoded)
+            return run(modality, decoded)
 
         usage = 0
     async with state.admit():
         out = await run_in_threadpool(work)
     vecs = out.embedding if req.tokens else out
+    if req.tokens:
+        check_response_floats(state, vecs.size + sum(t.size for t in out.tokens))
+    if dims != encoder.dim:  # Matryoshka: the leading dims, renormalised
+        vecs = vecs[:, :dims] / np.linalg.norm(vecs[:, :dims], axis=1, keepdims=True)
     data = []
     for i, v in enumerate(vecs):
         item = {"object": "embedding", "index": i, "embedding": _encode_floats(v, req.encoding_format)}
@@ -229,6 +254,68 @@ async def embeddings(req: EmbeddingsRequest, state: ServiceState = Depends(get_s
         "data": data,
         "model": encoder.name,
         "usage": {"prompt_tokens": usage, "total_tokens": usage},
+    }
+
+
+MEDIA_URI = re.compile(r"^data:(image|audio)/[\w.+-]+;base64,", re.IGNORECASE)
+
+
+def input_modality(inputs: list[str], given: str | None) -> str:
+    """The inputs' modality: as given, or image/audio when every input is such a data URI, else text. An image or
+    audio data URI among texts is refused, not embedded as text."""
+    kinds = {m.group(1).lower() if (m := MEDIA_URI.match(x)) else "text" for x in inputs}
+    if given is None:
+        if len(kinds) > 1:
+            raise InvalidInput(f"input mixes {sorted(kinds)}: one modality per request", param="input")
+        return kinds.pop() if kinds else "text"
+    if given == "text" and kinds - {"text"}:
+        raise InvalidInput(
+            f"input holds {'/'.join(sorted(kinds - {'text'}))} data URIs: set `modality` to embed them",
+            param="modality",
+        )
+    return given
+
+
+def output_dims(encoder: Encoder, wanted: int | None) -> int:
+    if wanted is None or wanted == encoder.dim:
+        return encoder.dim
+    allowed = encoder.manifest.matryoshka_dims
+    if wanted not in allowed:
+        how = f"can be shortened to {allowed}" if allowed else "is not declared Matryoshka, so it cannot be shortened"
+        raise InvalidInput(
+            f"model {encoder.name} gives {encoder.dim}-dimensional embeddings and {how}; omit `dimensions`",
+            param="dimensions",
+        )
+    return wanted
+
+
+def check_response_floats(state: ServiceState, floats: int) -> None:
+    limit = state.settings.max_response_floats
+    if floats > limit:
+        raise ResponseTooLarge(
+            f"the answer would hold {floats:,} floats, over the limit of {limit:,} (XMODAL_MAX_RESPONSE_FLOATS); "
+            "send fewer or shorter inputs, or leave out `tokens`",
+            param="tokens",
+        )
+
+
+@router.get("/v1/models", summary="Loaded models (OpenAI shape)")
+async def models(state: ServiceState = Depends(get_state)) -> dict:
+    encoder = state.require_encoder()
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": encoder.name,
+                "object": "model",
+                "created": int(dt.datetime.fromisoformat(encoder.manifest.created_at).timestamp()),
+                "owned_by": "xmodal",
+                "fingerprint": encoder.fingerprint,
+                "dim": encoder.dim,
+                "modalities": encoder.modalities,
+                "matryoshka_dims": encoder.manifest.matryoshka_dims,
+            }
+        ],
     }
 
 
@@ -257,7 +344,7 @@ async def list_served(state: ServiceState = Depends(get_state)) -> dict:
     }
 
 
-@router.get("/v1/indexes/{name}", summary="The manifest of an index's served version")
+@router.get("/v1/indexes/{name}", responses=ERRORS, summary="The manifest of an index's served version")
 async def index_info(name: str, state: ServiceState = Depends(get_state)) -> dict:
     loaded = state.index(name)
     return {
@@ -290,6 +377,11 @@ async def readyz(state: ServiceState = Depends(get_state)) -> JSONResponse:
     return JSONResponse(body, status_code=200 if state.ready() else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}, "description": "Prometheus text format"}},
+)
 async def metrics(state: ServiceState = Depends(get_state)) -> Response:
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

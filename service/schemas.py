@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from indexer.late import LateParams
 
 Modality = Literal["text", "image", "audio"]
+MAX_K = 10_000  # the most results any service answers; XMODAL_MAX_K may set less
 MAX_JSON_DEPTH = 16  # far above any request this API defines; deep nesting only costs the server
 
 
@@ -110,7 +111,7 @@ class LateOptions(BaseModel):
 class SearchRequest(RequestBody):
     index: str = Field(min_length=1, max_length=64)
     query: Query
-    k: int = Field(10, ge=1, description="number of results (at most XMODAL_MAX_K)")
+    k: int = Field(10, ge=1, le=MAX_K, description=f"number of results (at most XMODAL_MAX_K, itself at most {MAX_K})")
     modalities: list[Modality] | None = Field(None, description="target modalities; default all the index holds")
     mode: Literal["dense", "late"] = Field(
         "dense", description="dense: one vector per item; late: token-wise MaxSim (FILIP), on indexes built with --late"
@@ -174,9 +175,11 @@ class SearchResponse(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    code: str
+    code: str = Field(description="stable machine-readable name, e.g. invalid_request, index_not_found")
     message: str
     details: dict[str, Any] = {}
+    type: str = Field(description="OpenAI's error type: invalid_request_error, not_found_error, rate_limit_error, ...")
+    param: str | None = Field(None, description="the request field at fault, when one is")
 
 
 class ErrorResponse(BaseModel):

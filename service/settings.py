@@ -30,11 +30,16 @@ class Settings(BaseSettings):
     breaker_cooldown_s: float = Field(5.0, ge=0, description="how long to bypass Redis once the circuit is open")
     embedding_ttl_s: int = Field(7 * 24 * 3600, ge=1)
     result_ttl_s: int = Field(3600, ge=1)
-    lru_size: int = Field(10_000, ge=1, description="entries of the in-process cache when Redis is not used")
+    lru_bytes: int = Field(
+        128 << 20, ge=4096, description="bytes the in-process cache holds when Redis is not used (values and keys)"
+    )
 
-    max_k: int = Field(1000, ge=1)
+    max_k: int = Field(1000, ge=1, le=10_000, description="the most results one search returns (422 above)")
     max_body_bytes: int = Field(10 << 20, ge=1024, description="larger request bodies get 413 (base64 images count)")
     max_text_chars: int = Field(4096, ge=1)
+    max_response_floats: int = Field(
+        2_000_000, ge=1024, description="floats one /v1/embeddings answer may hold (token vectors count); more is 413"
+    )
     max_inflight: int = Field(64, ge=1, description="concurrent searches before 429")
     serve_media: bool = Field(
         True, description="serve the indexed items' own pictures and sounds (by item id) for the search page at /"

@@ -54,7 +54,7 @@ def make_cache(settings: Settings) -> Cache:
             settings.redis_timeout_s,
             CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s),
         )
-    return LocalCache(settings.lru_size)
+    return LocalCache(settings.lru_bytes)
 
 
 class ServiceState:

@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -139,6 +140,37 @@ def late_data(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, encode
         late=LateBuild(),
     )
     return data
+
+
+class ServerThread:
+    """The real app under uvicorn on a free port, in this process."""
+
+    def __init__(self, settings) -> None:  # noqa: ANN001 - service.settings.Settings
+        import uvicorn
+
+        from service.app import create_app
+
+        self.port = free_port()
+        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the service did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
 
 
 def free_port() -> int:

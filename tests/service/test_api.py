@@ -78,7 +78,8 @@ def test_filter(client: TestClient) -> None:
         ({"query": {"text": "a", "embedding": [1.0]}}, 422, "invalid_request"),
         ({"query": {"text": "a"}, "k": 0}, 422, "invalid_request"),
         ({"query": {"text": "a"}, "k": -3}, 422, "invalid_request"),
-        ({"query": {"text": "a"}, "k": 1001}, 400, "invalid_input"),
+        ({"query": {"text": "a"}, "k": 1001}, 422, "invalid_request"),  # over XMODAL_MAX_K, as k < 1 is
+        ({"query": {"text": "a"}, "k": 10_001}, 422, "invalid_request"),  # over the schema's own bound
         ({"query": {"text": "a"}, "k": "ten"}, 422, "invalid_request"),
         ({"query": {"text": "a"}, "mode": "sparse"}, 422, "invalid_request"),
         ({"query": {"text": "a"}, "mode": "late"}, 400, "invalid_input"),

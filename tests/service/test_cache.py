@@ -12,7 +12,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.cache import CircuitBreaker, LocalCache, RedisCache, embedding_key, result_key
+from service.cache import ENTRY_OVERHEAD, CircuitBreaker, LocalCache, RedisCache, embedding_key, result_key
 from service.settings import Settings
 
 
@@ -27,7 +27,7 @@ def test_keys_follow_the_design() -> None:
 
 def test_local_cache_lru_and_ttl() -> None:
     async def run() -> None:
-        c = LocalCache(size=2)
+        c = LocalCache(max_bytes=2 * (1 + ENTRY_OVERHEAD))  # room for two one-byte values
         await c.set("a", b"1", 60)
         await c.set("b", b"2", 60)
         assert await c.get("a") == b"1"  # a is now the most recently used
@@ -36,6 +36,21 @@ def test_local_cache_lru_and_ttl() -> None:
         await c.set("short", b"x", 0.05)
         await asyncio.sleep(0.1)
         assert await c.get("short") is None
+
+    asyncio.run(run())
+
+
+def test_local_cache_is_bounded_in_bytes() -> None:
+    """4,000 distinct large results (k=1000 answers are ~200 KB each) must not grow memory past the budget."""
+
+    async def run() -> None:
+        c = LocalCache(max_bytes=10 << 20)
+        for i in range(4000):
+            await c.set(f"k{i}", bytes(200_000), 60)
+        assert c.status()["bytes"] <= 10 << 20 and c.status()["entries"] == (10 << 20) // (200_000 + ENTRY_OVERHEAD)
+        assert await c.get("k3999") is not None and await c.get("k0") is None  # the newest kept, the oldest gone
+        await c.set("huge", bytes(11 << 20), 60)  # larger than the whole budget: not kept, nothing evicted for it
+        assert await c.get("huge") is None and await c.get("k3999") is not None
 
     asyncio.run(run())
 

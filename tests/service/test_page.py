@@ -10,20 +10,16 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import threading
-import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 
-from service.app import create_app
 from service.settings import Settings
-from tests.conftest import free_port
+from tests.conftest import ServerThread
 
 pytestmark = pytest.mark.slow
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the `dev` extra")
@@ -50,33 +46,6 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
     "--disable-extensions",
 ]
-
-
-class ServerThread:
-    """The real app under uvicorn on a free port, in this process."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.port = free_port()
-        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the service did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -328,7 +297,7 @@ def test_errors_show_the_services_message(browser, server, page) -> None:
     assert not cards(browser)
 
     page("?q=anything&index=media&k=5000")
-    assert "k must be between 1 and 1000" in browser.find_element(By.ID, "error").text
+    assert "k: Input should be less than or equal to 1000" in browser.find_element(By.ID, "error").text
 
     page()
     browser.find_element(By.ID, "filter").send_keys('{"kind": ')
