@@ -301,13 +301,18 @@ def _held_out(method: str, x: np.ndarray, y: np.ndarray, split: np.ndarray) -> d
 
 
 def _pair_mean(block: np.ndarray, query_rows: np.ndarray, target: list[int], same: bool) -> float:
-    """Mean score of the sampled queries over every target row (their own row left out)."""
+    """Mean score of the sampled queries over every target row (their own row left out), a few queries at a
+    time (no float64 copy of a block of a large index)."""
     start, end = target
-    sub = block[:, start:end].astype(np.float64)
-    if same:
-        sub[np.arange(len(query_rows)), query_rows - start] = np.nan
-    sub[~np.isfinite(sub)] = np.nan
-    return round(float(np.nanmean(sub)), 6)
+    total, count = 0.0, 0
+    for a in range(0, len(query_rows), 16):
+        sub = block[a : a + 16, start:end]
+        finite = np.isfinite(sub)
+        if same:
+            finite[np.arange(len(sub)), query_rows[a : a + 16] - start] = False
+        total += float(sub[finite].sum(dtype=np.float64))
+        count += int(finite.sum())
+    return round(total / max(count, 1), 6)
 
 
 # --- at search time -----------------------------------------------------------------------------------------------
@@ -349,7 +354,7 @@ def resolve(
     what it needs for every (query modality, target) pair; otherwise ``zscore`` with the build's z statistics,
     else ``raw``: an index built before the fits, or a query of unknown modality (a raw embedding), still serves."""
     fitted = fitted or {}
-    method = requested or fitted.get("default") or DEFAULT
+    method = requested or (fitted.get("default") if fitted.get("default") in METHODS else DEFAULT)
     if method not in METHODS:
         raise ValueError(f"unknown calibration {method!r}")
     threshold = float((fitted.get("duplicate") or {}).get("threshold", DUPLICATE_SIMILARITY))

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.calibration import DEFAULT, METHODS, apply
+from indexer.calibration import DEFAULT, METHODS, apply, fit_isotonic, fit_platt, resolve
 from indexer.corpus import read_corpus
 from indexer.layout import MANIFEST
 from indexer.search import LateRequest, LoadedIndex
@@ -173,3 +173,25 @@ def test_an_index_without_any_statistics_falls_back_to_raw(late_data: Path, tmp_
     assert all(h.score == h.similarity for h in old.search(q.vector, 10, query_modality="image"))
     assert all(h.score == h.similarity for h in old.search_late(q, 10, query_modality="image"))
     old.close()
+
+
+def test_isotonic_and_platt_fits_are_monotone_and_calibrated() -> None:
+    """On scores whose true P(relevant) is known (a logistic curve), both fits recover it and never decrease."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, 20_000)
+    y = (rng.uniform(size=x.size) < 1 / (1 + np.exp(-(12 * x - 8)))).astype(float)
+    platt = fit_platt(x, y)
+    assert platt["a"] == pytest.approx(12, rel=0.15) and platt["b"] == pytest.approx(-8, rel=0.15)
+    iso = {"isotonic": fit_isotonic(x, y)}
+    grid = np.linspace(0, 1, 101)
+    p = apply("isotonic", iso, grid)
+    assert np.all(np.diff(p) >= 0)
+    assert np.abs(p - 1 / (1 + np.exp(-(12 * grid - 8))))[5:-5].max() < 0.1
+    assert np.all(apply("isotonic", {"isotonic": None}, grid) == 0)  # no positive pair: never relevant
+
+
+def test_a_manifest_default_this_version_does_not_know_falls_back_to_the_default(media: LoadedIndex) -> None:
+    fitted = dict(media.manifest.score_calibration, default="something-newer")
+    fusion = resolve(None, fitted, media.manifest.calibration, "text", media.modalities)
+    assert fusion.method == DEFAULT
+    assert resolve("rrf", fitted, {}, "text", media.modalities).method == "rrf"
