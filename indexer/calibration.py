@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import isotonic_regression, minimize
+from scipy.special import expit
 
 METHODS = ("raw", "zscore", "platt", "isotonic", "centred", "rrf")
 FITTED = ("platt", "isotonic", "centred")  # need this module's fits in the manifest
@@ -68,7 +69,7 @@ def fit_platt(x: np.ndarray, y: np.ndarray) -> dict:
     def loss(p: np.ndarray) -> tuple[float, np.ndarray]:
         z = p[0] * x + p[1]
         value = (y * np.logaddexp(0, -z) + (1 - y) * np.logaddexp(0, z)).sum() / total
-        d = 1 / (1 + np.exp(-z)) - y
+        d = expit(z) - y
         return float(value), np.array([(d * x).sum() / total, d.sum() / total])
 
     res = minimize(loss, np.array([10.0, -5.0]), jac=True, method="L-BFGS-B", bounds=[(1e-3, 1e4), (-1e4, 1e4)])
@@ -114,7 +115,7 @@ def apply(method: str, params: dict, scores: np.ndarray) -> np.ndarray:
     if fit is None:  # no positive pair in the index: nothing says such a row is relevant
         return np.zeros_like(scores)
     if method == "platt":
-        return 1 / (1 + np.exp(-(fit["a"] * scores + fit["b"])))
+        return expit(fit["a"] * scores + fit["b"])
     if method == "isotonic":
         return np.interp(scores, fit["x"], fit["y"])
     raise ValueError(f"unknown calibration {method!r}")
