@@ -26,6 +26,7 @@ import io
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -121,8 +122,37 @@ def encode_heldout(enc: Encoder, n: int, seed: int) -> list[tuple[str, dict, str
     return rows
 
 
-def fsdd(enc: Encoder, holdout: str, epochs: int, seed: int) -> tuple[list[tuple[str, dict, str]], dict]:
+@dataclass
+class Fsdd:
+    """The spoken digits, decoded, with their captions and the train (five speakers) / test (the sixth) split."""
+
+    files: list[Path]
+    digit: np.ndarray
+    waves: list[np.ndarray]
+    captions: list[list[str]]  # per clip, one per template
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+
+
+FSDD_TEMPLATES = ["the digit {}", "someone says {}", "a spoken {}", "a voice saying the number {}"]
+
+
+def load_fsdd(holdout: str) -> Fsdd:
     from models.audio import AudioPreprocessor
+    from models.mini.train import AUDIO_PREPROCESSING
+
+    files = sorted(FSDD.glob("*.wav"))
+    pre = AudioPreprocessor(AUDIO_PREPROCESSING)
+    digit = np.array([int(f.name.split("_")[0]) for f in files])
+    speaker = np.array([f.name.split("_")[1] for f in files])
+    captions = [[t.format(DIGITS[d]) for t in FSDD_TEMPLATES] for d in digit]
+    waves = [pre.decode(f) for f in files]
+    return Fsdd(files, digit, waves, captions, np.flatnonzero(speaker != holdout), np.flatnonzero(speaker == holdout))
+
+
+def train_fsdd_bundle(enc: Encoder, digits: Fsdd, epochs: int, seed: int, out: Path) -> tuple[Encoder, dict]:
+    """An audio tower trained on the training speakers' clips against ``enc``'s frozen text tower, exported to
+    ONNX (parity-checked) as the bundle ``out/fsdd``; returns it loaded, and the training's time and loss."""
     from models.mini.train import (
         AUDIO_PREPROCESSING,
         TrainConfig,
@@ -135,40 +165,46 @@ def fsdd(enc: Encoder, holdout: str, epochs: int, seed: int) -> tuple[list[tuple
         write_bundle,
     )
 
-    files = sorted(FSDD.glob("*.wav"))
-    pre = AudioPreprocessor(AUDIO_PREPROCESSING)
-    digit = np.array([int(f.name.split("_")[0]) for f in files])
-    speaker = np.array([f.name.split("_")[1] for f in files])
-    train_idx, test_idx = np.flatnonzero(speaker != holdout), np.flatnonzero(speaker == holdout)
-    waves = [pre.decode(f) for f in files]
-    inputs = media_inputs("audio", waves, AUDIO_PREPROCESSING)
-    templates = ["the digit {}", "someone says {}", "a spoken {}", "a voice saying the number {}"]
-    captions = [[t.format(DIGITS[d]) for t in templates] for d in digit]
-    text = encode_captions(enc, [c for cs in captions for c in cs])
+    inputs = media_inputs("audio", digits.waves, AUDIO_PREPROCESSING)
+    text = encode_captions(enc, [c for cs in digits.captions for c in cs])
     index = text.index()
-    config = TrainConfig(epochs=epochs, seed=seed)
+    train_idx, test_idx = digits.train_idx, digits.test_idx
     log(f"fsdd: training on {len(train_idx)} clips of 5 speakers, {epochs} epochs")
     result = train_tower(
         "audio",
         inputs[train_idx],
-        [[index[c] for c in captions[i]] for i in train_idx],
-        group_ids([str(d) for d in digit[train_idx]]),
+        [[index[c] for c in digits.captions[i]] for i in train_idx],
+        group_ids([str(d) for d in digits.digit[train_idx]]),
         text,
-        config,
+        TrainConfig(epochs=epochs, seed=seed),
     )
+    onnx = out / "audio.onnx"
+    parity = export_tower(result.module, "audio", onnx, inputs[test_idx])
+    tower = tower_entry("audio", "audio.onnx", AUDIO_PREPROCESSING)
+    write_bundle(out, "fsdd", enc.bundle_dir, {"audio": (onnx, tower)}, {"kind": "bench"}, {"audio": parity})
+    info = {"train_seconds": result.seconds, "loss": [result.history[0]["loss"], result.history[-1]["loss"]]}
+    return Encoder(out / "fsdd", device="cpu"), info
+
+
+def fsdd(enc: Encoder, holdout: str, epochs: int, seed: int) -> tuple[list[tuple[str, dict, str]], dict]:
+    digits = load_fsdd(holdout)
+    test_idx = digits.test_idx
     with tempfile.TemporaryDirectory() as tmp:
-        onnx = Path(tmp) / "audio.onnx"
-        parity = export_tower(result.module, "audio", onnx, inputs[test_idx])
-        tower = tower_entry("audio", "audio.onnx", AUDIO_PREPROCESSING)
-        write_bundle(Path(tmp), "fsdd", enc.bundle_dir, {"audio": (onnx, tower)}, {"kind": "bench"}, {"audio": parity})
-        digits_enc = Encoder(Path(tmp) / "fsdd", device="cpu")
-        media = digits_enc.encode_media_tokens("audio", [waves[i] for i in test_idx])
-        texts = digits_enc.encode_text_tokens([captions[i][j % len(templates)] for j, i in enumerate(test_idx)])
-    groups = digit[test_idx]
+        digits_enc, info = train_fsdd_bundle(enc, digits, epochs, seed, Path(tmp))
+        media = digits_enc.encode_media_tokens("audio", [digits.waves[i] for i in test_idx])
+        n = len(FSDD_TEMPLATES)
+        texts = digits_enc.encode_text_tokens([digits.captions[i][j % n] for j, i in enumerate(test_idx)])
+    groups = digits.digit[test_idx]
     res = evaluate("audio", media, texts, groups)
     extra = f"{len(test_idx)} | 10 | {chance(groups):.3f}"
-    info = {"train_seconds": result.seconds, "loss": [result.history[0]["loss"], result.history[-1]["loss"]]}
     return [(f"{name} (speaker {holdout})", r, extra) for name, r in res.items()], info
+
+
+def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options bench/calibration.py shares: the FSDD training and where xmodal-mini is prepared."""
+    parser.add_argument("--fsdd-epochs", type=int, default=8)
+    parser.add_argument("--holdout", default="yweweler", help="the FSDD speaker kept out of training")
+    parser.add_argument("--models-dir", type=Path, help="where xmodal-mini is prepared (default: a temporary folder)")
 
 
 def main() -> None:
@@ -176,9 +212,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=600, help="held-out samples per modality")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--fsdd", action="store_true", help="also train and evaluate on the spoken digits")
-    parser.add_argument("--fsdd-epochs", type=int, default=8)
-    parser.add_argument("--holdout", default="yweweler", help="the FSDD speaker kept out of training")
-    parser.add_argument("--models-dir", type=Path, help="where xmodal-mini is prepared (default: a temporary folder)")
+    add_shared_arguments(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         models_dir = args.models_dir or Path(tmp)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer import faiss_backend
+from indexer import calibration, faiss_backend
 from indexer.corpus import MEDIA, CorpusItem
 from indexer.integrity import file_checksums
 from indexer.items import write_items
@@ -170,6 +170,12 @@ def row_ranges(rows: list[Row]) -> dict[str, list[int]]:
     return ranges
 
 
+def item_ordinals(rows: list[Row]) -> np.ndarray:
+    """int32 [R]: each row's item as an ordinal (rows of one item share it)."""
+    ordinal: dict[str, int] = {}
+    return np.array([ordinal.setdefault(r.item.id, len(ordinal)) for r in rows], dtype=np.int32)
+
+
 def calibration_stats(vectors: np.ndarray, ranges: dict[str, list[int]], seed: int = 1) -> dict:
     """Mean and spread of the top-10 scores that queries of modality q get among items of modality t, for
     every pair (``"q->t"``), with a sample of the index's own vectors of modality q as queries. Scores of
@@ -242,6 +248,7 @@ def build_index(
         recall_at_10=recall,
         rows=ranges,
         calibration=calibration_stats(vectors, ranges),
+        score_calibration=calibration.fit_dense(vectors, ranges, item_ordinals(rows), RECALL_SAMPLE),
         build={
             "items": len(items),
             "vectors": len(rows),
@@ -306,8 +313,7 @@ def write_tokens(path: Path, encoded: Encoded, ranges: dict[str, list[int]], lat
     """The token store of the encoded rows, then what it costs in recall (indexer.late_eval): the manifest's
     ``tokens`` entry."""
     assert encoded.tokens is not None
-    ordinal: dict[str, int] = {}
-    row_item = np.array([ordinal.setdefault(r.item.id, len(ordinal)) for r in encoded.rows], dtype=np.int32)
+    row_item = item_ordinals(encoded.rows)
     vectors, offsets = concat_rows(encoded.tokens, encoded.vectors.shape[1])
     log.info(
         "token store: %d tokens of %d rows (%s, pool factor %d)",

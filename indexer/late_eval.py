@@ -10,7 +10,8 @@ modality); a query's own item is excluded from its results. Three recalls@10, ea
 - ``end_to_end``: the fast path over the stored tokens against exhaustive MaxSim over the encoder's tokens.
 
 Plus the late calibration statistics: mean and spread of the top-10 late scores that queries of modality q
-get among rows of modality t (``"q->t"``), so results that mix modalities can be z-normalised as dense ones are.
+get among rows of modality t (``"q->t"``), so results that mix modalities can be z-normalised as dense ones are,
+and indexer.calibration's fits on the late scores of a larger sample (``score_calibration``).
 """
 
 from __future__ import annotations
@@ -19,20 +20,22 @@ from dataclasses import asdict
 
 import numpy as np
 
+from indexer import calibration as score_calibration
 from indexer.late import LateParams, Take, array_take, late_search, ranges_to_indices
 
 SAMPLE = 96  # queries, spread over the modalities
+CALIBRATION_SAMPLE = 384  # queries of the score calibration's fits (indexer.calibration)
 QUERY_TOKENS = 32
 K = 10
 SLAB = 1 << 14  # item tokens per product: [SAMPLE * QUERY_TOKENS, SLAB] float32 stays near 200 MB
 
 
 def sample_queries(
-    vectors: np.ndarray, offsets: np.ndarray, ranges: dict[str, list[int]], seed: int = 2
+    vectors: np.ndarray, offsets: np.ndarray, ranges: dict[str, list[int]], seed: int = 2, total: int = SAMPLE
 ) -> list[tuple[str, int, np.ndarray]]:
     """(modality, row, query tokens float32 [<= QUERY_TOKENS, D]) for rows with tokens, spread over modalities."""
     rng = np.random.default_rng(seed)
-    per = max(1, SAMPLE // max(len(ranges), 1))
+    per = max(1, total // max(len(ranges), 1))
     out = []
     for modality, (start, end) in sorted(ranges.items()):
         rows = np.arange(start, end)
@@ -123,7 +126,26 @@ def measure_late(
         "engine_recall_at_10": {"value": recall(found, truth_stored), "params": asdict(params)},
         "end_to_end_recall_at_10": recall(found, truth_raw),
         "calibration": calibration(stored, queries, ranges, row_item),
+        "score_calibration": fit_calibration(store, raw_vectors, raw_offsets, ranges, row_item),
     }
+
+
+def fit_calibration(
+    store,  # noqa: ANN001 - the TokenStore
+    raw_vectors: np.ndarray,
+    raw_offsets: np.ndarray,
+    ranges: dict[str, list[int]],
+    row_item: np.ndarray,
+) -> dict:
+    """indexer.calibration's fits on the late scores (over the stored tokens) of CALIBRATION_SAMPLE sample queries:
+    more than the recall sample, as a fit per modality pair needs a few dozen relevant pairs."""
+    queries = sample_queries(raw_vectors, raw_offsets, ranges, seed=4, total=CALIBRATION_SAMPLE)
+    scores = row_scores([q for _, _, q in queries], store.take, store.offsets)
+    blocks = {}
+    for q in sorted({m for m, _, _ in queries}):
+        picked = [i for i, (m, _, _) in enumerate(queries) if m == q]
+        blocks[q] = (scores[picked], np.array([queries[i][1] for i in picked]))
+    return score_calibration.fit(blocks, ranges, row_item)
 
 
 def calibration(

@@ -39,6 +39,12 @@ class IndexManifest(BaseModel):
     calibration: dict = Field(
         default_factory=dict, description="'q->t': mean/std of top-10 scores of modality-q queries among t items"
     )
+    score_calibration: dict | None = Field(
+        None,
+        description="per 'q->t' pair: the maps of a cosine to a score comparable across modalities (platt, isotonic, "
+        "centred), fitted on the index's own multimodal items, with their held-out quality; the duplicate threshold "
+        "(indexer.calibration). None: built before them; searches fall back to the z-scores",
+    )
     tokens: dict | None = Field(
         None,
         description="the token store for late interaction (None: dense only): its meta, and the recall its "

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from indexer import calibration as score_calibration
 from indexer import faiss_backend
+from indexer.calibration import Fusion
 from indexer.integrity import check_version_files, consistency_problems
 from indexer.items import ItemStore
 from indexer.late import SCOPES, LateParams, late_search, similarities
@@ -24,7 +26,7 @@ class Hit:
     modality: str
     text: str | None
     metadata: dict
-    similarity: float  # the raw cosine (late: MaxSim); ``score`` ranks, and is calibrated when modalities are mixed
+    similarity: float  # the raw cosine (late: MaxSim); ``score`` ranks, comparable across modalities
     matches: list[TokenMatch] | None = None  # late search with explain: each query token's best item token
 
 
@@ -106,17 +108,39 @@ class LoadedIndex:
         modalities: list[str] | None = None,
         filter: dict | None = None,
         query_modality: str | None = None,
+        calibration: str | None = None,
+        duplicates_first: bool = True,
     ) -> list[Hit]:
         """Top ``k`` items for one L2-normalised query vector, among target ``modalities`` (default all)
         and items whose metadata equals every key/value of ``filter``. An item with several modalities
-        has a row each; it appears once, by its best row. When the targets are several modalities and the
-        query's modality is known, each target's scores are z-normalised with the build-time statistics
-        of that pair (``score``), so that no modality wins by its scale alone; ``similarity`` stays the
-        raw cosine."""
+        has a row each; it appears once, by its best row. When the targets are several modalities, each
+        target's scores are mapped to scores comparable across modalities (``score``; ``calibration``, default
+        the index's, see indexer.calibration and :meth:`fusion`) and near duplicates of the query come first;
+        ``similarity`` stays the raw cosine."""
         q = self._vector(query)
         targets = self._targets(modalities)
         per_target = {t: self._search_modality(q, k, t, filter) for t in targets}
-        return _merge(per_target, self.manifest.calibration, query_modality, k)
+        fusion = self.fusion(calibration, query_modality, targets, "dense", duplicates_first)
+        return _merge(per_target, fusion, query_modality, k)
+
+    def fusion(
+        self,
+        calibration: str | None,
+        query_modality: str | None,
+        targets: list[str] | None,
+        mode: str = "dense",
+        duplicates_first: bool = True,
+    ) -> Fusion:
+        """The calibration a search gets (the requested one, or the fallback when this version lacks its fits)."""
+        if calibration is not None and calibration not in score_calibration.METHODS:
+            raise InvalidInput(f"calibration must be one of {list(score_calibration.METHODS)}, not {calibration!r}")
+        if mode == "late":
+            late = self.manifest.tokens or {}
+            fitted, zstats = late.get("score_calibration"), late.get("calibration", {})
+        else:
+            fitted, zstats = self.manifest.score_calibration, self.manifest.calibration
+        targets = self._targets(targets)
+        return score_calibration.resolve(calibration, fitted, zstats, query_modality, targets, duplicates_first)
 
     def search_late(
         self,
@@ -125,11 +149,14 @@ class LoadedIndex:
         modalities: list[str] | None = None,
         filter: dict | None = None,
         query_modality: str | None = None,
+        calibration: str | None = None,
+        duplicates_first: bool = True,
     ) -> list[Hit]:
         """Top ``k`` items by late interaction (FILIP MaxSim of the query's tokens over each item's tokens).
         Scope ``modality`` (the default) scores each target modality's rows apart and takes an item's best,
-        calibrated as dense scores are when the targets are several; scope ``all`` scores the union of an
-        item's target rows' tokens as one set. Candidates: the token centroids' and, with ``query.vector``,
+        calibrated as dense scores are when the targets are several (the same rule, with the late fits); scope
+        ``all`` scores the union of an item's target rows' tokens as one set (one list: nothing to calibrate).
+        Candidates: the token centroids' and, with ``query.vector``,
         the dense index's top rows."""
         self.require_tokens()
         tokens = np.asarray(query.tokens, dtype=np.float32)
@@ -144,9 +171,9 @@ class LoadedIndex:
         vector = None if query.vector is None else self._vector(query.vector)
         groups = [[t] for t in targets] if params.scope == "modality" else [targets]
         found = {"+".join(g): self._late_group(tokens, vector, k, g, filter, params) for g in groups}
-        stats = (self.manifest.tokens or {}).get("calibration", {})
         per_group = {g: [hit for hit, _ in pairs] for g, pairs in found.items()}
-        hits = _merge(per_group, stats if params.scope == "modality" else {}, query_modality, k)
+        fusion = self.fusion(calibration, query_modality, targets, "late", duplicates_first)
+        hits = _merge(per_group, fusion, query_modality, k)
         if query.explain:
             rows_of = {id(hit): rows for pairs in found.values() for hit, rows in pairs}
             for hit in hits:
@@ -284,22 +311,23 @@ class LoadedIndex:
         self.items.close()
 
 
-def _merge(per_target: dict[str, list[Hit]], stats: dict, query_modality: str | None, k: int) -> list[Hit]:
-    """One list from each target's hits: an item once, by its best hit. When the targets are several and the
-    query's modality is known, each target's scores are z-normalised with the build-time statistics of that
-    pair (``score``), so that no modality wins by its scale alone; ``similarity`` stays raw."""
-    pairs = {t: f"{query_modality}->{t}" for t in per_target}
-    calibrate = len(per_target) > 1 and all(p in stats for p in pairs.values())
-    merged: list[Hit] = []
+def _merge(per_target: dict[str, list[Hit]], fusion: Fusion, query_modality: str | None, k: int) -> list[Hit]:
+    """One list from each target's hits (each list best first). With several targets, each list's scores go
+    through ``fusion``'s map of its (query modality, target) pair, monotone, so a modality's hits keep their
+    order; one target keeps the raw similarity. Near duplicates of the query (similarity at or above the
+    threshold) come first, then the rest by score, ties by similarity; an item once, by its best hit."""
+    fuse = len(per_target) > 1
+    merged: list[tuple[bool, Hit]] = []
     for target, hits in per_target.items():
-        for hit in hits:
-            if calibrate:
-                pair = stats[pairs[target]]
-                hit.score = (hit.similarity - pair["mean"]) / max(pair["std"], 1e-6)
-            merged.append(hit)
-    merged.sort(key=lambda h: -h.score)
+        scores = fusion.scores(query_modality, target, [h.similarity for h in hits]) if fuse else None
+        for i, hit in enumerate(hits):
+            duplicate = hit.similarity >= fusion.duplicate_threshold
+            if fuse:
+                hit.score = fusion.duplicate_score(float(scores[i])) if duplicate else float(scores[i])
+            merged.append((duplicate and fusion.duplicates_first, hit))
+    merged.sort(key=lambda d: (not d[0], -d[1].score, -d[1].similarity))
     best, seen = [], set()
-    for hit in merged:
+    for _, hit in merged:
         if hit.id not in seen:
             seen.add(hit.id)
             best.append(hit)

@@ -84,7 +84,9 @@ async def search(req: SearchRequest, state: ServiceState = Depends(get_state)) -
                 vec = await state.media_vector("audio", decode_base64(req.query.audio, "query.audio"))
             else:
                 vec = state.given_vector(req.query.embedding or [])
-            hits = await run_in_threadpool(index.search, vec, req.k, req.modalities, req.filter, req.query.modality)
+            hits = await run_in_threadpool(
+                index.search, vec, req.k, req.modalities, req.filter, req.query.modality, req.calibration
+            )
             media = await run_in_threadpool(media_of, index, [h.id for h in hits])
             results = [result(h, media=media.get(h.id)) for h in hits]
         if not cached:
@@ -98,9 +100,18 @@ async def search(req: SearchRequest, state: ServiceState = Depends(get_state)) -
         index_version=index.version,
         model=encoder.name,
         mode=req.mode,
+        calibration=applied_calibration(req, index),
         cached=cached,
         took_ms=took,
     )
+
+
+def applied_calibration(req: SearchRequest, index: LoadedIndex) -> str | None:
+    """The calibration that mixes the request's target modalities (None when there is one list to rank)."""
+    targets = sorted(set(req.modalities or index.modalities))
+    if len(targets) < 2 or (req.mode == "late" and req.late is not None and req.late.scope == "all"):
+        return None
+    return index.fusion(req.calibration, req.query.modality, targets, req.mode).method
 
 
 async def late_results(req: SearchRequest, index: LoadedIndex, state: ServiceState) -> list[Result]:
@@ -114,7 +125,9 @@ async def late_results(req: SearchRequest, index: LoadedIndex, state: ServiceSta
     query = LateRequest(
         out.tokens[0], out.embedding[0], options.params(), explain=options.explain, heatmap=options.heatmap
     )
-    hits = await run_in_threadpool(index.search_late, query, req.k, req.modalities, req.filter, req.query.modality)
+    hits = await run_in_threadpool(
+        index.search_late, query, req.k, req.modalities, req.filter, req.query.modality, req.calibration
+    )
     encoder = state.require_encoder()
     pooled = (index.manifest.tokens or {}).get("pool_factor", 1) > 1
     media = await run_in_threadpool(media_of, index, [h.id for h in hits])
@@ -147,6 +160,7 @@ async def search_file(
     modalities: str | None = Form(None, description="comma-separated target modalities, e.g. `image,text`"),
     mode: str = Form("dense"),
     modality: str | None = Form(None, description="`image` or `audio`; default: from the file's type or name"),
+    calibration: str | None = Form(None, description="as in /v1/search: raw, zscore, platt, isotonic, centred, rrf"),
     state: ServiceState = Depends(get_state),
 ) -> SearchResponse:
     data = await file.read()
@@ -162,6 +176,7 @@ async def search_file(
             k=k,
             mode=mode,
             modalities=[m.strip() for m in modalities.split(",") if m.strip()] if modalities else None,
+            calibration=calibration or None,
         )
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None

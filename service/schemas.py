@@ -120,6 +120,13 @@ class SearchRequest(RequestBody):
         None, description="metadata equality filter: {field: value} or {field: [any, of, these]}"
     )
     late: LateOptions | None = Field(None, description="options of `mode: late` (default: the index's defaults)")
+    calibration: Literal["raw", "zscore", "platt", "isotonic", "centred", "rrf"] | None = Field(
+        None,
+        description="how results of several target modalities are put on one scale (indexer.calibration): isotonic "
+        "or platt (probability of relevance, fitted at build time), zscore, centred (mean-centred cosine), rrf "
+        "(reciprocal-rank fusion), raw (cosine); default: the index's (isotonic), or zscore / raw for an index "
+        "built without the fits",
+    )
 
     @model_validator(mode="after")
     def _late_options_need_late_mode(self) -> SearchRequest:
@@ -151,8 +158,9 @@ class TokenMatch(BaseModel):
 class Result(BaseModel):
     id: str
     score: float = Field(
-        description="ranking score: the cosine (late: the MaxSim score), or a per-modality z-score when results mix "
-        "modalities"
+        description="ranking score, comparable across modalities: with several target modalities, the similarity "
+        "calibrated for its (query, target) modality pair (default: the probability that the item is relevant); with "
+        "one, the similarity itself"
     )
     similarity: float = Field(description="cosine similarity of the query and the matched row (late: MaxSim score)")
     modality: str = Field(description="the matched row's modality (late scope all: the modalities scored, a+b)")
@@ -170,6 +178,9 @@ class SearchResponse(BaseModel):
     index_version: str
     model: str
     mode: str
+    calibration: str | None = Field(
+        None, description="the calibration that mixed the target modalities (after any fallback); null for one target"
+    )
     cached: bool
     took_ms: float
 

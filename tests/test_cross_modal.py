@@ -133,8 +133,17 @@ def test_mixed_modalities_are_calibrated_and_deduplicated(data: Path, built, cli
     assert {h.modality for h in hits} <= {"text", "image"}
     top = hits[0]
     assert top.id == coco[3]["id"] and top.modality == "text"
-    stats = built.calibration["text->text"]
-    assert top.score == pytest.approx((top.similarity - stats["mean"]) / stats["std"], rel=1e-6)
+    assert top.similarity > 0.999 and top.score == 1.0  # the caption itself: a duplicate, certainly relevant
+    # fitted for this CLIP export too: a photo and its caption are a relevant pair, other photos are not
+    fitted = built.score_calibration["pairs"]
+    assert set(fitted) == {"text->text", "text->image", "image->text", "image->image"}
+    assert fitted["text->image"]["positives"] > 0 and fitted["text->image"]["platt"]["a"] > 0
+    assert all(0 <= h.score <= 1 for h in hits)  # the default: probabilities of relevance (isotonic)
+    zhits = index.search(q, 20, query_modality="text", calibration="zscore")
+    stats = built.calibration
+    for h in zhits[1:]:
+        pair = stats[f"text->{h.modality}"]
+        assert h.score == pytest.approx((h.similarity - pair["mean"]) / pair["std"], rel=1e-6)
     # A raw embedding has no known modality: no calibration, raw cosines.
     raw = index.search(q, 5)
     assert all(h.score == h.similarity for h in raw)

@@ -120,7 +120,9 @@ def test_fast_path_recall_against_exhaustive(encoder: Encoder, media: LoadedInde
 def test_mixed_targets_filter_and_explain(encoder: Encoder, media: LoadedIndex, tokens_of) -> None:
     q = query_tokens(encoder, QUERIES[4])
     q.explain = True
-    hits = media.search_late(q, 8, modalities=["image", "audio"], filter={"kind": "sound"}, query_modality="text")
+    hits = media.search_late(
+        q, 8, modalities=["image", "audio"], filter={"kind": "sound"}, query_modality="text", calibration="zscore"
+    )
     assert len(hits) == 8 and all(h.id.startswith("snd-") and h.metadata["kind"] == "sound" for h in hits)
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     stats = media.manifest.tokens["calibration"]["text->audio"]
