@@ -237,7 +237,7 @@ function render(out, queryText, queryModality) {
   list.replaceChildren(...out.results.map((r, i) => card(out.index, r, i)));
   const n = out.results.length;
   setStatus(`${n} result${n === 1 ? "" : "s"} · ${out.took_ms.toFixed(1)} ms · ${out.cached ? "from the cache" : "not cached"}`
-    + ` · ${out.mode} · ${out.model} · version ${out.index_version}`);
+    + ` · ${out.mode}${out.calibration ? ` · ${out.calibration} scores` : ""} · ${out.model} · version ${out.index_version}`);
   if (!n) setStatus("No result: try other words, other targets or no filter.");
   renderTokens(out.results, queryText, queryModality);
 }
