@@ -446,13 +446,16 @@ def demo(
     d = IndexDir(s.indexes_dir, "demo")
     current = d.manifest() if d.exists() else None
     # Rebuild when the corpus or the model changed (a re-exported model gets a new fingerprint), or the index
-    # predates late interaction or media paths (the search page shows the pictures and sounds).
+    # predates late interaction, media paths (the search page shows the pictures and sounds), checksums or the
+    # cross-modal score calibration.
     if (
         current
         and current.build.get("corpus_sha256") == sha256_file(corpus)
         and current.model["fingerprint"] == fingerprint
         and current.tokens is not None
         and current.build.get("media_sources") == MEDIA_SOURCES
+        and current.checksums
+        and current.score_calibration
     ):
         console.print(f"demo index up to date (version {current.version})")
     else:
