@@ -68,8 +68,10 @@ def check_name(name: str) -> str:
 
 
 def new_version_name() -> str:
-    """Sortable by time, unique across concurrent builds."""
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+    """Sortable by time to the millisecond (two builds in one second still list in order), unique across
+    concurrent builds."""
+    now = dt.datetime.now(dt.timezone.utc)
+    return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}-" + secrets.token_hex(3)
 
 
 class IndexDir:
