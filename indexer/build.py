@@ -219,9 +219,11 @@ def build_index(
     use_gpu: bool = True,
     progress: Progress | None = None,
     late: LateBuild | None = None,
+    keep_versions: int | None = None,
 ) -> BuildResult:
     """Encode, build FAISS, measure recall, write a version atomically, publish it. With ``late``, also the
-    token store (``tokens/``) for late interaction, with what its storage and fast path cost in recall."""
+    token store (``tokens/``) for late interaction, with what its storage and fast path cost in recall. With
+    ``keep_versions``, older versions beyond that many are removed afterwards (never the published one)."""
     target = IndexDir(indexes_dir, name)
     t0 = time.perf_counter()
     encoded = encode_items(encoder, items, batch_size, progress, with_tokens=late is not None)
@@ -297,6 +299,8 @@ def build_index(
         replace_dir(tmp, target.versions_dir / version)
     if publish:
         target.publish(version)
+    if keep_versions:
+        target.prune(keep_versions)
     return BuildResult(manifest=manifest, path=target.versions_dir / version, published=publish)
 
 

@@ -7,8 +7,10 @@ replaced last (os.replace), so a reader sees the old version or the new one, nev
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 import secrets
+import shutil
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -122,6 +124,19 @@ class IndexDir:
     def publish(self, version: str) -> None:
         self.version_dir(version)  # refuses unknown or staging versions
         atomic_write_bytes(self.root / "CURRENT", (version + "\n").encode())
+
+    def prune(self, keep: int) -> list[str]:
+        """Remove all but the newest ``keep`` versions, never the published one; returns the removed names. A
+        service still serving a removed version keeps its open files (POSIX) until it swaps."""
+        if keep < 1:
+            raise InvalidInput(f"keep at least one version, not {keep}")
+        current = self.current() if self.exists() else None
+        old = [v for v in self.versions()[:-keep] if v != current]
+        for version in old:
+            aside = self.versions_dir / f".old-{version}-pid{os.getpid()}-"
+            os.replace(self.versions_dir / version, aside)  # unlisted at once; a crash leaves it to remove_stale
+            shutil.rmtree(aside, ignore_errors=True)
+        return old
 
 
 def list_indexes(indexes_dir: Path) -> list[str]:

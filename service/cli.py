@@ -293,6 +293,7 @@ def index_build(
             use_gpu=s.device != "cpu",
             progress=lambda done, total: bar.update(task, completed=done, total=total),
             late=LateBuild(storage=token_storage, nbits=nbits, pool_factor=pool_factor) if late else None,
+            keep_versions=s.keep_versions,
         )
     m = result.manifest
     counts = ", ".join(f"{n} {modality}" for modality, n in m.counts.items())
@@ -368,6 +369,39 @@ def index_publish(name: str, version: str) -> None:
     IndexDir(s.indexes_dir, name).publish(version)
     console.print(f"[green]{name}[/] now serves {version}")
     _announce(s, name, version)
+
+
+@index_app.command("versions")
+def index_versions(name: str) -> None:
+    """List an index's versions, newest last: items, model, FAISS key, recall, and which one is published
+    (builds keep the newest XMODAL_KEEP_VERSIONS).
+
+    Example: xmodal index versions demo
+    """
+    from rich.table import Table
+
+    from indexer.layout import IndexDir
+
+    d = IndexDir(_settings().indexes_dir, name)
+    current = d.current()
+    table = Table("version", "published", "created", "items", "model", "faiss", "recall@10", "late")
+    for version in d.versions():
+        try:
+            m = d.manifest(version)
+        except XmodalError as exc:
+            table.add_row(version, "", "", "", f"[red]unreadable: {exc.message}[/]", "", "", "")
+            continue
+        table.add_row(
+            version,
+            "*" if version == current else "",
+            m.created_at,
+            str(sum(m.counts.values())),
+            m.model["name"],
+            m.faiss["key"],
+            f"{m.recall_at_10['value']:.3f}",
+            "yes" if m.tokens else "",
+        )
+    out.print(table)
 
 
 def _announce(s: Settings, name: str, version: str) -> None:

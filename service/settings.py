@@ -45,6 +45,7 @@ class Settings(BaseSettings):
         True, description="serve the indexed items' own pictures and sounds (by item id) for the search page at /"
     )
     media_cache_bytes: int = Field(64 << 20, ge=0, description="rendered thumbnails and waveforms kept in memory")
+    keep_versions: int = Field(5, ge=1, description="index versions kept per index; builds remove older ones")
     verify_checksums: bool = Field(
         True, description="check every file of an index version against its manifest's sha256 before serving it"
     )

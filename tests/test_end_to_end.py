@@ -86,6 +86,9 @@ def test_cli_build_info_verify_and_errors(data: Path, tmp_path: Path) -> None:
     assert "services here load 'xmodal-mini'" in said and "XMODAL_MODEL=all-minilm-l6-v2" in said
     assert f"xmodal index publish aero {info['version']}" not in said  # the previous version was the late one
     assert "to roll back: xmodal index publish aero" in said
+    listed = cli(data, "index", "versions", "aero")
+    assert listed.returncode == 0, listed.stderr
+    assert info["version"] in listed.stdout and "all-minilm-l6-v2" in listed.stdout and "*" in listed.stdout
 
 
 def test_serve_over_real_http(served_data: Path) -> None:

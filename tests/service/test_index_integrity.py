@@ -170,3 +170,24 @@ def tiny_items():
     from indexer.corpus import CorpusItem
 
     return [CorpusItem(id=f"x{i}", text=f"item number {i}") for i in range(12)]
+
+
+def test_builds_keep_the_newest_versions_and_never_the_published_one_goes(data: Path, encoder: Encoder) -> None:
+    d = IndexDir(data / "indexes", "a")
+    first = d.versions()[0]
+    d.publish(first)  # an operator rolled back to the oldest version
+    for _ in range(5):
+        build_index(
+            indexes_dir=data / "indexes",
+            name="a",
+            items=tiny_items(),
+            encoder=encoder,
+            use_gpu=False,
+            publish=False,
+            keep_versions=3,
+        )
+    kept = d.versions()
+    assert len(kept) == 4 and first in kept and d.current() == first  # the newest 3, and the published one
+    assert not [p for p in (data / "indexes" / "a" / "versions").iterdir() if p.name.startswith(".")]
+    with pytest.raises(Exception, match="keep at least one"):
+        d.prune(0)
