@@ -64,3 +64,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(CountRequests)
     return app
+
+
+def app_from_environment() -> FastAPI:
+    """The app with settings from the environment: the factory each `xmodal serve --workers N` process calls."""
+    return create_app(Settings())

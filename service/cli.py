@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -432,15 +433,24 @@ def serve(
     host: Annotated[str | None, typer.Option(help="bind address (default $XMODAL_HOST or 127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option(help="port (default $XMODAL_PORT or 8000)")] = None,
     model: ModelOpt = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=64,
+            help="processes answering on the same port; each loads the model and indexes (cache hits and CPU-bound "
+            "work then use several cores; share a cache between them with XMODAL_REDIS_URL)",
+        ),
+    ] = 1,
 ) -> None:
     """Start the HTTP service (uvicorn) on the model and all published indexes.
 
-    Example: XMODAL_REDIS_URL=redis://localhost:6379/0 xmodal serve --port 8000
+    Example: XMODAL_REDIS_URL=redis://localhost:6379/0 xmodal serve --port 8000 --workers 2
     """
-    _serve(_settings(host=host, port=port, model=model))
+    _serve(_settings(host=host, port=port, model=model), workers=workers)
 
 
-def _serve(s: Settings, banner: str = "") -> None:
+def _serve(s: Settings, banner: str = "", workers: int = 1) -> None:
     import uvicorn
 
     from service.app import create_app
@@ -451,7 +461,20 @@ def _serve(s: Settings, banner: str = "") -> None:
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(create_app(s), host=s.host, port=s.port, log_level="info", access_log=False)
+    if workers == 1:
+        uvicorn.run(create_app(s), host=s.host, port=s.port, log_level="info", access_log=False)
+        return
+    # Each worker process builds its own app from the environment: hand it these settings, options included.
+    os.environ.update(s.as_environment())
+    uvicorn.run(
+        "service.app:app_from_environment",
+        factory=True,
+        workers=workers,
+        host=s.host,
+        port=s.port,
+        log_level="info",
+        access_log=False,
+    )
 
 
 @app.command()

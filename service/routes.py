@@ -6,6 +6,7 @@ import base64
 import binascii
 import datetime as dt
 import json
+import os
 import re
 import time
 from functools import partial
@@ -381,6 +382,7 @@ async def readyz(state: ServiceState = Depends(get_state)) -> JSONResponse:
     enc = state.encoder
     body = {
         "ready": state.ready(),
+        "pid": os.getpid(),  # which worker answered (`xmodal serve --workers N`)
         "model": None
         if enc is None
         else {"name": enc.name, "fingerprint": enc.fingerprint, "dim": enc.dim, "providers": enc.providers},

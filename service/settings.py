@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -50,6 +51,14 @@ class Settings(BaseSettings):
         True, description="check every file of an index version against its manifest's sha256 before serving it"
     )
     reload_interval_s: float = Field(2.0, ge=0, description="how often to look for newly published versions; 0 = never")
+
+    def as_environment(self) -> dict[str, str]:
+        """These settings as XMODAL_* variables, for processes that build their own (uvicorn's workers)."""
+        env = {}
+        for name, value in self.model_dump().items():
+            if value is not None:
+                env[f"XMODAL_{name.upper()}"] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+        return env
 
     @property
     def indexes_dir(self) -> Path:

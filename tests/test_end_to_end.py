@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -91,23 +92,29 @@ def test_cli_build_info_verify_and_errors(data: Path, tmp_path: Path) -> None:
     assert info["version"] in listed.stdout and "all-minilm-l6-v2" in listed.stdout and "*" in listed.stdout
 
 
-def test_serve_over_real_http(served_data: Path) -> None:
+def start_serving(data: Path, *options: str) -> tuple[subprocess.Popen, str]:
+    """`xmodal serve` in a subprocess on a free port, once /readyz says ready."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("XMODAL_") and k != "REDIS_URL"}
-    env.update(XMODAL_DATA_DIR=str(served_data), XMODAL_PORT=str(port))
-    proc = subprocess.Popen([*XMODAL, "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env.update(XMODAL_DATA_DIR=str(data))
+    cmd = [*XMODAL, "serve", "--port", str(port), *options]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "service did not become ready"
+        time.sleep(0.3)
+
+
+def test_serve_over_real_http(served_data: Path) -> None:
+    proc, base = start_serving(served_data)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "service did not become ready"
-            time.sleep(0.3)
         body = {"index": "demo", "query": {"text": "a satellite photographs a comet"}, "k": 3}
         first = httpx.post(f"{base}/v1/search", json=body, timeout=10).json()
         second = httpx.post(f"{base}/v1/search", json=body, timeout=10).json()
@@ -118,7 +125,28 @@ def test_serve_over_real_http(served_data: Path) -> None:
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
-    assert f"http://127.0.0.1:{port}" in out
+    assert base in out
+
+
+def test_serve_with_workers_answers_from_several_processes(served_data: Path) -> None:
+    proc, base = start_serving(served_data, "--workers", "2")
+    try:
+        # the workers build their own app from the environment: every one serves the same index, same answer
+        body = {"index": "demo", "query": {"text": "a satellite photographs a comet"}, "k": 3}
+
+        def ask(_: int) -> tuple[int, list[str]]:
+            with httpx.Client() as c:  # a connection each, so the kernel can hand them to either worker
+                ready = c.get(f"{base}/readyz", timeout=30).json()
+                hits = c.post(f"{base}/v1/search", json=body, timeout=30).json()["results"]
+                return ready["pid"], [h["id"] for h in hits]
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(ask, range(48)))
+        assert len({pid for pid, _ in answers}) == 2 and proc.pid not in {pid for pid, _ in answers}
+        assert len({tuple(ids) for _, ids in answers}) == 1
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
 
 
 def test_demo_builds_once_then_is_up_to_date(data: Path) -> None:
