@@ -82,5 +82,13 @@ class ItemStore:
         cur = self._con.execute(f"SELECT id, MIN(row) FROM items WHERE id IN ({marks}) GROUP BY id", ids)
         return {item_id: row for item_id, row in cur}
 
+    def rows_of(self, ids: list[str], modality: str) -> dict[str, int]:
+        """For each of ``ids`` that has a ``modality`` row: that row's number."""
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        cur = self._con.execute(f"SELECT id, row FROM items WHERE id IN ({marks}) AND modality = ?", [*ids, modality])
+        return {item_id: row for item_id, row in cur}
+
     def close(self) -> None:
         self._con.close()

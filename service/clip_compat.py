@@ -20,9 +20,12 @@ import json
 from collections.abc import Callable
 from typing import Any, Literal
 
+import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
 from starlette.concurrency import run_in_threadpool
 
 from indexer.search import LoadedIndex
@@ -35,6 +38,7 @@ from service.state import ServiceState, get_state
 
 router = APIRouter(tags=["clip-retrieval compatibility"])
 
+DUPLICATE_COSINE = 0.94  # clip_back's get_non_uniques threshold
 ROW_BITS, TAG_BITS = 32, 21  # 53 bits in all: an int that JavaScript's numbers (clip-front) hold exactly
 IMAGE_SIZE = 512  # the `image` column: the item's picture as a JPEG of this size (the page's largest thumbnail)
 
@@ -57,8 +61,10 @@ class KnnRequest(RequestBody):
         None, ge=0, description="results in all (default num_images; at most XMODAL_MAX_K): ids and similarities"
     )
     indice_name: str | None = Field(None, description="the index; default the first served index")
-    use_mclip: bool = Field(False, description="refused when true: this service has no multilingual text tower")
-    deduplicate: bool | None = Field(None, description="ignored: results hold each item once (by id)")
+    use_mclip: bool | None = Field(False, description="refused when true: this service has no multilingual text tower")
+    deduplicate: bool | None = Field(
+        False, description="drop results whose vector is a near duplicate (cosine > 0.94) of a better one's"
+    )
     use_safety_model: bool | None = Field(None, description="ignored: no safety model is served")
     use_violence_detector: bool | None = Field(None, description="ignored: no violence detector is served")
     aesthetic_score: Any = Field(None, description="ignored: no aesthetic embeddings are served")
@@ -138,6 +144,20 @@ def search_request(req: KnnRequest, index: str, k: int) -> SearchRequest:
         raise RequestValidationError(exc.errors()) from None
 
 
+def deduplicated(index: LoadedIndex, results: list[Result], modality: str) -> list[Result]:
+    """``results`` less the near duplicates of better ones, as clip_back's ``connected_components_dedup``: results
+    whose matched rows' vectors have a cosine above 0.94 are linked, and of each connected group only the best
+    ranked is kept. Unchanged where the index cannot give its vectors back. Runs in a worker thread."""
+    rows = index.items.rows_of([r.id for r in results], modality)
+    vectors = index.vectors([rows[r.id] for r in results]) if len(results) > 1 else None
+    if vectors is None:
+        return results
+    vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    _, group = connected_components(csr_matrix(vectors @ vectors.T > DUPLICATE_COSINE), directed=False)
+    best = np.unique(group, return_index=True)[1]  # each group's first position: its best-ranked result
+    return [results[i] for i in sorted(best)]
+
+
 def pictures(state: ServiceState, index: LoadedIndex, ids: list[str]) -> dict[str, str]:
     """The `image` column (base64 JPEG) of each of ``ids`` with a picture on disk, as clip_back converts a local
     item's `image_path`; none when the service does not serve media. Runs in a worker thread."""
@@ -189,6 +209,8 @@ async def knn_service(request: Request, state: ServiceState = Depends(get_state)
     if k == 0:
         return []
     results, index = await served_search(search_req, state)
+    if req.deduplicate:
+        results = await run_in_threadpool(deduplicated, index, results, req.modality)
     rows = await run_in_threadpool(index.items.first_rows, [r.id for r in results])
     detailed = results[: req.num_images]
     images = await run_in_threadpool(pictures, state, index, [r.id for r in detailed if "image" in (r.media or [])])

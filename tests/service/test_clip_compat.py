@@ -12,6 +12,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -58,6 +59,42 @@ def v1_search(server: ServerThread, query: dict, k: int, modality: str) -> list[
     return r.json()["results"]
 
 
+def embed(server: ServerThread, inputs: list[str], modality: str) -> np.ndarray:
+    r = requests.post(f"{server.url}/v1/embeddings", json={"input": inputs, "modality": modality}, timeout=60)
+    assert r.status_code == 200, r.text
+    return np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
+
+
+def without_near_duplicates(results: list[dict], vectors: np.ndarray) -> list[dict]:
+    """What clip_back's deduplicate keeps: of each group of results linked (transitively) by a cosine above 0.94,
+    the best ranked. Here a plain walk over the links, from the items' own files and captions re-encoded."""
+    linked = vectors @ vectors.T > 0.94
+    seen, keep = set(), []
+    for i in range(len(results)):
+        if i in seen:
+            continue
+        keep.append(results[i])
+        todo = [i]
+        seen.add(i)
+        while todo:
+            for j in np.flatnonzero(linked[todo.pop()]):
+                if int(j) not in seen:
+                    seen.add(int(j))
+                    todo.append(int(j))
+    return keep
+
+
+def expected(server: ServerThread, corpus: Path, query: dict, k: int, modality: str) -> list[dict]:
+    """/v1/search's answer, deduplicated as clip_back does (ClipClient asks for it by default)."""
+    results = v1_search(server, query, k, modality)
+    if modality == "text":
+        vectors = embed(server, [r["text"] for r in results], "text")
+    else:
+        files = [(corpus.parent / "images" / f"{r['id']}.png").read_bytes() for r in results]
+        vectors = embed(server, [base64.b64encode(f).decode() for f in files], "image")
+    return without_near_duplicates(results, vectors)
+
+
 def post_raw(server: ServerThread, path: str, body) -> requests.Response:
     """As ClipClient and clip-front post: a JSON string as the body, no JSON content type."""
     return requests.post(f"{server.url}{path}", data=body if isinstance(body, str) else json.dumps(body), timeout=60)
@@ -74,37 +111,37 @@ def picture(column: str) -> Image.Image:
     return image
 
 
-def test_text_query_finds_pictures_as_v1_search(clip, server: ServerThread) -> None:
+def test_text_query_finds_pictures_as_v1_search(clip, server: ServerThread, media_corpus: Path) -> None:
     results = client(clip, server, num_images=5).query(text="two red circles")
-    assert len(results) == 5
+    assert len(results) == 5  # no near duplicates among these five
     for r in results:
         assert isinstance(r["id"], int) and 0 <= r["id"] < 2**53
         assert isinstance(r["similarity"], float) and r["caption"] and r["kind"] == "picture"
         assert r["xmodal_id"].startswith("img-")
         assert picture(r["image"]).size == (512, 512)
     assert len({r["id"] for r in results}) == 5
-    assert_same(results, v1_search(server, {"text": "two red circles"}, 5, "image"))
+    assert_same(results, expected(server, media_corpus, {"text": "two red circles"}, 5, "image"))
 
 
 def test_image_file_finds_itself_first(clip, server: ServerThread, media_corpus: Path) -> None:
     path = media_corpus.parent / "images" / "img-00003.png"
     results = client(clip, server, num_images=4).query(image=str(path))
     assert results[0]["xmodal_id"] == "img-00003" and results[0]["similarity"] == pytest.approx(1.0, abs=1e-3)
-    assert_same(results, v1_search(server, {"image": base64.b64encode(path.read_bytes()).decode()}, 4, "image"))
+    query = {"image": base64.b64encode(path.read_bytes()).decode()}
+    assert_same(results, expected(server, media_corpus, query, 4, "image"))
 
 
-def test_embedding_input_answers_as_the_text_it_embeds(clip, server: ServerThread) -> None:
-    r = requests.post(f"{server.url}/v1/embeddings", json={"input": "three blue squares"}, timeout=60)
-    vector = r.json()["data"][0]["embedding"]
+def test_embedding_input_answers_as_the_text_it_embeds(clip, server: ServerThread, media_corpus: Path) -> None:
+    vector = embed(server, ["three blue squares"], "text")[0].tolist()
     by_vector = client(clip, server, num_images=6).query(embedding_input=vector)
-    assert_same(by_vector, v1_search(server, {"embedding": vector}, 6, "image"))
+    assert_same(by_vector, expected(server, media_corpus, {"embedding": vector}, 6, "image"))
     by_text = client(clip, server, num_images=6).query(text="three blue squares")
     assert [r["id"] for r in by_vector] == [r["id"] for r in by_text]
 
 
-def test_modality_text_searches_the_captions(clip, server: ServerThread) -> None:
+def test_modality_text_searches_the_captions(clip, server: ServerThread, media_corpus: Path) -> None:
     texts = client(clip, server, num_images=8, modality=clip.Modality.TEXT).query(text="a rising chirp")
-    assert_same(texts, v1_search(server, {"text": "a rising chirp"}, 8, "text"))
+    assert_same(texts, expected(server, media_corpus, {"text": "a rising chirp"}, 8, "text"))
     assert any(r["xmodal_id"].startswith("snd-") for r in texts)  # captions of sounds are text rows too
     # An item has one int id whatever the modality that matched: its image row and its text row agree.
     images = client(clip, server, num_images=40).query(text="a rising chirp")
@@ -112,6 +149,18 @@ def test_modality_text_searches_the_captions(clip, server: ServerThread) -> None
     captions = client(clip, server, num_images=120, modality=clip.Modality.TEXT).query(text="a rising chirp")
     shared = [r for r in captions if r["xmodal_id"] in by_item]
     assert shared and all(r["id"] == by_item[r["xmodal_id"]] for r in shared)
+
+
+def test_deduplicate_drops_near_duplicates_as_clip_back(clip, server: ServerThread, media_corpus: Path) -> None:
+    """Several sounds share a caption: searching the captions, clip_back's deduplicate keeps one of each."""
+    every = client(clip, server, num_images=20, modality=clip.Modality.TEXT, deduplicate=False)
+    once = client(clip, server, num_images=20, modality=clip.Modality.TEXT)  # deduplicate=True: ClipClient's default
+    all_results, kept = every.query(text="a rising chirp"), once.query(text="a rising chirp")
+    assert_same(all_results, v1_search(server, {"text": "a rising chirp"}, 20, "text"))
+    assert len(kept) < len(all_results)
+    assert [r["xmodal_id"] for r in kept] == [r["xmodal_id"] for r in all_results if r in kept]  # order kept
+    reference = without_near_duplicates(all_results, embed(server, [r["caption"] for r in all_results], "text"))
+    assert [r["id"] for r in kept] == [r["id"] for r in reference]
 
 
 def test_num_images_carry_metadata_and_num_result_ids_the_rest(server: ServerThread) -> None:
@@ -162,10 +211,10 @@ def test_metadata_refuses_ids_of_another_version(clip, server: ServerThread) -> 
 
 
 def test_options_clip_back_ignores_are_accepted(server: ServerThread) -> None:
+    # As clip_back started without a safety model, violence detector or aesthetic embeddings.
     base = {"text": "two red circles", "modality": "image", "num_images": 3, "indice_name": "media"}
     plain = post_raw(server, "/knn-service", base).json()
     extras = {
-        "deduplicate": True,
         "use_safety_model": True,
         "use_violence_detector": True,
         "aesthetic_score": "9",
