@@ -40,7 +40,7 @@ router = APIRouter(tags=["clip-retrieval compatibility"])
 
 DUPLICATE_COSINE = 0.94  # clip_back's get_non_uniques threshold
 ROW_BITS, TAG_BITS = 32, 21  # 53 bits in all: an int that JavaScript's numbers (clip-front) hold exactly
-IMAGE_SIZE = 512  # the `image` column: the item's picture as a JPEG of this size (the page's largest thumbnail)
+IMAGE_SIZE = 256  # the `image` column: a JPEG thumbnail this size (a few tens of KB: the answer stays small)
 
 
 class IdNotServed(NotFound):

@@ -118,7 +118,7 @@ def test_text_query_finds_pictures_as_v1_search(clip, server: ServerThread, medi
         assert isinstance(r["id"], int) and 0 <= r["id"] < 2**53
         assert isinstance(r["similarity"], float) and r["caption"] and r["kind"] == "picture"
         assert r["xmodal_id"].startswith("img-")
-        assert picture(r["image"]).size == (512, 512)
+        assert picture(r["image"]).size == (256, 256)
     assert len({r["id"] for r in results}) == 5
     assert_same(results, expected(server, media_corpus, {"text": "two red circles"}, 5, "image"))
 
