@@ -29,8 +29,12 @@ browser:
 	  || echo "could not install chromium: the browser tests will skip"; \
 	else echo "no chromium, and apt-get cannot run here: the browser tests will skip"; fi
 
+# clip-retrieval without its dependencies (torch, flask, faiss, ...): the tests use only its clip_client.py.
+CLIP_RETRIEVAL ?= clip-retrieval==2.45.0
+
 test: browser
 	$(MAKE) install EXTRAS=cpu,export,dev
+	$(BIN)/python -m pip install --quiet --no-deps "$(CLIP_RETRIEVAL)"
 	$(BIN)/python -m pytest
 
 lint:

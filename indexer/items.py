@@ -73,5 +73,22 @@ class ItemStore:
             out.setdefault(item_id, {})[modality] = source
         return out
 
+    def first_rows(self, ids: list[str]) -> dict[str, int]:
+        """For each of ``ids`` in the store: its smallest row number (a stable per-version number for an item of
+        several rows); ids not in the store are absent."""
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        cur = self._con.execute(f"SELECT id, MIN(row) FROM items WHERE id IN ({marks}) GROUP BY id", ids)
+        return {item_id: row for item_id, row in cur}
+
+    def rows_of(self, ids: list[str], modality: str) -> dict[str, int]:
+        """For each of ``ids`` that has a ``modality`` row: that row's number."""
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        cur = self._con.execute(f"SELECT id, row FROM items WHERE id IN ({marks}) AND modality = ?", [*ids, modality])
+        return {item_id: row for item_id, row in cur}
+
     def close(self) -> None:
         self._con.close()

@@ -307,6 +307,14 @@ class LoadedIndex:
                 return hits
             fetch = min(n, fetch * 4)
 
+    def vectors(self, rows: list[int]) -> np.ndarray | None:
+        """The stored vectors of ``rows`` [n, D], or None where the FAISS index cannot give them back (an IVF
+        index without a direct map); approximate for compressed (PQ) indexes."""
+        try:
+            return self.index.reconstruct_batch(np.asarray(rows, dtype=np.int64))
+        except RuntimeError:
+            return None
+
     def close(self) -> None:
         self.items.close()
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from service.clip_compat import router as clip_router
 from service.errors import install_error_handlers
 from service.events import listen
 from service.middleware import BodyLimit, CountRequests
@@ -59,6 +60,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(page_router)
+    app.include_router(clip_router)
     mount_static(app)
 
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
