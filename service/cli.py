@@ -379,30 +379,33 @@ def index_versions(name: str) -> None:
 
     Example: xmodal index versions demo
     """
-    from rich.table import Table
-
     from indexer.layout import IndexDir
 
     d = IndexDir(_settings().indexes_dir, name)
     current = d.current()
-    table = Table("version", "published", "created", "items", "model", "faiss", "recall@10", "late")
+    # Plain columns, never cut to the terminal's width: versions are copied into `xmodal index publish`.
+    rows = [("version", "published", "created", "items", "model", "faiss", "recall@10", "late")]
     for version in d.versions():
         try:
             m = d.manifest(version)
         except XmodalError as exc:
-            table.add_row(version, "", "", "", f"[red]unreadable: {exc.message}[/]", "", "", "")
+            rows.append((version, "", "", "", f"unreadable: {exc.message}", "", "", ""))
             continue
-        table.add_row(
-            version,
-            "*" if version == current else "",
-            m.created_at,
-            str(sum(m.counts.values())),
-            m.model["name"],
-            m.faiss["key"],
-            f"{m.recall_at_10['value']:.3f}",
-            "yes" if m.tokens else "",
+        rows.append(
+            (
+                version,
+                "*" if version == current else "",
+                m.created_at,
+                str(sum(m.counts.values())),
+                m.model["name"],
+                m.faiss["key"],
+                f"{m.recall_at_10['value']:.3f}",
+                "yes" if m.tokens else "",
+            )
         )
-    out.print(table)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
 
 
 def _announce(s: Settings, name: str, version: str) -> None:
