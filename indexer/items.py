@@ -73,5 +73,13 @@ class ItemStore:
             out.setdefault(item_id, {})[modality] = source
         return out
 
+    def all_rows(self) -> list[tuple[int, str, str, str, str | None, dict]]:
+        """Every row in row order: (row, id, modality, source, text, metadata)."""
+        cur = self._con.execute("SELECT row, id, modality, source, text, metadata FROM items ORDER BY row")
+        try:
+            return [(r, i, m, s, t, json.loads(md)) for r, i, m, s, t, md in cur]
+        except (json.JSONDecodeError, TypeError):
+            raise BundleError("a row of the items store is damaged: its metadata is not JSON") from None
+
     def close(self) -> None:
         self._con.close()
