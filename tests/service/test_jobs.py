@@ -80,6 +80,7 @@ def submit(client: TestClient, body: dict, name: str = "news") -> dict:
     return job
 
 
+@pytest.mark.slow
 def test_admin_routes_need_the_key_and_keep_to_the_corpora_root(data: Path, tmp_path: Path) -> None:
     outside = tmp_path / "outside.jsonl"
     outside.write_text('{"id": "x", "text": "secret"}\n')
@@ -110,6 +111,15 @@ def test_admin_routes_need_the_key_and_keep_to_the_corpora_root(data: Path, tmp_
         job = submit(c, {"corpus": "sneaky.jsonl"})
         failed = wait_for(c, job["id"], ("succeeded", "failed"))
         assert failed["state"] == "failed" and "outside the corpora root" in failed["error"]
+    # A job the service had queued but never finished (the service was killed): failed when it starts again.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = json.loads((data / "jobs" / f"{job['id']}.json").read_text())
+    orphan |= {"id": "0" * 32, "state": "running", "runner": {**orphan["runner"], "pid": dead.pid}}
+    (data / "jobs" / f"{orphan['id']}.json").write_text(json.dumps(orphan))
+    with app_client(data) as c:
+        status = c.get(f"/v1/jobs/{orphan['id']}", headers=ADMIN).json()
+        assert status["state"] == "failed" and "service stopped" in status["error"]
     with TestClient(create_app(Settings(data_dir=data, reload_interval_s=0))) as c:  # no admin keys configured
         r = c.post("/v1/indexes/news/rebuild", json={"corpus": "more.jsonl"}, headers=ADMIN)
         assert r.status_code == 403 and "XMODAL_ADMIN_KEYS" in r.json()["error"]["message"]
@@ -136,8 +146,12 @@ def test_rebuild_jobs_without_redis_run_in_a_background_process(data: Path) -> N
         bad = wait_for(c, submit(c, {"corpus": "bad.jsonl"})["id"], ("succeeded", "failed"))
         assert bad["state"] == "failed" and "bad.jsonl:2" in bad["error"] and "Traceback" not in bad["error"]
         assert IndexDir(data / "indexes", "news").current() == again["version"]  # nothing published
+        fresh = wait_for(
+            c, submit(c, {"corpus": "first.jsonl", "late": True}, name="fresh")["id"], ("succeeded", "failed")
+        )
+        assert fresh["state"] == "succeeded" and IndexDir(data / "indexes", "fresh").manifest().tokens is not None
         listed = c.get("/v1/jobs", headers=ADMIN).json()
-        assert [j["id"] for j in listed] == [bad["id"], again["id"], job["id"]]
+        assert [j["id"] for j in listed] == [fresh["id"], bad["id"], again["id"], job["id"]]
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("XMODAL_") and k != "REDIS_URL"}
     env["XMODAL_DATA_DIR"] = str(data)
@@ -147,9 +161,10 @@ def test_rebuild_jobs_without_redis_run_in_a_background_process(data: Path) -> N
     assert json.loads(listing.stdout) == listed
 
 
-def start_worker(data: Path, redis_url: str, log: Path) -> subprocess.Popen:
+def start_worker(data: Path, redis_url: str, log: Path, max_tries: int = 3) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("XMODAL_") and k != "REDIS_URL"}
     env |= {"XMODAL_DATA_DIR": str(data), "XMODAL_REDIS_URL": redis_url, "XMODAL_JOB_LEASE_S": "3"}
+    env["XMODAL_JOB_MAX_TRIES"] = str(max_tries)
     return subprocess.Popen([*XMODAL, "worker"], env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
 
 
@@ -183,33 +198,66 @@ def test_rebuild_job_through_redis_and_a_worker_process(data: Path, redis_server
         stop(worker)
 
 
-@pytest.mark.slow
-def test_a_job_whose_worker_is_killed_is_run_again_by_another(data: Path, redis_server, tmp_path: Path) -> None:
-    lines = (data / "corpora" / "more.jsonl").read_text()
+def kill_worker_mid_job(data: Path, redis_url: str, client: TestClient, log: Path) -> dict:
+    """Queue a rebuild of 400 items, SIGKILL the worker running it; the job's status, still `running`."""
+    lines = (data / "corpora" / "more.jsonl").read_text().splitlines()
     (data / "corpora" / "big.jsonl").write_text(
         "".join(
             json.dumps({**json.loads(line), "id": f"{json.loads(line)['id']}-{i}"}) + "\n"
             for i in range(10)
-            for line in lines.splitlines()
+            for line in lines
         )
     )
-    log = tmp_path / "worker.log"
-    first = start_worker(data, redis_server.url, log)
-    second = None
+    first = start_worker(data, redis_url, log)
     try:
-        with app_client(data, redis_url=redis_server.url) as c:
-            job = submit(c, {"corpus": "big.jsonl", "late": True})
-            running = wait_for(c, job["id"], ("running", "succeeded", "failed"))
-            assert running["state"] == "running" and running["attempt"] == 1, running
-            first.send_signal(signal.SIGKILL)
-            first.wait()
-            assert wait_for(c, job["id"], ("running", "succeeded", "failed"))["state"] == "running"
-            second = start_worker(data, redis_server.url, log)
+        job = submit(client, {"corpus": "big.jsonl", "late": True})
+        running = wait_for(client, job["id"], ("running", "succeeded", "failed"))
+        assert running["state"] == "running" and running["attempt"] == 1, running
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    finally:
+        stop(first)
+    status = wait_for(client, job["id"], ("running", "succeeded", "failed"))
+    assert status["state"] == "running"
+    return status
+
+
+@pytest.mark.slow
+def test_a_job_whose_worker_is_killed_is_run_again_by_another(data: Path, redis_server, tmp_path: Path) -> None:
+    log = tmp_path / "worker.log"
+    with app_client(data, redis_url=redis_server.url) as c:
+        job = kill_worker_mid_job(data, redis_server.url, c, log)
+        second = start_worker(data, redis_server.url, log)
+        try:
             done = wait_for(c, job["id"], ("succeeded", "failed"), timeout=180)
             assert done["state"] == "succeeded" and done["attempt"] == 2, (done, log.read_text())
             assert IndexDir(data / "indexes", "news").manifest().counts == {"text": 400}
             served_version(c, done["version"])
-    finally:
-        stop(first)
-        if second is not None:
+        finally:
             stop(second)
+
+
+@pytest.mark.slow
+def test_a_job_whose_workers_keep_dying_ends_failed(data: Path, redis_server, tmp_path: Path) -> None:
+    log = tmp_path / "worker.log"
+    with app_client(data, redis_url=redis_server.url) as c:
+        job = kill_worker_mid_job(data, redis_server.url, c, log)
+        last = start_worker(data, redis_server.url, log, max_tries=1)  # the killed run was the only one allowed
+        try:
+            done = wait_for(c, job["id"], ("succeeded", "failed"), timeout=60)
+            assert done["state"] == "failed" and "max 1 retries exceeded" in done["error"], done
+        finally:
+            stop(last)
+
+
+def test_a_versions_own_items_come_back_as_its_corpus(late_data: Path, media_corpus: Path) -> None:
+    from indexer.corpus import read_corpus
+    from indexer.reencode import items_of_version
+
+    def fields(item) -> tuple:  # noqa: ANN001
+        media = tuple(None if p is None else Path(p).resolve() for p in (item.image, item.audio))
+        return item.id, item.text, *media, item.metadata
+
+    again = items_of_version(late_data / "indexes", "media")
+    assert sorted(map(fields, again)) == sorted(map(fields, read_corpus(media_corpus)))
+    assert all(Path(p).is_file() for it in again for p in (it.image, it.audio) if p is not None)
