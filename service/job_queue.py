@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -85,6 +86,8 @@ class RedisJobs(Jobs):
             await run_in_threadpool(self.store.put, status)
             await pool.enqueue_job(JOB_FUNCTION, _job_id=status.id, _queue_name=QUEUE)
         except Exception as exc:  # Redis went away between the two
+            with contextlib.suppress(Exception):
+                await run_in_threadpool(update, self.store, status.id, state="failed", error="could not be queued")
             raise NotReady(f"could not queue the job on Redis: {exc}") from None
         return status
 
@@ -123,6 +126,8 @@ class LocalJobs(Jobs):
         self.store = FileJobStore(settings.jobs_dir)
         self._on_done = on_done
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
+        self._pending: set[str] = set()  # queued or running here
+        self._closing = False
         self._fail_orphans()
 
     def _fail_orphans(self) -> None:
@@ -154,12 +159,19 @@ class LocalJobs(Jobs):
             # spawn, not fork: the service holds threads, ONNX sessions and sockets a fork would copy half-way.
             self._executor = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         future = self._executor.submit(run_local, self.settings.model_dump_json(), status.id)
+        self._pending.add(status.id)
         loop = asyncio.get_running_loop()
-        future.add_done_callback(lambda f: loop.call_soon_threadsafe(self._finished, status.id, f))
+
+        def done(f: concurrent.futures.Future) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: the service has stopped
+                loop.call_soon_threadsafe(self._finished, status.id, f)
+
+        future.add_done_callback(done)
         return status
 
     def _finished(self, job_id: str, future: concurrent.futures.Future) -> None:
-        if future.cancelled():  # shutting down: the next start fails it as an orphan
+        self._pending.discard(job_id)
+        if self._closing or future.cancelled():  # close() says what became of it
             return
         exc = future.exception()
         if exc is not None:  # the background process died (killed, out of memory): the record must say so
@@ -175,8 +187,27 @@ class LocalJobs(Jobs):
         asyncio.get_running_loop().run_in_executor(None, self._on_done)
 
     async def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        """Stop the background process (a build may take hours; the service must stop now) and fail the jobs it
+        had not finished. A build killed mid-way leaves nothing published; the next build removes its staging."""
+        self._closing = True
+        if self._executor is None:
+            return
+        unfinished = list(self._pending)
+        processes = list(getattr(self._executor, "_processes", {}).values())  # private, but the only handle
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            await run_in_threadpool(process.join, 10)
+        for job_id in unfinished:
+            if self.store.get(job_id).state not in FINISHED:
+                update(
+                    self.store,
+                    job_id,
+                    state="failed",
+                    finished_at=now_iso(),
+                    error="the service stopped before this job finished; submit it again",
+                )
 
 
 def make_jobs(settings: Settings, on_done: Callable[[], None]) -> Jobs:
