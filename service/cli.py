@@ -446,7 +446,14 @@ def worker() -> None:
         )
     console.print(f"xmodal worker: jobs from {s.redis_url.rpartition('@')[2]}, model {s.model}, data {s.data_dir}")
     logging.getLogger("arq").setLevel(logging.INFO)  # job started / finished lines
-    make_worker(s).run()
+    from redis.exceptions import RedisError
+
+    try:
+        make_worker(s).run()
+    except (OSError, RedisError) as exc:  # arq gave up connecting (it retries 5 times first)
+        raise XmodalError(
+            f"xmodal worker: Redis at {s.redis_url.rpartition('@')[2]} is not reachable ({exc})"
+        ) from None
 
 
 # --- serving --------------------------------------------------------------------------------------

@@ -77,8 +77,16 @@ def rebuild(settings: Settings, name: str, request: dict, progress: Callable[[in
     return version
 
 
-def execute(settings: Settings, store: JobStore, job_id: str, attempt: int) -> JobStatus:
-    """Run job ``job_id`` (its record says what to do) and leave its outcome in the record."""
+class Interrupted(Exception):
+    """The worker was told to stop (SIGTERM, or arq's job timeout): the build stops at its next batch."""
+
+
+def execute(
+    settings: Settings, store: JobStore, job_id: str, attempt: int, should_stop: Callable[[], bool] = lambda: False
+) -> JobStatus:
+    """Run job ``job_id`` (its record says what to do) and leave its outcome in the record. ``should_stop`` is
+    asked at every progress step; when it says so, the build stops and the job is `queued` again (its queue
+    runs it again)."""
     job = store.get(job_id)
     if job.state in FINISHED:  # a retry of a job that had finished before its worker died
         return job
@@ -87,12 +95,17 @@ def execute(settings: Settings, store: JobStore, job_id: str, attempt: int) -> J
 
     def progress(done: int, total: int) -> None:
         nonlocal last
+        if should_stop():
+            raise Interrupted
         if time.monotonic() - last >= PROGRESS_EVERY_S or done == total:
             last = time.monotonic()
             update(store, job_id, progress=Progress(done=done, total=total))
 
     try:
         version = rebuild(settings, job.index, job.request, progress)
+    except Interrupted:
+        log.warning("job %s (%s of %s) interrupted; it will run again", job_id, job.kind, job.index)
+        return update(store, job_id, state="queued", progress=None)
     except XmodalError as exc:
         log.warning("job %s (%s of %s) failed: %s", job_id, job.kind, job.index, exc.message)
         return update(store, job_id, state="failed", error=exc.message, finished_at=now_iso())

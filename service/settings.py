@@ -50,7 +50,9 @@ class Settings(BaseSettings):
     corpora_dir: Path | None = Field(
         None, description="rebuild jobs read corpora only below this; default <data>/corpora"
     )
-    job_timeout_s: int = Field(24 * 3600, ge=1, description="a job running longer is cancelled (and retried)")
+    job_timeout_s: int = Field(
+        24 * 3600, ge=1, description="a job running longer is stopped and run again: keep it above the longest build"
+    )
     job_max_tries: int = Field(3, ge=1, description="runs of a job, counting retries after its worker died")
     job_lease_s: float = Field(
         30.0,

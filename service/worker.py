@@ -4,7 +4,8 @@ arq re-runs a job whose worker died once the job's in-progress key in Redis expi
 job timeout (hours, for a rebuild) as its lifetime; the worker keeps it as a short lease instead
 (XMODAL_JOB_LEASE_S, renewed every third of it while the job runs), so a job whose worker was killed is picked up
 by another worker within a lease, not hours later. The build runs in a thread: a `kill -9` takes it down with the
-worker, and nothing half-written is ever published (builds write atomically)."""
+worker, and nothing half-written is ever published (builds write atomically); SIGTERM (or arq's job timeout) stops
+it at its next batch and arq queues the job again."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 
 from service.job_queue import JOB_FUNCTION, QUEUE, to_json
 from service.job_store import RedisJobStore
@@ -42,8 +44,14 @@ async def rebuild(ctx: dict) -> str:
     settings: Settings = ctx["settings"]
     await _renew(ctx["redis"], ctx["job_id"], settings.job_lease_s)  # the short lease, before any work
     lease = asyncio.create_task(_keep_lease(ctx["redis"], ctx["job_id"], settings.job_lease_s))
+    stop = threading.Event()
     try:
-        status = await asyncio.to_thread(execute, settings, ctx["store"], ctx["job_id"], ctx["job_try"])
+        status = await asyncio.to_thread(execute, settings, ctx["store"], ctx["job_id"], ctx["job_try"], stop.is_set)
+    except asyncio.CancelledError:
+        # SIGTERM or the job timeout: arq queues the job again; a thread cannot be cancelled, so tell the build to
+        # stop at its next batch rather than finish (and publish) beside the job's next run.
+        stop.set()
+        raise
     finally:
         lease.cancel()
         with contextlib.suppress(asyncio.CancelledError):

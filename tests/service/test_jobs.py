@@ -209,8 +209,9 @@ def test_rebuild_job_through_redis_and_a_worker_process(data: Path, redis_server
         stop(worker)
 
 
-def kill_worker_mid_job(data: Path, redis_url: str, client: TestClient, log: Path) -> dict:
-    """Queue a rebuild of 400 items, SIGKILL the worker running it; the job's status, still `running`."""
+def kill_worker_mid_job(data: Path, redis_url: str, client: TestClient, log: Path, sig: int = signal.SIGKILL) -> dict:
+    """Queue a rebuild of 400 items, send the worker running it ``sig``; the job's status then: still `running`
+    after SIGKILL, `queued` again after SIGTERM (the build stopped at its next batch)."""
     lines = (data / "corpora" / "more.jsonl").read_text().splitlines()
     (data / "corpora" / "big.jsonl").write_text(
         "".join(
@@ -224,20 +225,23 @@ def kill_worker_mid_job(data: Path, redis_url: str, client: TestClient, log: Pat
         job = submit(client, {"corpus": "big.jsonl", "late": True})
         running = wait_for(client, job["id"], ("running", "succeeded", "failed"))
         assert running["state"] == "running" and running["attempt"] == 1, running
-        first.send_signal(signal.SIGKILL)
-        first.wait()
+        first.send_signal(sig)
+        first.wait(timeout=30)
     finally:
         stop(first)
-    status = wait_for(client, job["id"], ("running", "succeeded", "failed"))
-    assert status["state"] == "running"
+    status = wait_for(client, job["id"], ("running", "queued", "succeeded", "failed"))
+    assert status["state"] == ("running" if sig == signal.SIGKILL else "queued"), (status, log.read_text())
     return status
 
 
 @pytest.mark.slow
-def test_a_job_whose_worker_is_killed_is_run_again_by_another(data: Path, redis_server, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_a_job_whose_worker_is_killed_is_run_again_by_another(
+    data: Path, redis_server, tmp_path: Path, sig: int
+) -> None:
     log = tmp_path / "worker.log"
     with app_client(data, redis_url=redis_server.url) as c:
-        job = kill_worker_mid_job(data, redis_server.url, c, log)
+        job = kill_worker_mid_job(data, redis_server.url, c, log, sig)
         second = start_worker(data, redis_server.url, log)
         try:
             done = wait_for(c, job["id"], ("succeeded", "failed"), timeout=180)
