@@ -90,5 +90,13 @@ class ItemStore:
         cur = self._con.execute(f"SELECT id, row FROM items WHERE id IN ({marks}) AND modality = ?", [*ids, modality])
         return {item_id: row for item_id, row in cur}
 
+    def all_rows(self) -> list[tuple[int, str, str, str, str | None, dict]]:
+        """Every row in row order: (row, id, modality, source, text, metadata)."""
+        cur = self._con.execute("SELECT row, id, modality, source, text, metadata FROM items ORDER BY row")
+        try:
+            return [(r, i, m, s, t, json.loads(md)) for r, i, m, s, t, md in cur]
+        except (json.JSONDecodeError, TypeError):
+            raise BundleError("a row of the items store is damaged: its metadata is not JSON") from None
+
     def close(self) -> None:
         self._con.close()

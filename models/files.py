@@ -95,7 +95,7 @@ def staging_dir(parent: Path, final_name: str) -> Iterator[Path]:
 _STAGING_PID = re.compile(r"^\.(?:tmp|old)-.*-pid(\d+)-")
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -113,7 +113,7 @@ def remove_stale_staging(parent: Path) -> list[Path]:
         return removed
     for path in parent.iterdir():
         match = _STAGING_PID.match(path.name)
-        if match and path.is_dir() and not _alive(int(match.group(1))):
+        if match and path.is_dir() and not process_alive(int(match.group(1))):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed

@@ -10,9 +10,11 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from service.admin_routes import router as admin_router
 from service.clip_compat import router as clip_router
 from service.errors import install_error_handlers
 from service.events import listen
+from service.job_queue import make_jobs
 from service.middleware import BodyLimit, CountRequests
 from service.page import mount_static
 from service.page import router as page_router
@@ -28,6 +30,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = ServiceState(settings)
         app.state.xmodal = state
+        app.state.jobs = make_jobs(settings, on_done=state.refresh_indexes)
         await run_in_threadpool(state.load_model)
         await run_in_threadpool(state.refresh_indexes)
         tasks = []
@@ -49,6 +52,7 @@ def create_app(settings: Settings) -> FastAPI:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await app.state.jobs.close()
             await state.close()
 
     app = FastAPI(
@@ -59,6 +63,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(admin_router)
     app.include_router(page_router)
     app.include_router(clip_router)
     mount_static(app)

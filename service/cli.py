@@ -31,8 +31,13 @@ models_app = typer.Typer(
 index_app = typer.Typer(
     help="Index bundles: build from a corpus, inspect, verify, publish versions.", no_args_is_help=True
 )
+jobs_app = typer.Typer(
+    help="Rebuild jobs (queued over HTTP): list them, show one; the same JSON as GET /v1/jobs/{id}.",
+    no_args_is_help=True,
+)
 app.add_typer(models_app, name="models")
 app.add_typer(index_app, name="index")
+app.add_typer(jobs_app, name="jobs")
 
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="model bundle name (default: $XMODAL_MODEL)")]
 
@@ -409,13 +414,11 @@ def index_versions(name: str) -> None:
 
 
 def _announce(s: Settings, name: str, version: str) -> None:
-    """Tell running replicas through Redis, when there is one (they also poll, so this is only faster)."""
-    if s.redis_url:
-        from service.events import announce
+    from service.events import announce_published
 
-        listeners = announce(s.redis_url, name, version)
-        if listeners is not None:
-            console.print(f"announced on Redis to {listeners} running replica(s)")
+    listeners = announce_published(s.redis_url, name, version)
+    if listeners is not None:
+        console.print(f"announced on Redis to {listeners} running replica(s)")
 
 
 @index_app.command("verify")
@@ -428,6 +431,67 @@ def index_verify(name: str, version: Annotated[str | None, typer.Option()] = Non
 
     report = verify_index(_settings().indexes_dir, name, version)
     _print_json(report)
+
+
+# --- jobs -----------------------------------------------------------------------------------------
+def _jobs_call(method: str, *args):  # noqa: ANN002, ANN202
+    """Read jobs where the service keeps them: Redis when XMODAL_REDIS_URL is set, else <data>/jobs."""
+    import asyncio
+
+    from service.job_queue import make_jobs
+
+    async def call():  # noqa: ANN202
+        jobs = make_jobs(_settings(), on_done=lambda: None)
+        try:
+            return await getattr(jobs, method)(*args)
+        finally:
+            await jobs.close()
+
+    return asyncio.run(call())
+
+
+@jobs_app.command("list")
+def jobs_list(limit: Annotated[int, typer.Option(min=1, max=1000, help="how many, newest first")] = 50) -> None:
+    """The most recent jobs, newest first, as GET /v1/jobs shows them.
+
+    Example: xmodal jobs list --limit 10
+    """
+    _print_json([j.model_dump(mode="json") for j in _jobs_call("list", limit)])
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: Annotated[str, typer.Argument(help="the id POST /v1/indexes/{name}/rebuild answered")]) -> None:
+    """One job's state, progress (done, total) and outcome (its version, or why it failed), as GET /v1/jobs/{id}.
+
+    Example: xmodal jobs show 3f2c9a...
+    """
+    _print_json(_jobs_call("get", job_id).model_dump(mode="json"))
+
+
+@app.command()
+def worker() -> None:
+    """Execute the jobs queued in Redis ($XMODAL_REDIS_URL), one at a time, until stopped (Ctrl-C or SIGTERM).
+    Run several for several jobs at once; a job whose worker dies is run again by another one.
+
+    Example: XMODAL_REDIS_URL=redis://localhost:6379/0 xmodal worker
+    """
+    from service.worker import make_worker
+
+    s = _settings()
+    if not s.redis_url:
+        raise InvalidInput(
+            "xmodal worker needs Redis: set XMODAL_REDIS_URL (without Redis the service runs jobs itself)"
+        )
+    console.print(f"xmodal worker: jobs from {s.redis_url.rpartition('@')[2]}, model {s.model}, data {s.data_dir}")
+    logging.getLogger("arq").setLevel(logging.INFO)  # job started / finished lines
+    from redis.exceptions import RedisError
+
+    try:
+        make_worker(s).run()
+    except (OSError, RedisError) as exc:  # arq gave up connecting (it retries 5 times first)
+        raise XmodalError(
+            f"xmodal worker: Redis at {s.redis_url.rpartition('@')[2]} is not reachable ({exc})"
+        ) from None
 
 
 # --- serving --------------------------------------------------------------------------------------

@@ -40,10 +40,24 @@ class ResponseTooLarge(XmodalError):
     code = "response_too_large"
 
 
+class Unauthorized(XmodalError):
+    """No admin key, or a wrong one."""
+
+    code = "unauthorized"
+
+
+class AdminDisabled(XmodalError):
+    """Admin routes called while no admin key is configured."""
+
+    code = "admin_disabled"
+
+
 # Most specific first: the first class the error is an instance of decides the status.
 STATUS: list[tuple[type[XmodalError], int]] = [
     (Overloaded, 429),
     (ResponseTooLarge, 413),
+    (Unauthorized, 401),
+    (AdminDisabled, 403),
     (NotReady, 503),
     (NotFound, 404),
     (InvalidInput, 400),
@@ -54,7 +68,13 @@ STATUS: list[tuple[type[XmodalError], int]] = [
 ]
 
 
-HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+HTTP_CODES = {
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+}
 
 
 def status_for(exc: XmodalError) -> int:
@@ -97,7 +117,11 @@ def install_error_handlers(app: FastAPI) -> None:
         status = status_for(exc)
         if status >= 500:
             log.error("%s: %s", exc.code, exc.message)
-        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
+        headers = None
+        if isinstance(exc, Overloaded):
+            headers = {"Retry-After": str(exc.retry_after_s)}
+        elif isinstance(exc, Unauthorized):
+            headers = {"WWW-Authenticate": "Bearer"}
         return error_response(status, exc.code, exc.message, exc.details, headers)
 
     @app.exception_handler(RequestValidationError)

@@ -25,6 +25,12 @@ def announce(redis_url: str, index: str, version: str) -> int | None:
         return None
 
 
+def announce_published(redis_url: str | None, index: str, version: str) -> int | None:
+    """What the CLI, the HTTP routes and job workers call after publishing: announce when there is a Redis
+    (replicas also poll CURRENT, so this only makes the swap faster). The listeners told, or None."""
+    return announce(redis_url, index, version) if redis_url else None
+
+
 async def listen(redis_url: str, on_publish: Callable[[dict], Awaitable[None]], retry_s: float = 2.0) -> None:
     """Call ``on_publish`` for every announcement, reconnecting after Redis errors, until cancelled."""
     import redis.asyncio as aioredis

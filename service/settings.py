@@ -52,6 +52,23 @@ class Settings(BaseSettings):
     )
     reload_interval_s: float = Field(2.0, ge=0, description="how often to look for newly published versions; 0 = never")
 
+    # Admin routes (rebuild jobs). Comma-separated keys; none configured disables those routes.
+    admin_keys: str = Field("", repr=False, description="API keys for the admin routes, comma-separated")
+    corpora_dir: Path | None = Field(
+        None, description="rebuild jobs read corpora only below this; default <data>/corpora"
+    )
+    job_timeout_s: int = Field(
+        24 * 3600, ge=1, description="a job running longer is stopped and run again: keep it above the longest build"
+    )
+    job_max_tries: int = Field(3, ge=1, description="runs of a job, counting retries after its worker died")
+    job_lease_s: float = Field(
+        30.0,
+        gt=0,
+        description="a worker's claim on a running job lasts this long and is renewed every third of "
+        "it; once a dead worker's claim lapses, another worker runs the job again",
+    )
+    job_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="how long a finished job's status is kept in Redis")
+
     def as_environment(self) -> dict[str, str]:
         """These settings as XMODAL_* variables, for processes that build their own (uvicorn's workers)."""
         env = {}
@@ -63,6 +80,18 @@ class Settings(BaseSettings):
     @property
     def indexes_dir(self) -> Path:
         return self.data_dir / "indexes"
+
+    @property
+    def corpora_root(self) -> Path:
+        return self.corpora_dir or self.data_dir / "corpora"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def admin_key_list(self) -> list[str]:
+        return [k.strip() for k in self.admin_keys.split(",") if k.strip()]
 
     @property
     def model_dir(self) -> Path:

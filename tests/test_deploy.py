@@ -27,7 +27,7 @@ def stages(dockerfile: str) -> dict[str, str]:
 
 def test_compose_services_and_dependencies(compose: dict) -> None:
     services = compose["services"]
-    assert set(services) == {"redis", "demo-index", "api"}
+    assert set(services) == {"redis", "demo-index", "api", "worker"}
     redis = services["redis"]
     assert redis["image"].startswith("redis:") and "redis-cli" in redis["healthcheck"]["test"]
     api = services["api"]
@@ -35,9 +35,13 @@ def test_compose_services_and_dependencies(compose: dict) -> None:
     assert api["depends_on"]["demo-index"]["condition"] == "service_completed_successfully"
     assert api["environment"]["XMODAL_REDIS_URL"].startswith("redis://redis:6379")
     assert any(p.endswith(":8000") for p in api["ports"])
+    worker = services["worker"]
+    assert worker["command"] == ["xmodal", "worker"] and worker["image"] == services["demo-index"]["image"]
+    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert worker["environment"]["XMODAL_REDIS_URL"] == api["environment"]["XMODAL_REDIS_URL"]
     one_shot = services["demo-index"]
     assert one_shot["restart"] == "no" and one_shot["build"] == "."
-    for name in ("api", "demo-index"):  # both share the data volume the Dockerfile declares
+    for name in ("api", "demo-index", "worker"):  # all share the data volume the Dockerfile declares
         assert "xmodal-data:/data" in services[name]["volumes"]
     assert "xmodal-data" in compose["volumes"]
 
@@ -47,7 +51,7 @@ def test_every_compose_command_is_a_real_xmodal_command(compose: dict) -> None:
     dockerfile_cmd = re.search(r'^CMD \["xmodal", (.*)\]$', (ROOT / "Dockerfile").read_text(), re.M)
     assert dockerfile_cmd, "the image's CMD should be an xmodal command"
     commands.append(["xmodal"] + [a.strip(' "') for a in dockerfile_cmd.group(1).split(",")])
-    assert len(commands) == 3
+    assert len(commands) == 4
     for cmd in commands:
         args = [a for a in cmd[1:] if not a.startswith("--")]  # the sub-command path; options checked below
         r = subprocess.run([*XMODAL, *args, "--help"], capture_output=True, text=True, timeout=60)
@@ -89,7 +93,8 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_second() -> None:
 
 def test_every_cli_command_has_help_with_an_example() -> None:
     groups = {
-        "": ["serve", "demo"],
+        "": ["serve", "demo", "worker"],
+        "jobs": ["list", "show"],
         "models": ["list", "info", "prepare", "export", "quantize", "train"],
         "index": ["build", "info", "verify", "publish"],
     }

@@ -1,0 +1,142 @@
+"""What a rebuild job does, wherever it runs (an arq worker, or the service's background process): read the
+items (a corpus below the corpora root, or the published version's own items), encode them with the configured
+model, publish a new version with ``indexer.build.build_index`` (atomic), announce it, and keep the job's
+status record up to date. An error ends the job `failed` with its message; it never escapes as a traceback."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from models.errors import IndexNotFound, XmodalError
+from service.job_store import FINISHED, JobStatus, JobStore, Progress, now_iso, update
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 0.5  # status writes while encoding, at most this often
+
+
+class RebuildRequest(BaseModel):
+    """Body of POST /v1/indexes/{name}/rebuild: exactly one of `corpus` and `from`."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    corpus: str | None = Field(None, description="a JSONL file or folder below the corpora root (relative or absolute)")
+    from_: str | None = Field(None, alias="from", description='"current": re-encode the published version\'s items')
+    late: bool | None = Field(None, description="store token vectors (default: as the published version does)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RebuildRequest:
+        if (self.corpus is None) == (self.from_ is None):
+            raise ValueError('give exactly one of "corpus" (a path below the corpora root) and "from": "current"')
+        if self.from_ is not None and self.from_ != "current":
+            raise ValueError(f'"from" must be "current", not {self.from_!r}')
+        return self
+
+    def spec(self) -> dict:
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+def rebuild(settings: Settings, name: str, request: dict, progress: Callable[[int, int], None]) -> str:
+    """Build and publish a new version of ``name``; its version name."""
+    from indexer.build import LateBuild, build_index
+    from indexer.corpus import read_corpus
+    from indexer.layout import IndexDir
+    from indexer.reencode import items_of_version
+    from models.encoder import Encoder
+    from service.corpora import check_media_under, resolve_corpus
+    from service.events import announce_published
+
+    index = IndexDir(settings.indexes_dir, name)
+    current = index.manifest() if index.exists() else None
+    if "corpus" in request:
+        corpus = resolve_corpus(settings.corpora_root, request["corpus"])  # again: it may have changed since
+        items = read_corpus(corpus)
+        check_media_under(settings.corpora_root, items)
+    else:
+        corpus = None
+        items = items_of_version(settings.indexes_dir, name)
+    tokens = current.tokens if current is not None else None
+    late = request.get("late", tokens is not None)
+    shape = {k: tokens[k] for k in ("storage", "nbits", "pool_factor") if k in tokens} if tokens else {}
+    encoder = Encoder(settings.model_dir, device=settings.device, threads=settings.threads)
+    result = build_index(
+        indexes_dir=settings.indexes_dir,
+        name=name,
+        items=items,
+        encoder=encoder,
+        corpus_path=corpus,
+        use_gpu=settings.device != "cpu",
+        progress=progress,
+        late=LateBuild(**shape) if late else None,
+        keep_versions=settings.keep_versions,
+    )
+    version = result.manifest.version
+    announce_published(settings.redis_url, name, version)
+    return version
+
+
+class Interrupted(Exception):
+    """The worker was told to stop (SIGTERM, or arq's job timeout): the build stops at its next batch."""
+
+
+def execute(
+    settings: Settings, store: JobStore, job_id: str, attempt: int, should_stop: Callable[[], bool] = lambda: False
+) -> JobStatus:
+    """Run job ``job_id`` (its record says what to do) and leave its outcome in the record. ``should_stop`` is
+    asked at every progress step; when it says so, the build stops and the job is `queued` again (its queue
+    runs it again)."""
+    job = store.get(job_id)
+    if job.state in FINISHED:  # a retry of a job that had finished before its worker died
+        return job
+    update(store, job_id, state="running", attempt=attempt, started_at=now_iso(), progress=Progress())
+    last = 0.0
+
+    def progress(done: int, total: int) -> None:
+        nonlocal last
+        if should_stop():
+            raise Interrupted
+        if time.monotonic() - last >= PROGRESS_EVERY_S or done == total:
+            last = time.monotonic()
+            update(store, job_id, progress=Progress(done=done, total=total))
+
+    try:
+        version = rebuild(settings, job.index, job.request, progress)
+    except Interrupted:
+        log.warning("job %s (%s of %s) interrupted; it will run again", job_id, job.kind, job.index)
+        return update(store, job_id, state="queued", progress=None)
+    except XmodalError as exc:
+        log.warning("job %s (%s of %s) failed: %s", job_id, job.kind, job.index, exc.message)
+        return update(store, job_id, state="failed", error=exc.message, finished_at=now_iso())
+    except Exception as exc:  # a bug: the log has the traceback, the status a sentence
+        log.exception("job %s (%s of %s) failed", job_id, job.kind, job.index)
+        error = f"internal error ({type(exc).__name__}): {exc}"
+        return update(store, job_id, state="failed", error=error, finished_at=now_iso())
+    log.info("job %s: %s version %s published", job_id, job.index, version)
+    return update(store, job_id, state="succeeded", version=version, finished_at=now_iso())
+
+
+def run_local(settings_json: str, job_id: str) -> str:
+    """Entry point of the service's background process (no Redis): the settings arrive as JSON, the status lives
+    in ``<data>/jobs``. Returns the final state."""
+    from service.job_store import FileJobStore
+
+    settings = Settings.model_validate_json(settings_json)  # no Redis here: its alias-only field stays unset
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return execute(settings, FileJobStore(settings.jobs_dir), job_id, attempt=1).state
+
+
+def check_request(settings: Settings, name: str, request: RebuildRequest) -> None:
+    """Refuse what can be refused before queueing: a corpus outside the root, no published version to re-encode."""
+    from indexer.layout import IndexDir, check_name
+    from service.corpora import resolve_corpus
+
+    check_name(name)
+    if request.corpus is not None:
+        resolve_corpus(settings.corpora_root, request.corpus)
+    elif not IndexDir(settings.indexes_dir, name).exists():
+        raise IndexNotFound(
+            f'index {name!r} has no published version to re-encode ("from": "current"); give a "corpus"'
+        )
