@@ -20,6 +20,7 @@ from indexer.integrity import file_checksums
 from indexer.items import write_items
 from indexer.late_eval import measure_late
 from indexer.layout import DENSE, ITEMS, MANIFEST, TOKENS, IndexDir, IndexManifest, new_version_name
+from indexer.shards import Shard, ShardStore, build_key
 from indexer.tokens import TokenStore, concat_rows, write_token_store
 from models.encoder import Encoder, TokenOutput
 from models.errors import InvalidInput
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]  # (done, total)
 RECALL_SAMPLE = 256
 MAX_FAILURES_KEPT = 50  # in the manifest; the count is always exact
+CHUNK_BATCHES = 8  # batches per encoded chunk: the unit of progress and of checkpoints
 
 
 @dataclass
@@ -52,6 +54,7 @@ class Encoded:
     vectors: np.ndarray
     failures: list[dict]
     tokens: list[np.ndarray] | None = None  # with_tokens: each row's token vectors, float16 [n, D]
+    resumed: int = 0  # rows read back from an interrupted build's checkpoints, not encoded
 
 
 def encode_items(
@@ -60,10 +63,12 @@ def encode_items(
     batch_size: int,
     progress: Progress | None,
     with_tokens: bool = False,
+    checkpoints: ShardStore | None = None,
 ) -> Encoded:
     """A vector per (item, modality), and with ``with_tokens`` its token vectors too. Media that cannot be
     decoded are reported in ``failures`` and skipped; a corpus with modalities the model has no tower for (or,
-    with tokens, whose tower emits none) is refused before any work."""
+    with tokens, whose tower emits none) is refused before any work. With ``checkpoints``, each chunk is saved
+    as it is done and read back instead of encoded when an earlier, interrupted build saved it."""
     missing = sorted({m for it in items for m in it.modalities} - set(encoder.modalities))
     if missing:
         raise InvalidInput(f"the corpus has {missing} items but model {encoder.name} only has {encoder.modalities}")
@@ -80,49 +85,75 @@ def encode_items(
     parts: list[np.ndarray] = []
     tokens: list[np.ndarray] = []
     failures: list[dict] = []
+    resumed = 0
 
-    def keep(out: np.ndarray | TokenOutput) -> None:
+    def as_shard(out: np.ndarray | TokenOutput, ok: list[int], failed: list[dict]) -> Shard:
         if isinstance(out, TokenOutput):
-            parts.append(out.embedding)
-            tokens.extend(t.astype(np.float16) for t in out.tokens)
-        else:
-            parts.append(out)
+            return Shard(np.array(ok), out.embedding, [t.astype(np.float16) for t in out.tokens], failed)
+        return Shard(np.array(ok), out, None, failed)
 
-    # Chunks of several batches: the encoder sorts a text chunk by length, decoded media never pile up in
-    # memory, and progress moves steadily.
-    chunk = batch_size * 8
-    encode_text = encoder.encode_text_tokens if with_tokens else encoder.encode_text
-    encode_media = encoder.encode_media_tokens if with_tokens else encoder.encode_media
-    for start in range(0, len(texts), chunk):
-        part = texts[start : start + chunk]
-        keep(encode_text([it.text for it in part], batch_size=batch_size))
-        rows += [Row(it, "text") for it in part]
+    def keep(modality: str, part: list[CorpusItem], shard: Shard) -> None:
+        nonlocal done
+        if len(shard.ok):
+            parts.append(shard.vectors)
+            if shard.tokens is not None:
+                tokens.extend(shard.tokens)
+            rows.extend(Row(part[i], modality) for i in shard.ok.tolist())
+        failures.extend(shard.failures)
         done += len(part)
         if progress:
             progress(done, total)
+
+    def resume(name: str) -> Shard | None:
+        nonlocal resumed
+        shard = checkpoints.load(name) if checkpoints is not None else None
+        if shard is not None:
+            resumed += len(shard.ok)
+        return shard
+
+    def encoded(name: str, shard: Shard) -> Shard:
+        if checkpoints is not None:
+            checkpoints.save(name, shard)
+        return shard
+
+    # Chunks of several batches: the encoder sorts a text chunk by length, decoded media never pile up in
+    # memory, progress moves steadily, and a chunk is the unit of checkpointing.
+    chunk = batch_size * CHUNK_BATCHES
+    encode_text = encoder.encode_text_tokens if with_tokens else encoder.encode_text
+    encode_media = encoder.encode_media_tokens if with_tokens else encoder.encode_media
+    for start in range(0, len(texts), chunk):
+        part, name = texts[start : start + chunk], f"text-{start:010d}"
+        shard = resume(name) or encoded(
+            name, as_shard(encode_text([it.text for it in part], batch_size=batch_size), list(range(len(part))), [])
+        )
+        keep("text", part, shard)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         for modality, with_media in media.items():
             for start in range(0, len(with_media), chunk):
-                part = with_media[start : start + chunk]
-                decoded, ok = [], []
-                # Decoding (JPEG, resampling) releases the GIL: a thread per core keeps it off the critical path.
-                for it, result in zip(
-                    part, pool.map(lambda it, m=modality: _try_decode(encoder, m, it), part), strict=True
-                ):
-                    if isinstance(result, dict):
-                        failures.append(result)
-                    else:
-                        decoded.append(result)
-                        ok.append(it)
-                if ok:
-                    keep(encode_media(modality, decoded, batch_size=batch_size))
-                    rows += [Row(it, modality) for it in ok]
-                done += len(part)
-                if progress:
-                    progress(done, total)
+                part, name = with_media[start : start + chunk], f"{modality}-{start:010d}"
+                shard = resume(name)
+                if shard is None:
+                    decoded, ok, failed = [], [], []
+                    # Decoding (JPEG, resampling) releases the GIL: a thread per core keeps it off the critical path.
+                    results = pool.map(lambda it, m=modality: _try_decode(encoder, m, it), part)
+                    for i, result in enumerate(results):
+                        if isinstance(result, dict):
+                            failed.append(result)
+                        else:
+                            decoded.append(result)
+                            ok.append(i)
+                    out = encode_media(modality, decoded, batch_size=batch_size) if ok else _empty(encoder, with_tokens)
+                    shard = encoded(name, as_shard(out, ok, failed))
+                keep(modality, part, shard)
     if not rows:
         raise InvalidInput(f"nothing to index: all {len(items)} items failed ({failures[0]['error']})")
-    return Encoded(rows, np.concatenate(parts), failures, tokens if with_tokens else None)
+    return Encoded(rows, np.concatenate(parts), failures, tokens if with_tokens else None, resumed)
+
+
+def _empty(encoder: Encoder, with_tokens: bool) -> np.ndarray | TokenOutput:
+    """What encoding no item gives (a chunk whose every file failed to decode)."""
+    vectors = np.zeros((0, encoder.dim), dtype=np.float32)
+    return TokenOutput(vectors, []) if with_tokens else vectors
 
 
 def _try_decode(encoder: Encoder, modality: str, item: CorpusItem) -> object:
@@ -220,13 +251,22 @@ def build_index(
     progress: Progress | None = None,
     late: LateBuild | None = None,
     keep_versions: int | None = None,
+    checkpoint: bool = True,
 ) -> BuildResult:
     """Encode, build FAISS, measure recall, write a version atomically, publish it. With ``late``, also the
     token store (``tokens/``) for late interaction, with what its storage and fast path cost in recall. With
-    ``keep_versions``, older versions beyond that many are removed afterwards (never the published one)."""
+    ``keep_versions``, older versions beyond that many are removed afterwards (never the published one). With
+    ``checkpoint``, encoded chunks are saved as they are done (``indexer.shards``): the same build run again after
+    a crash encodes only what was not saved."""
     target = IndexDir(indexes_dir, name)
     t0 = time.perf_counter()
-    encoded = encode_items(encoder, items, batch_size, progress, with_tokens=late is not None)
+    with_tokens = late is not None
+    checkpoints = None
+    if checkpoint:
+        key = build_key(encoder.fingerprint, items, batch_size * CHUNK_BATCHES, with_tokens)
+        checkpoints = ShardStore(target.root, key)
+        checkpoints.prune_stale()
+    encoded = encode_items(encoder, items, batch_size, progress, with_tokens=with_tokens, checkpoints=checkpoints)
     vectors, rows = encoded.vectors, encoded.rows
     t_encode = time.perf_counter() - t0
     key = faiss_key or faiss_backend.default_key(len(rows))
@@ -259,6 +299,8 @@ def build_index(
             "encode_seconds": round(t_encode, 3),
             "dense_seconds": round(t_dense - t_encode, 3),
             "items_per_second": round(len(rows) / max(t_encode, 1e-9), 1),
+            "resumed_vectors": encoded.resumed,  # read back from an interrupted build's checkpoints
+            "encoded_vectors": len(rows) - encoded.resumed,
             "batch_size": batch_size,
             "providers": encoder.providers,
             "corpus": str(corpus_path) if corpus_path else None,
@@ -297,6 +339,8 @@ def build_index(
         manifest.checksums = file_checksums(tmp)  # last: every file is written
         atomic_write_json(tmp / MANIFEST, manifest.model_dump())
         replace_dir(tmp, target.versions_dir / version)
+    if checkpoints is not None:
+        checkpoints.remove()  # the version holds it all now
     if publish:
         target.publish(version)
     if keep_versions:
