@@ -23,8 +23,8 @@ class Place:
 
 def describe(hit: Hit, encoder: Encoder, query_text: str | None, pooled: bool) -> list[TokenMatch]:
     query_words = encoder.text_token_strings(query_text) if query_text else None
-    item_words = None
-    if hit.text and "text" in encoder.modalities:
+    item_words = None  # the caption's tokens, only when a query token matched a word of it
+    if hit.text and "text" in encoder.modalities and any(m.modality == "text" for m in hit.matches or []):
         item_words = list(zip(encoder.text_token_strings(hit.text), encoder.text_token_spans(hit.text), strict=True))
     out = []
     for m in hit.matches or []:

@@ -74,8 +74,7 @@ def find_media(index: LoadedIndex, item_id: str, modality: str) -> MediaFile:
     if source is None:
         raise MediaNotFound(f"index {index.name!r} has no {modality} for item {item_id!r}")
     path = Path(source)
-    content_type = CONTENT_TYPES.get(path.suffix.lower())
-    if not _showable(source) or content_type is None:
+    if not _showable(source):
         raise MediaNotFound(
             f"index {index.name!r} version {index.version} does not record the {modality} file of item {item_id!r} "
             "(built before media paths were stored: rebuild the index to show its media)"
@@ -85,7 +84,7 @@ def find_media(index: LoadedIndex, item_id: str, modality: str) -> MediaFile:
     except OSError:
         raise MediaNotFound(f"the {modality} file of item {item_id!r} is no longer on disk") from None
     etag = f'"{index.version}-{stat.st_size:x}-{int(stat.st_mtime):x}"'
-    return MediaFile(path, content_type, etag)
+    return MediaFile(path, CONTENT_TYPES[path.suffix.lower()], etag)
 
 
 class MediaRenderer:

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -85,10 +86,17 @@ async def search(req: SearchRequest, state: ServiceState = Depends(get_state)) -
                 vec = await state.media_vector("audio", decode_base64(req.query.audio, "query.audio"))
             else:
                 vec = state.given_vector(req.query.embedding or [])
-            hits = await run_in_threadpool(
-                index.search, vec, req.k, req.modalities, req.filter, req.query.modality, req.calibration
+            hits, media = await run_in_threadpool(
+                hits_and_media,
+                index,
+                index.search,
+                vec,
+                req.k,
+                req.modalities,
+                req.filter,
+                req.query.modality,
+                req.calibration,
             )
-            media = await run_in_threadpool(media_of, index, [h.id for h in hits])
             results = [result(h, media=media.get(h.id)) for h in hits]
         if not cached:
             payload = json.dumps([r.model_dump(exclude_none=True) for r in results]).encode()
@@ -126,16 +134,29 @@ async def late_results(req: SearchRequest, index: LoadedIndex, state: ServiceSta
     query = LateRequest(
         out.tokens[0], out.embedding[0], options.params(), explain=options.explain, heatmap=options.heatmap
     )
-    hits = await run_in_threadpool(
-        index.search_late, query, req.k, req.modalities, req.filter, req.query.modality, req.calibration
+    hits, media = await run_in_threadpool(
+        hits_and_media,
+        index,
+        index.search_late,
+        query,
+        req.k,
+        req.modalities,
+        req.filter,
+        req.query.modality,
+        req.calibration,
     )
     encoder = state.require_encoder()
     pooled = (index.manifest.tokens or {}).get("pool_factor", 1) > 1
-    media = await run_in_threadpool(media_of, index, [h.id for h in hits])
     return [
         result(h, describe(h, encoder, req.query.text, pooled) if options.explain else None, media.get(h.id))
         for h in hits
     ]
+
+
+def hits_and_media(index: LoadedIndex, search: Callable[..., list[Hit]], *args: object) -> tuple[list[Hit], dict]:
+    """A search and which of its items have media to show, in one trip to the thread pool."""
+    hits = search(*args)
+    return hits, media_of(index, [h.id for h in hits])
 
 
 def result(hit: Hit, matches: list[TokenMatch] | None = None, media: list[str] | None = None) -> Result:
