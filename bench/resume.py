@@ -31,10 +31,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import table  # noqa: E402
-from indexer import faiss_backend  # noqa: E402
-from indexer.build import CHUNK_BATCHES  # noqa: E402
 from indexer.demo import write_demo_corpus  # noqa: E402
-from indexer.layout import DENSE, IndexDir  # noqa: E402
+from indexer.encode import CHUNK_BATCHES  # noqa: E402
+from indexer.layout import IndexDir  # noqa: E402
+from indexer.search import LoadedIndex  # noqa: E402
 from indexer.shards import SHARDS  # noqa: E402
 from models.registry import prepare  # noqa: E402
 
@@ -56,9 +56,8 @@ def text_corpus(folder: Path, n: int) -> Path:
 
 
 def vectors(indexes: Path, name: str) -> np.ndarray:
-    d = IndexDir(indexes, name)
-    index = faiss_backend.read(d.version_dir(d.current()) / DENSE)
-    return index.reconstruct_n(0, index.ntotal)
+    index = LoadedIndex(indexes, name, use_gpu=False)
+    return index.vectors(list(range(index.size)))
 
 
 def main() -> None:

@@ -10,7 +10,10 @@ import json
 import random
 from pathlib import Path
 
-from models.files import atomic_write_bytes
+from indexer.encode import MEDIA_SOURCES
+from indexer.layout import IndexDir, VersionManifest
+from models.errors import XmodalError
+from models.files import atomic_write_bytes, sha256_file
 
 TOPICS: dict[str, dict[str, list[str]]] = {
     "space": {
@@ -233,3 +236,24 @@ def write_media_demo(folder: Path, n_scenes: int = MEDIA_DEMO_SCENES, n_sounds: 
     if not corpus.is_file() or corpus.read_bytes() != lines:
         atomic_write_bytes(corpus, lines)
     return corpus
+
+
+def current_demo(index: IndexDir, corpus: Path, fingerprint: str) -> VersionManifest | None:
+    """The demo index's published version if it is up to date, else None (build it again): it must hold this
+    corpus (by sha256), this model's vectors (a re-exported model gets a new fingerprint), and the token store,
+    media paths and score calibration the search page uses, in today's layout."""
+    try:
+        current = index.manifest() if index.exists() else None
+    except XmodalError:  # an older layout, or damaged: build it again
+        return None
+    if (
+        current is not None
+        and current.operation == "build"
+        and current.build.get("corpus_sha256") == sha256_file(corpus)
+        and current.model.fingerprint == fingerprint
+        and current.tokens is not None
+        and current.build.get("media_sources") == MEDIA_SOURCES
+        and current.score_calibration
+    ):
+        return current
+    return None

@@ -64,19 +64,6 @@ def apply_params(index: Any, params: dict) -> None:
             ps.set_index_parameter(index, name, value)
 
 
-def range_params(index: Any, params: dict, start: int, end: int) -> Any:
-    """Search parameters restricting a search to ids in [start, end), carrying the index's own search
-    settings (per-call parameters replace them: an HNSW search would fall back to efSearch=16)."""
-    faiss = import_faiss()
-    selector = faiss.IDSelectorRange(start, end)
-    base = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
-    if isinstance(base, faiss.IndexHNSW):
-        return faiss.SearchParametersHNSW(sel=selector, efSearch=int(params.get("efSearch", 16)))
-    if isinstance(base, faiss.IndexIVF):
-        return faiss.SearchParametersIVF(sel=selector, nprobe=int(params.get("nprobe", 1)))
-    return faiss.SearchParameters(sel=selector)
-
-
 def default_params(key: str) -> dict:
     params: dict = {}
     if "HNSW" in key:
@@ -84,6 +71,27 @@ def default_params(key: str) -> dict:
     if key.startswith("IVF") or ",IVF" in key:
         params["nprobe"] = 16
     return params
+
+
+def all_vectors(index: Any) -> np.ndarray:
+    """Every stored vector [ntotal, D] in id order (approximate for compressed codes), e.g. to merge segments."""
+    faiss = import_faiss()
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.make_direct_map()
+    return index.reconstruct_n(0, index.ntotal)
+
+
+def selector_params(index: Any, params: dict, selector: Any) -> Any:
+    """Search parameters restricting a search to the ids ``selector`` accepts, carrying the index's own search
+    settings (per-call parameters replace them: an HNSW search would fall back to efSearch=16)."""
+    faiss = import_faiss()
+    base = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    if isinstance(base, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=int(params.get("efSearch", 16)))
+    if isinstance(base, faiss.IndexIVF):
+        return faiss.SearchParametersIVF(sel=selector, nprobe=int(params.get("nprobe", 1)))
+    return faiss.SearchParameters(sel=selector)
 
 
 def write(index: Any, path: Path) -> None:

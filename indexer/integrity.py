@@ -1,11 +1,12 @@
-"""Checksums of an index version's files: written into its manifest at build time, checked before the version is
-served and by `xmodal index verify`, so a damaged file is refused rather than answered from."""
+"""Checksums of a segment's files: written into its manifest when it is written, checked before a version that
+lists it is served and by `xmodal index verify`, so a damaged file is refused rather than answered from."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from indexer.layout import MANIFEST, IndexManifest
+from indexer.layout import MANIFEST, SegmentManifest
 from models.errors import BundleError
 from models.files import sha256_file
 
@@ -30,25 +31,27 @@ def checksum_problems(folder: Path, expected: dict[str, str]) -> list[str]:
     return problems
 
 
-def check_version_files(folder: Path, manifest: IndexManifest) -> None:
-    """BundleError unless every file of the version matches its manifest's checksum (versions written before
-    checksums existed have none to check)."""
-    problems = checksum_problems(folder, manifest.checksums) if manifest.checksums else []
+def check_segment_files(folder: Path, manifest: SegmentManifest) -> None:
+    """BundleError unless every file of the segment matches its manifest's checksum."""
+    problems = checksum_problems(folder, manifest.checksums)
     if problems:
         raise BundleError(
-            f"index {manifest.name!r} version {manifest.version} is damaged: {'; '.join(problems[:5])}"
+            f"segment {manifest.id} is damaged: {'; '.join(problems[:5])}"
             + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
             + "; publish another version or rebuild it"
         )
 
 
-def consistency_problems(manifest: IndexManifest, dense_dim: int, dense_rows: int, item_rows: int) -> list[str]:
-    """Where the loaded files disagree with the manifest or with each other."""
+def consistency_problems(manifest: SegmentManifest, indexes: dict[str, Any], item_rows: int) -> list[str]:
+    """Where a segment's loaded files disagree with its manifest or with each other."""
     problems = []
-    if dense_dim != manifest.dim or manifest.model.get("dim", manifest.dim) != manifest.dim:
-        problems.append(
-            f"FAISS dimension {dense_dim}, manifest dim {manifest.dim}, model dim {manifest.model.get('dim')}"
-        )
-    if not dense_rows == item_rows == sum(manifest.counts.values()):
-        problems.append(f"FAISS holds {dense_rows} vectors, items store {item_rows}, manifest counts {manifest.counts}")
+    if manifest.model.dim != manifest.dim:
+        problems.append(f"manifest dim {manifest.dim}, model dim {manifest.model.dim}")
+    for modality, index in indexes.items():
+        if index.d != manifest.dim:
+            problems.append(f"{modality} FAISS dimension {index.d}, manifest dim {manifest.dim}")
+        if index.ntotal != manifest.counts.get(modality):
+            problems.append(f"{modality} FAISS holds {index.ntotal} vectors, the manifest counts {manifest.counts}")
+    if item_rows != manifest.size:
+        problems.append(f"items store holds {item_rows} rows, the manifest counts {manifest.counts}")
     return problems

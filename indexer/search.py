@@ -1,5 +1,5 @@
-"""Searching a published index version: dense top-k, or late interaction over the token store, with modality
-targets and metadata filters."""
+"""Searching a published index version: dense top-k, or late interaction over the token stores, with modality
+targets and metadata filters, fanned out over the version's segments (indexer.segment_reader) and merged."""
 
 from __future__ import annotations
 
@@ -9,13 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from indexer import calibration as score_calibration
-from indexer import faiss_backend
 from indexer.calibration import Fusion
-from indexer.integrity import check_version_files, consistency_problems
-from indexer.items import ItemStore
+from indexer.items import VersionItems
 from indexer.late import SCOPES, LateParams, late_search, similarities
-from indexer.layout import DENSE, ITEMS, TOKENS, IndexDir, IndexManifest
-from indexer.tokens import TokenStore
+from indexer.layout import IndexDir, VersionManifest
+from indexer.segment_reader import SegmentData, SegmentView
 from models.errors import BundleError, FingerprintMismatch, InvalidInput
 
 
@@ -54,8 +52,10 @@ class LateRequest:
 
 
 class LoadedIndex:
-    """One version of one index, loaded for search. Immutable once built; swapping versions means
-    loading a new LoadedIndex and replacing the reference."""
+    """One version of one index, loaded for search: a view of each of its segments (a search fans out over them
+    and merges their top k). Immutable once built; swapping versions means loading a new LoadedIndex and
+    replacing the reference. Segments shared with ``previous`` (the version being replaced) are not loaded or
+    checked again: they are immutable."""
 
     def __init__(
         self,
@@ -65,37 +65,49 @@ class LoadedIndex:
         use_gpu: bool = True,
         expect_fingerprint: str | None = None,
         verify: bool = True,
+        previous: LoadedIndex | None = None,
     ) -> None:
         """Load ``version`` (default: the published one) of index ``name``. BundleError (never a half-loaded
         index) when a file fails its checksum (with ``verify``), the files disagree with the manifest, or the
         model is not ``expect_fingerprint``."""
         d = IndexDir(indexes_dir, name)
         self.name = name
-        self.manifest: IndexManifest = d.manifest(version)
+        self.manifest: VersionManifest = d.manifest(version)
         self.version = self.manifest.version
-        fp = self.manifest.model["fingerprint"]
-        if expect_fingerprint is not None and fp != expect_fingerprint:
+        model = self.manifest.model
+        if expect_fingerprint is not None and model.fingerprint != expect_fingerprint:
             raise FingerprintMismatch(
                 f"index {name!r} version {self.version} was built with model "
-                f"{self.manifest.model['name']} ({fp[:12]}), not the loaded model ({expect_fingerprint[:12]})"
+                f"{model.name} ({model.fingerprint[:12]}), not the loaded model ({expect_fingerprint[:12]})"
             )
-        path = d.version_dir(self.version)
-        if verify:
-            check_version_files(path, self.manifest)
+        shared = {v.data.id: v.data for v in previous.segments} if previous is not None else {}
+        opened: list[SegmentData] = []
+        self.segments: list[SegmentView] = []
         try:
-            index = faiss_backend.read(path / DENSE)
-        except RuntimeError as exc:  # FAISS's reader on a damaged file (versions without checksums)
-            raise BundleError(f"index {name!r} version {self.version}: {DENSE} cannot be read ({exc})") from None
-        faiss_backend.apply_params(index, self.manifest.faiss.get("params", {}))
-        self.items = ItemStore(path / ITEMS)
-        problems = consistency_problems(self.manifest, index.d, index.ntotal, self.items.count)
-        if problems:
-            self.items.close()
-            raise BundleError(f"index {name!r} version {self.version} is inconsistent: {'; '.join(problems)}")
-        self.index, self.device = faiss_backend.maybe_to_gpu(index, use_gpu)
+            offset = 0
+            for ref in self.manifest.segments:
+                data = shared.get(ref.id)
+                if data is None:
+                    try:
+                        data = SegmentData(d, ref.id, use_gpu, verify)
+                    except BundleError as exc:  # which version could not be served, and why
+                        raise BundleError(f"index {name!r} version {self.version}: {exc.message}") from None
+                    opened.append(data)
+                if data.manifest.model.fingerprint != model.fingerprint or data.manifest.dim != self.manifest.dim:
+                    raise BundleError(f"index {name!r} version {self.version}: segment {ref.id} has another model")
+                if (data.tokens is None) != (self.manifest.tokens is None):
+                    raise BundleError(f"index {name!r} version {self.version}: segment {ref.id} differs in tokens")
+                self.segments.append(SegmentView(data, ref, offset))
+                offset += ref.rows
+        except BaseException:
+            for data in opened:
+                data.close()
+            raise
+        self._opened = opened
+        self.items = VersionItems(self.segments)
+        self.device = self.segments[0].data.device
         self.modalities = sorted(m for m, n in self.manifest.counts.items() if n > 0)
-        self.tokens = TokenStore(path / TOKENS) if self.manifest.tokens else None
-        self._allowed: dict[tuple[str, ...], tuple[np.ndarray, int]] = {}
+        self.has_tokens = self.manifest.tokens is not None
 
     @property
     def size(self) -> int:
@@ -180,13 +192,12 @@ class LoadedIndex:
                 hit.matches = self._explain(tokens, rows_of[id(hit)], query.heatmap)
         return hits
 
-    def require_tokens(self) -> TokenStore:
-        if self.tokens is None:
+    def require_tokens(self) -> None:
+        if not self.has_tokens:
             raise InvalidInput(
                 f"index {self.name!r} has no token store, so `mode: late` is not available; "
                 "use dense, or rebuild it with `xmodal index build --late`"
             )
-        return self.tokens
 
     def _late_group(
         self,
@@ -197,20 +208,38 @@ class LoadedIndex:
         filter: dict | None,
         params: LateParams,
     ) -> list[tuple[Hit, np.ndarray]]:
-        """Top k distinct items among the rows of ``targets``, scored as one group, metadata-filtered (widening
-        the search until k survive or every item was seen); each with the rows it was scored on."""
-        store = self.tokens
-        allowed, n_items = self._allowed_rows(tuple(targets))
+        """Top k distinct items among the rows of ``targets``, scored as one group, metadata-filtered; each with
+        the rows it was scored on (the version's numbering). Every segment's top k, merged."""
+        pairs = [
+            p for view in self.segments for p in self._late_segment(view, tokens, vector, k, targets, filter, params)
+        ]
+        pairs.sort(key=lambda p: -p[0].score)
+        return pairs[:k]
+
+    def _late_segment(
+        self,
+        view: SegmentView,
+        tokens: np.ndarray,
+        vector: np.ndarray | None,
+        k: int,
+        targets: list[str],
+        filter: dict | None,
+        params: LateParams,
+    ) -> list[tuple[Hit, np.ndarray]]:
+        """One segment's top k (widening the search until k survive the filter or every item was seen)."""
+        store = view.data.tokens
+        allowed, n_items = view.allowed_rows(tuple(targets))
+        if n_items == 0:
+            return []
         extra = None
         if vector is not None and not params.exhaustive:
-            # one row of ids per target modality, each as long as that modality allows
-            extra = np.concatenate([self._faiss_rows(vector, params.depth, t)[1][0] for t in targets])
+            extra = np.concatenate([view.faiss_rows(vector, params.depth, t)[1] for t in targets])
             extra = extra[extra >= 0]
         fetch = min(n_items, k * 4 if filter else k)
         while True:
             found = late_search(store, tokens, fetch, allowed, params, extra)
             groups = store.rows_of_items(found.items)
-            records = self.items.get([int(r) for r in found.rows])
+            records = view.data.items.get([int(r) for r in found.rows])
             hits = []
             for i, (row, score) in enumerate(zip(found.rows.tolist(), found.scores.tolist(), strict=True)):
                 item = records[row]
@@ -218,48 +247,34 @@ class LoadedIndex:
                     continue
                 item_rows = groups.rows[groups.bounds[i] : groups.bounds[i + 1]]
                 rows = item_rows[allowed[item_rows]] if params.scope == "all" else np.array([row])
-                modality = "+".join(sorted({self._modality_of(int(r)) for r in rows}))
-                hits.append((Hit(item["id"], score, modality, item["text"], item["metadata"], score), rows))
+                modality = "+".join(sorted({view.data.row_modality[int(r)] for r in rows}))
+                hits.append(
+                    (Hit(item["id"], score, modality, item["text"], item["metadata"], score), rows + view.offset)
+                )
                 if len(hits) == k:
                     return hits
             if fetch >= n_items:
                 return hits
             fetch = min(n_items, fetch * 4)
 
-    def _allowed_rows(self, targets: tuple[str, ...]) -> tuple[np.ndarray, int]:
-        """The rows of the target modalities (bool [R], read-only) and how many items they hold; kept per
-        target set (a handful per index)."""
-        if targets not in self._allowed:
-            allowed = np.zeros(self.size, dtype=bool)
-            for t in targets:
-                start, end = self.manifest.rows.get(t, (0, self.size))
-                allowed[start:end] = True
-            allowed.flags.writeable = False
-            self._allowed[targets] = allowed, len(np.unique(self.require_tokens().row_item[allowed]))
-        return self._allowed[targets]
-
     def _explain(self, tokens: np.ndarray, rows: np.ndarray, heatmap: bool = False) -> list[TokenMatch]:
-        """Each query token's best match among the tokens of ``rows`` (one row, or an item's rows for scope all);
-        with ``heatmap``, also its similarity to every token of the row that match is in."""
+        """Each query token's best match among the tokens of ``rows`` (one row, or an item's rows for scope all;
+        the version's numbering); with ``heatmap``, also its similarity to every token of the row that match is in."""
         best: list[TokenMatch | None] = [None] * len(tokens)
         for row in rows.tolist():
-            item_tokens = self.tokens.row_tokens(row)
+            view, local = self.items.locate(row)
+            item_tokens = view.data.tokens.row_tokens(local)
             if len(item_tokens) == 0:
                 continue
             sim = similarities(tokens, item_tokens)
             index = sim.argmax(axis=1)
+            modality = view.data.row_modality[local]
             for i, j in enumerate(index.tolist()):
                 s = float(sim[i, j])
                 if best[i] is None or s > best[i].similarity:
                     heat = sim[i] if heatmap else None
-                    best[i] = TokenMatch(i, self._modality_of(row), j, len(item_tokens), s, heat)
+                    best[i] = TokenMatch(i, modality, j, len(item_tokens), s, heat)
         return [m for m in best if m is not None]
-
-    def _modality_of(self, row: int) -> str:
-        for modality, (start, end) in self.manifest.rows.items():
-            if start <= row < end:
-                return modality
-        return self.modalities[0]
 
     def _vector(self, query: np.ndarray) -> np.ndarray:
         if query.shape != (self.manifest.dim,):
@@ -275,48 +290,51 @@ class LoadedIndex:
             raise InvalidInput(f"index {self.name!r} holds no {sorted(unknown)} items; it holds {self.modalities}")
         return targets
 
-    def _faiss_rows(self, q: np.ndarray, fetch: int, modality: str) -> tuple[np.ndarray, np.ndarray]:
-        """FAISS top ``fetch`` among one modality's rows (an ID range): (scores, rows) [1, fetch]."""
-        start, end = self.manifest.rows.get(modality, (0, self.size))
-        fetch = min(fetch, end - start)
-        if (start, end) == (0, self.size):
-            return self.index.search(q, fetch)
-        params = faiss_backend.range_params(self.index, self.manifest.faiss.get("params", {}), start, end)
-        return self.index.search(q, fetch, params=params)
-
     def _search_modality(self, q: np.ndarray, k: int, modality: str, filter: dict | None) -> list[Hit]:
-        """Top k distinct items among one modality's rows (a FAISS ID range), metadata-filtered: over-fetch
-        and widen until k survivors are found or the rows are exhausted."""
-        start, end = self.manifest.rows.get(modality, (0, self.size))
-        n = end - start
-        fetch = min(n, k * 4 if filter else k)
-        while True:
-            scores, rows = self._faiss_rows(q, fetch, modality)
-            keep = [(int(r), float(s)) for r, s in zip(rows[0], scores[0], strict=True) if r >= 0]
-            found = self.items.get([r for r, _ in keep])
-            hits, seen = [], set()
-            for row, score in keep:
-                item = found[row]
-                if item["id"] in seen or not _matches(item["metadata"], filter):
-                    continue
-                seen.add(item["id"])
-                hits.append(Hit(item["id"], score, item["modality"], item["text"], item["metadata"], score))
-                if len(hits) == k:
-                    return hits
-            if fetch >= n:
-                return hits
-            fetch = min(n, fetch * 4)
+        """Top k distinct items among one modality's live rows, metadata-filtered: every segment's top k, merged by
+        score (ids are live in one segment only). Unfiltered, the records of the merged top k only are read (an
+        item has one row per modality, so nothing needs them to deduplicate)."""
+        if filter:
+            matches = lambda metadata: _matches(metadata, filter)  # noqa: E731
+            found = [
+                (f.score, f.record) for view in self.segments for f in view.search_modality(q, k, modality, matches)
+            ]
+        else:
+            top = []
+            for i, view in enumerate(self.segments):
+                scores, rows = view.faiss_rows(q, k, modality)
+                top += [(s, i, r) for s, r in zip(scores.tolist(), rows.tolist(), strict=True) if r >= 0]
+            if len(self.segments) > 1:
+                top.sort(key=lambda t: -t[0])  # stable: ties keep segment order
+                top = top[:k]
+            records = {}
+            for i, view in enumerate(self.segments):
+                mine = [r for _, j, r in top if j == i]
+                if mine:
+                    records |= {(i, r): record for r, record in view.data.items.get(mine).items()}
+            found = [(s, records[(i, r)]) for s, i, r in top]
+        hits = [Hit(r["id"], score, r["modality"], r["text"], r["metadata"], score) for score, r in found]
+        hits.sort(key=lambda h: -h.score)
+        return hits[:k]
 
     def vectors(self, rows: list[int]) -> np.ndarray | None:
-        """The stored vectors of ``rows`` [n, D], or None where the FAISS index cannot give them back (an IVF
-        index without a direct map); approximate for compressed (PQ) indexes."""
+        """The stored vectors of ``rows`` (the version's numbering) [n, D], or None where a FAISS index cannot
+        give them back (an IVF index without a direct map); approximate for compressed (PQ) indexes."""
+        out = np.empty((len(rows), self.manifest.dim), dtype=np.float32)
         try:
-            return self.index.reconstruct_batch(np.asarray(rows, dtype=np.int64))
+            for i, row in enumerate(rows):
+                view, local = self.items.locate(row)
+                modality = view.data.row_modality[local]
+                start, _ = view.modality_rows(modality)
+                out[i] = view.data.indexes[modality].reconstruct(int(local - start))
         except RuntimeError:
             return None
+        return out
 
     def close(self) -> None:
-        self.items.close()
+        """Close the segments this version opened (those it shares with a newer version stay open for it)."""
+        for data in self._opened:
+            data.close()
 
 
 def _merge(per_target: dict[str, list[Hit]], fusion: Fusion, query_modality: str | None, k: int) -> list[Hit]:

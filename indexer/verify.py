@@ -1,45 +1,63 @@
-"""Check an index version against its manifest: files, counts, dimension, and recall@10 re-measured."""
+"""Check an index version against its manifests: every segment's files and checksums, counts and dimension, and
+recall@10 of every segment's FAISS indexes re-measured against exact search."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from indexer import faiss_backend
-from indexer.build import measure_recall
-from indexer.integrity import check_version_files, consistency_problems
+from indexer.integrity import check_segment_files, consistency_problems
 from indexer.items import ItemStore
-from indexer.layout import DENSE, ITEMS, IndexDir
+from indexer.layout import ITEMS, IndexDir, dense_file
+from indexer.segment_writer import combined_recall, recall_hits
 from models.errors import BundleError
 
 
 def verify_index(indexes_dir: Path, name: str, version: str | None = None) -> dict:
-    """BundleError naming what is wrong (a file missing or failing its checksum, a copied folder, files that
-    disagree with the manifest), else the version's figures with recall@10 measured again."""
+    """BundleError naming what is wrong (a segment missing, a file missing or failing its checksum, a copied
+    folder, files that disagree with the manifest), else the version's figures with recall@10 measured again."""
     d = IndexDir(indexes_dir, name)
     manifest = d.manifest(version)
-    path = d.version_dir(manifest.version)
-    for rel in manifest.files:
-        if not (path / rel).exists():
-            raise BundleError(f"index {name} version {manifest.version} lacks {rel}")
-    check_version_files(path, manifest)
-    index = faiss_backend.read(path / DENSE)
-    faiss_backend.apply_params(index, manifest.faiss.get("params", {}))
-    items = ItemStore(path / ITEMS)
-    try:
-        problems = consistency_problems(manifest, index.d, index.ntotal, items.count)
+    segments = []
+    for ref in manifest.segments:
+        path = d.segment_dir(ref.id)
+        try:
+            seg = d.segment_manifest(ref.id)
+            check_segment_files(path, seg)
+        except BundleError as exc:
+            raise BundleError(f"index {name} version {manifest.version}: {exc.message}") from None
+        if ref.rows != seg.size:
+            raise BundleError(
+                f"index {name} segment {ref.id} holds {seg.size} rows, version {manifest.version} says {ref.rows}"
+            )
+        indexes = {m: faiss_backend.read(path / dense_file(m)) for m in seg.rows}
+        items = ItemStore(path / ITEMS)
+        try:
+            problems = consistency_problems(seg, indexes, items.count)
+        finally:
+            items.close()
         if problems:
-            raise BundleError(f"index {name} version {manifest.version} is inconsistent: " + "; ".join(problems))
-        recall = measure_recall(index, index.reconstruct_n(0, index.ntotal))
-    finally:
-        items.close()
+            raise BundleError(f"index {name} segment {ref.id} is inconsistent: " + "; ".join(problems))
+        parts = []
+        for index in indexes.values():
+            faiss_backend.apply_params(index, seg.faiss.params)
+            parts.append(recall_hits(index, faiss_backend.all_vectors(index)))
+        segments.append(
+            {
+                "id": ref.id,
+                "rows": ref.rows,
+                "deleted": len(ref.tombstones),
+                "faiss": seg.faiss.key,
+                "recall_at_10": combined_recall(parts),
+                "recall_at_10_at_build": seg.recall_at_10,
+                "checksums": len(seg.checksums),
+            }
+        )
     return {
         "name": name,
         "version": manifest.version,
-        "items": items.count,
+        "items": sum(manifest.counts.values()),
         "dim": manifest.dim,
-        "faiss": manifest.faiss["key"],
-        "recall_at_10": recall,
-        "recall_at_10_at_build": manifest.recall_at_10,
-        "checksums": len(manifest.checksums) or "none (built before checksums were written)",
+        "segments": segments,
         "ok": True,
     }

@@ -29,7 +29,8 @@ models_app = typer.Typer(
     help="Model bundles: list, inspect, prepare the default, export checkpoints, train towers.", no_args_is_help=True
 )
 index_app = typer.Typer(
-    help="Index bundles: build from a corpus, inspect, verify, publish versions.", no_args_is_help=True
+    help="Index bundles: build from a corpus, add, delete, compact, inspect, verify, publish versions.",
+    no_args_is_help=True,
 )
 jobs_app = typer.Typer(
     help="Rebuild jobs (queued over HTTP): list them, show one; the same JSON as GET /v1/jobs/{id}.",
@@ -266,26 +267,20 @@ def index_build(
 
     Example: xmodal index build --name photos --corpus photos.jsonl --late --token-storage residual
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from indexer.build import LateBuild, build_index
+    from indexer.build import build_index, model_warnings
     from indexer.corpus import read_corpus
     from indexer.layout import IndexDir
-    from indexer.tokens import STORAGES
+    from indexer.segment_writer import LateBuild
     from models.encoder import Encoder
 
-    if token_storage not in STORAGES:
-        raise InvalidInput(f"--token-storage must be one of {list(STORAGES)}, not {token_storage!r}")
-    if not late and (token_storage != "fp16" or pool_factor != 1):
-        raise InvalidInput("--token-storage and --pool-factor shape the token store: add --late")
+    late_build = LateBuild.from_options(late, token_storage, nbits, pool_factor)
     s = _settings(model=model)
     items = read_corpus(corpus)
     encoder = Encoder(s.model_dir, device=s.device, threads=s.threads)
     served_model = _settings().model  # what `xmodal serve` loads here (XMODAL_MODEL)
     before = IndexDir(s.indexes_dir, name)
     previous = before.manifest() if before.exists() else None
-    columns = (TextColumn("encoding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as bar:
+    with _progress_bar("encoding") as bar:
         task = bar.add_task("encode", total=len(items))
         result = build_index(
             indexes_dir=s.indexes_dir,
@@ -298,14 +293,14 @@ def index_build(
             publish=publish,
             use_gpu=s.device != "cpu",
             progress=lambda done, total: bar.update(task, completed=done, total=total),
-            late=LateBuild(storage=token_storage, nbits=nbits, pool_factor=pool_factor) if late else None,
+            late=late_build,
             keep_versions=s.keep_versions,
         )
     m = result.manifest
     counts = ", ".join(f"{n} {modality}" for modality, n in m.counts.items())
     console.print(
         f"[green]{name}[/] version {m.version}: {len(items)} items ({counts}), {m.build['items_per_second']} "
-        f"vectors/s, FAISS {m.faiss['key']}, recall@10 {m.recall_at_10['value']:.3f}"
+        f"vectors/s, FAISS {m.faiss.key}, recall@10 {m.recall_at_10['value']:.3f}"
         + ("" if publish else f" (not published: `xmodal index publish {name} {m.version}`)")
     )
     if m.tokens:
@@ -320,22 +315,104 @@ def index_build(
         )
     if publish:
         _announce(s, name, m.version)
-        if s.model != served_model:
-            console.print(
-                f"[yellow]warning[/]: built with model {s.model!r}, but services here load {served_model!r} "
-                f"(XMODAL_MODEL): they refuse this version and keep serving the one they have; serve it with "
-                f"XMODAL_MODEL={s.model}"
-            )
-        if previous is not None and previous.model["fingerprint"] != encoder.fingerprint:
-            console.print(
-                f"[yellow]warning[/]: the previous version {previous.version} was built with model "
-                f"{previous.model['name']!r} ({previous.model['fingerprint'][:12]}); a service still running that "
-                f"model refuses this one; to roll back: xmodal index publish {name} {previous.version}"
-            )
+        for warning in model_warnings(name, s.model, served_model, previous, encoder):
+            console.print(f"[yellow]warning[/]: {warning}")
     if m.build["failed"]:
         console.print(f"[yellow]{m.build['failed']} item(s) skipped[/] (could not be decoded):")
         for failure in m.build["failures"][:5]:
             console.print(f"  {failure['id']}: {failure['error']}")
+
+
+def _progress_bar(label: str):  # noqa: ANN202
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console)
+
+
+def _changed(s: Settings, m) -> None:  # noqa: ANN001 - a VersionManifest
+    counts = ", ".join(f"{n} {modality}" for modality, n in m.counts.items())
+    console.print(f"[green]{m.name}[/] version {m.version} ({m.operation}): {counts} in {len(m.segments)} segment(s)")
+    _announce(s, m.name, m.version)
+
+
+@index_app.command("add")
+def index_add(
+    name: Annotated[str, typer.Argument(help="index name")],
+    corpus: Annotated[Path, typer.Option("--corpus", help="JSONL or folder of the items to add (as for build)")],
+    batch_size: Annotated[int, typer.Option(min=1, max=1024)] = 32,
+) -> None:
+    """Encode only these items into a new segment and publish a version with it. An id the index already holds
+    is replaced (upsert). Tokens are stored as the index stores them. A killed add run again resumes.
+
+    Example: xmodal index add docs --corpus more.jsonl
+    """
+    from indexer.build import add_items
+    from indexer.corpus import read_corpus
+    from models.encoder import Encoder
+
+    s = _settings()
+    items = read_corpus(corpus)
+    encoder = Encoder(s.model_dir, device=s.device, threads=s.threads)
+    with _progress_bar("encoding") as bar:
+        task = bar.add_task("encode", total=len(items))
+        m = add_items(
+            indexes_dir=s.indexes_dir,
+            name=name,
+            items=items,
+            encoder=encoder,
+            batch_size=batch_size,
+            use_gpu=s.device != "cpu",
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+            keep_versions=s.keep_versions,
+            max_segments=s.max_segments,
+        )
+    if m.operation == "compact":
+        console.print(f"more than XMODAL_MAX_SEGMENTS={s.max_segments} segments: compacted into one")
+    else:
+        console.print(f"{m.build['vectors']} vectors added, {m.build['replaced']} item(s) replaced")
+    _changed(s, m)
+
+
+@index_app.command("delete")
+def index_delete(
+    name: Annotated[str, typer.Argument(help="index name")],
+    ids: Annotated[Path | None, typer.Option("--ids", help="a file of ids, one per line")] = None,
+    id_: Annotated[list[str] | None, typer.Option("--id", help="an id (repeat for more)")] = None,
+) -> None:
+    """Delete items (every modality's row) and publish that version; nothing is encoded. Deleted items are never
+    returned by services serving the new version.
+
+    Example: xmodal index delete docs --id doc-17 --id doc-18
+
+    Example: xmodal index delete docs --ids gone.txt
+    """
+    from indexer.lifecycle import delete_items
+
+    wanted = list(id_ or [])
+    if ids is not None:
+        wanted += [line.strip() for line in ids.read_text().splitlines() if line.strip()]
+    if not wanted:
+        raise InvalidInput("give --id ID (repeatable) or --ids FILE")
+    s = _settings()
+    m, missing = delete_items(s.indexes_dir, name, wanted, keep_versions=s.keep_versions)
+    console.print(f"{m.build['deleted']} item(s) deleted" + (f"; not in the index: {missing[:10]}" if missing else ""))
+    _changed(s, m)
+
+
+@index_app.command("compact")
+def index_compact(name: Annotated[str, typer.Argument(help="index name")]) -> None:
+    """Merge the segments of the published version into one, dropping deleted rows, and publish it; nothing is
+    encoded. Adds run it by themselves beyond XMODAL_MAX_SEGMENTS segments.
+
+    Example: xmodal index compact docs
+    """
+    from indexer.lifecycle import compact
+
+    s = _settings()
+    with console.status("compacting ..."):
+        m = compact(s.indexes_dir, name, use_gpu=s.device != "cpu", keep_versions=s.keep_versions)
+    console.print(f"{m.build['segments_merged']} segments merged, {m.build['rows_dropped']} deleted rows dropped")
+    _changed(s, m)
 
 
 @index_app.command("info")
@@ -389,21 +466,25 @@ def index_versions(name: str) -> None:
     d = IndexDir(_settings().indexes_dir, name)
     current = d.current()
     # Plain columns, never cut to the terminal's width: versions are copied into `xmodal index publish`.
-    rows = [("version", "published", "created", "items", "model", "faiss", "recall@10", "late")]
+    rows = [
+        ("version", "published", "created", "operation", "items", "segments", "model", "faiss", "recall@10", "late")
+    ]
     for version in d.versions():
         try:
             m = d.manifest(version)
         except XmodalError as exc:
-            rows.append((version, "", "", "", f"unreadable: {exc.message}", "", "", ""))
+            rows.append((version, "", "", "", "", "", f"unreadable: {exc.message}", "", "", ""))
             continue
         rows.append(
             (
                 version,
                 "*" if version == current else "",
                 m.created_at,
+                m.operation,
                 str(sum(m.counts.values())),
-                m.model["name"],
-                m.faiss["key"],
+                str(len(m.segments)),
+                m.model.name,
+                m.faiss.key,
                 f"{m.recall_at_10['value']:.3f}",
                 "yes" if m.tokens else "",
             )
@@ -556,31 +637,17 @@ def demo(
 
     Example: xmodal demo --port 8000
     """
-    from indexer.build import MEDIA_SOURCES
-    from indexer.demo import write_media_demo
+    from indexer.demo import current_demo, write_media_demo
     from indexer.layout import IndexDir
     from models.bundle import load_manifest
-    from models.files import sha256_file
 
     s = _settings(host=host, port=port)
     models_prepare(name=s.model, force=False)
     fingerprint = load_manifest(s.model_dir).fingerprint
     with console.status("writing the demo pictures and sounds ..."):
         corpus = write_media_demo(s.data_dir / "corpora" / "demo")
-    d = IndexDir(s.indexes_dir, "demo")
-    current = d.manifest() if d.exists() else None
-    # Rebuild when the corpus or the model changed (a re-exported model gets a new fingerprint), or the index
-    # predates late interaction, media paths (the search page shows the pictures and sounds), checksums or the
-    # cross-modal score calibration.
-    if (
-        current
-        and current.build.get("corpus_sha256") == sha256_file(corpus)
-        and current.model["fingerprint"] == fingerprint
-        and current.tokens is not None
-        and current.build.get("media_sources") == MEDIA_SOURCES
-        and current.checksums
-        and current.score_calibration
-    ):
+    current = current_demo(IndexDir(s.indexes_dir, "demo"), corpus, fingerprint)
+    if current is not None:
         console.print(f"demo index up to date (version {current.version})")
     else:
         index_build(

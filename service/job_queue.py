@@ -32,8 +32,8 @@ def to_json(obj: object) -> bytes:
     return json.dumps(obj, default=str).encode()
 
 
-def new_status(name: str, request: dict) -> JobStatus:
-    return JobStatus(id=uuid.uuid4().hex, index=name, request=request, created_at=now_iso())
+def new_status(name: str, request: dict, kind: str = "rebuild") -> JobStatus:
+    return JobStatus(id=uuid.uuid4().hex, kind=kind, index=name, request=request, created_at=now_iso())
 
 
 class Jobs:
@@ -41,7 +41,7 @@ class Jobs:
 
     store: JobStore
 
-    async def submit(self, name: str, request: dict) -> JobStatus:
+    async def submit(self, name: str, request: dict, kind: str = "rebuild") -> JobStatus:
         raise NotImplementedError
 
     async def get(self, job_id: str) -> JobStatus:
@@ -79,8 +79,8 @@ class RedisJobs(Jobs):
                     raise NotReady(f"the job queue (Redis) is not reachable: {exc}") from None
             return self._pool
 
-    async def submit(self, name: str, request: dict) -> JobStatus:
-        status = new_status(name, request)
+    async def submit(self, name: str, request: dict, kind: str = "rebuild") -> JobStatus:
+        status = new_status(name, request, kind)
         pool = await self.pool()
         try:
             await run_in_threadpool(self.store.put, status)
@@ -148,10 +148,10 @@ class LocalJobs(Jobs):
                 error="the service stopped before this job finished; submit it again",
             )
 
-    async def submit(self, name: str, request: dict) -> JobStatus:
+    async def submit(self, name: str, request: dict, kind: str = "rebuild") -> JobStatus:
         from service.jobs import run_local
 
-        status = new_status(name, request).model_copy(
+        status = new_status(name, request, kind).model_copy(
             update={"runner": {"host": socket.gethostname(), "pid": os.getpid()}}
         )
         await run_in_threadpool(self.store.put, status)

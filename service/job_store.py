@@ -32,9 +32,11 @@ class Progress(BaseModel):
 
 class JobStatus(BaseModel):
     id: str
-    kind: Literal["rebuild"] = "rebuild"
+    kind: Literal["rebuild", "add", "delete", "compact"] = "rebuild"
     index: str
-    request: dict = Field(description="what was asked: corpus or from, late")
+    request: dict = Field(
+        description="what was asked: rebuild: corpus or from, late; add: the items' corpus; delete: ids"
+    )
     state: State = "queued"
     attempt: int = Field(0, description="runs so far; above 1 when a worker died and the job was retried")
     progress: Progress | None = None

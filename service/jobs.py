@@ -1,13 +1,16 @@
-"""What a rebuild job does, wherever it runs (an arq worker, or the service's background process): read the
-items (a corpus below the corpora root, or the published version's own items), encode them with the configured
-model, publish a new version with ``indexer.build.build_index`` (atomic), announce it, and keep the job's
-status record up to date. An error ends the job `failed` with its message; it never escapes as a traceback."""
+"""What a job does, wherever it runs (an arq worker, or the service's background process). A rebuild reads the
+items (a corpus below the corpora root, or the published version's own items), encodes them with the configured
+model and publishes a new version (``indexer.build.build_index``); an add encodes posted items into a new segment
+(``indexer.build.add_items``); a delete tombstones ids and a compaction merges segments (``indexer.lifecycle``).
+Each publishes atomically, announces the version, and keeps the job's status record up to date. An error ends
+the job `failed` with its message; it never escapes as a traceback."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -41,13 +44,12 @@ class RebuildRequest(BaseModel):
 
 def rebuild(settings: Settings, name: str, request: dict, progress: Callable[[int, int], None]) -> str:
     """Build and publish a new version of ``name``; its version name."""
-    from indexer.build import LateBuild, build_index
+    from indexer.build import LateBuild, build_index, late_of
     from indexer.corpus import read_corpus
     from indexer.layout import IndexDir
     from indexer.reencode import items_of_version
     from models.encoder import Encoder
     from service.corpora import check_media_under, resolve_corpus
-    from service.events import announce_published
 
     index = IndexDir(settings.indexes_dir, name)
     current = index.manifest() if index.exists() else None
@@ -58,9 +60,8 @@ def rebuild(settings: Settings, name: str, request: dict, progress: Callable[[in
     else:
         corpus = None
         items = items_of_version(settings.indexes_dir, name)
-    tokens = current.tokens if current is not None else None
-    late = request.get("late", tokens is not None)
-    shape = {k: tokens[k] for k in ("storage", "nbits", "pool_factor") if k in tokens} if tokens else {}
+    shape = late_of(current) if current is not None else None
+    late = (shape or LateBuild()) if request.get("late", shape is not None) else None
     encoder = Encoder(settings.model_dir, device=settings.device, threads=settings.threads)
     result = build_index(
         indexes_dir=settings.indexes_dir,
@@ -70,12 +71,57 @@ def rebuild(settings: Settings, name: str, request: dict, progress: Callable[[in
         corpus_path=corpus,
         use_gpu=settings.device != "cpu",
         progress=progress,
-        late=LateBuild(**shape) if late else None,
+        late=late,
         keep_versions=settings.keep_versions,
     )
-    version = result.manifest.version
+    return _published(settings, name, result.manifest.version)
+
+
+def add(settings: Settings, name: str, request: dict, progress: Callable[[int, int], None]) -> str:
+    """Encode the posted items (saved by service.uploads) into a new segment (compacted past max_segments)."""
+    from indexer.build import add_items
+    from indexer.corpus import read_corpus
+    from models.encoder import Encoder
+
+    items = read_corpus(Path(request["corpus"]))
+    encoder = Encoder(settings.model_dir, device=settings.device, threads=settings.threads)
+    manifest = add_items(
+        indexes_dir=settings.indexes_dir,
+        name=name,
+        items=items,
+        encoder=encoder,
+        use_gpu=settings.device != "cpu",
+        progress=progress,
+        keep_versions=settings.keep_versions,
+        max_segments=settings.max_segments,
+    )
+    return _published(settings, name, manifest.version)
+
+
+def delete(settings: Settings, name: str, request: dict, progress: Callable[[int, int], None]) -> str:
+    from indexer.lifecycle import delete_items
+
+    manifest, _missing = delete_items(settings.indexes_dir, name, request["ids"], keep_versions=settings.keep_versions)
+    return _published(settings, name, manifest.version)
+
+
+def compact(settings: Settings, name: str, request: dict, progress: Callable[[int, int], None]) -> str:
+    from indexer import lifecycle
+
+    manifest = lifecycle.compact(
+        settings.indexes_dir, name, use_gpu=settings.device != "cpu", keep_versions=settings.keep_versions
+    )
+    return _published(settings, name, manifest.version)
+
+
+def _published(settings: Settings, name: str, version: str) -> str:
+    from service.events import announce_published
+
     announce_published(settings.redis_url, name, version)
     return version
+
+
+RUNS = {"rebuild": rebuild, "add": add, "delete": delete, "compact": compact}
 
 
 class Interrupted(Exception):
@@ -103,7 +149,7 @@ def execute(
             update(store, job_id, progress=Progress(done=done, total=total))
 
     try:
-        version = rebuild(settings, job.index, job.request, progress)
+        version = RUNS[job.kind](settings, job.index, job.request, progress)
     except Interrupted:
         log.warning("job %s (%s of %s) interrupted; it will run again", job_id, job.kind, job.index)
         return update(store, job_id, state="queued", progress=None)
@@ -114,7 +160,7 @@ def execute(
         log.exception("job %s (%s of %s) failed", job_id, job.kind, job.index)
         error = f"internal error ({type(exc).__name__}): {exc}"
         return update(store, job_id, state="failed", error=error, finished_at=now_iso())
-    log.info("job %s: %s version %s published", job_id, job.index, version)
+    log.info("job %s: %s %s version %s published", job_id, job.kind, job.index, version)
     return update(store, job_id, state="succeeded", version=version, finished_at=now_iso())
 
 

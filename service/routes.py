@@ -371,9 +371,10 @@ async def list_served(state: ServiceState = Depends(get_state)) -> dict:
                 "version": idx.version,
                 "items": idx.size,
                 "modalities": idx.modalities,
-                "model": idx.manifest.model["name"],
-                "faiss": idx.manifest.faiss["key"],
-                "late": idx.tokens is not None,
+                "model": idx.manifest.model.name,
+                "faiss": idx.manifest.faiss.key,
+                "segments": len(idx.manifest.segments),
+                "late": idx.has_tokens,
             }
             for name, idx in sorted(state.indexes.items())
         ],

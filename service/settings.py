@@ -46,7 +46,15 @@ class Settings(BaseSettings):
         True, description="serve the indexed items' own pictures and sounds (by item id) for the search page at /"
     )
     media_cache_bytes: int = Field(64 << 20, ge=0, description="rendered thumbnails and waveforms kept in memory")
-    keep_versions: int = Field(5, ge=1, description="index versions kept per index; builds remove older ones")
+    keep_versions: int = Field(
+        5,
+        ge=1,
+        description="index versions kept per index; builds, adds, deletes and compactions remove older ones "
+        "and the segments only they list",
+    )
+    max_segments: int = Field(
+        16, ge=1, description="an add that leaves a version with more segments than this compacts it into one"
+    )
     verify_checksums: bool = Field(
         True, description="check every file of an index version against its manifest's sha256 before serving it"
     )
@@ -88,6 +96,11 @@ class Settings(BaseSettings):
     @property
     def jobs_dir(self) -> Path:
         return self.data_dir / "jobs"
+
+    @property
+    def media_dir(self) -> Path:
+        """Media of items added over HTTP (service.uploads): kept, the index's rows point at them."""
+        return self.data_dir / "media"
 
     @property
     def admin_key_list(self) -> list[str]:

@@ -110,6 +110,7 @@ class ServiceState:
             use_gpu=self.settings.device != "cpu",
             expect_fingerprint=self.encoder.fingerprint,
             verify=self.settings.verify_checksums,
+            previous=old,  # its segments are immutable: the new version shares them, loaded and checked once
         )
         self.indexes[name] = loaded
         self.index_errors.pop(name, None)

@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from indexer.build import build_index, exact_topk
+from indexer.build import build_index
 from indexer.corpus import read_corpus
+from indexer.layout import IndexDir
 from indexer.search import LoadedIndex
+from indexer.segment_writer import exact_topk
 from models.encoder import Encoder
 from service.app import create_app
 from service.settings import Settings
@@ -94,20 +96,22 @@ def built(data: Path, clip_encoder: Encoder, coco: list[dict], tmp_path_factory:
     return result.manifest
 
 
-def test_every_coco_photo_indexes_and_broken_files_are_counted(built, coco: list[dict]) -> None:
+def test_every_coco_photo_indexes_and_broken_files_are_counted(data: Path, built, coco: list[dict]) -> None:
     assert built.counts == {"text": len(coco) + 1, "image": len(coco)}
     assert built.build["failed"] == 2
     assert sorted(f["id"] for f in built.build["failures"]) == ["broken", "truncated"]
     assert all(f["modality"] == "image" and f["error"] for f in built.build["failures"])
-    assert built.rows == {"text": [0, len(coco) + 1], "image": [len(coco) + 1, 2 * len(coco) + 1]}
+    (ref,) = built.segments
+    segment = IndexDir(data / "indexes", "coco").segment_manifest(ref.id)
+    assert segment.rows == {"text": [0, len(coco) + 1], "image": [len(coco) + 1, 2 * len(coco) + 1]}
     assert set(built.calibration) == {"text->text", "text->image", "image->text", "image->image"}
 
 
 def test_image_to_image_equals_exact_search(data: Path, built, clip_encoder: Encoder, coco: list[dict]) -> None:
     index = LoadedIndex(data / "indexes", "coco", use_gpu=False, expect_fingerprint=clip_encoder.fingerprint)
-    start, end = built.rows["image"]
-    vectors = index.index.reconstruct_n(start, end - start)
-    ids = [index.items.get([r])[r]["id"] for r in range(start, end)]
+    image_rows = [row for row, _, modality, *_ in index.items.all_rows() if modality == "image"]
+    vectors = index.vectors(image_rows)
+    ids = [index.items.get([r])[r]["id"] for r in image_rows]
     queries = clip_encoder.encode_media("image", [clip_encoder.decode("image", COCO / c["image"]) for c in coco[:5]])
     for q, c, truth in zip(queries, coco[:5], exact_topk(queries, vectors, 5), strict=True):
         hits = index.search(q, 5, modalities=["image"], query_modality="image")

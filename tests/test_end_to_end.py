@@ -92,6 +92,32 @@ def test_cli_build_info_verify_and_errors(data: Path, tmp_path: Path) -> None:
     assert info["version"] in listed.stdout and "all-minilm-l6-v2" in listed.stdout and "*" in listed.stdout
 
 
+def test_cli_add_delete_compact(data: Path, tmp_path: Path) -> None:
+    texts = ["Lift rises with the angle of attack.", "Drag grows with speed.", "Bread rises in a warm oven."]
+    corpus = write_corpus(tmp_path / "c.jsonl", [{"id": f"n{i}", "text": t} for i, t in enumerate(texts)])
+    assert cli(data, "index", "build", "--name", "aero", "--corpus", str(corpus)).returncode == 0
+    more = write_corpus(
+        tmp_path / "more.jsonl", [{"id": "n2", "text": "Flutter of a wing."}, {"id": "n3", "text": "Stall."}]
+    )
+    added = cli(data, "index", "add", "aero", "--corpus", str(more))
+    assert added.returncode == 0, added.stderr
+    assert "2 vectors added, 1 item(s) replaced" in added.stderr and "2 segment(s)" in added.stderr
+    assert json.loads(cli(data, "index", "info", "aero").stdout)["counts"] == {"text": 4}
+    (tmp_path / "gone.txt").write_text("n0\nnot-there\n")
+    deleted = cli(data, "index", "delete", "aero", "--ids", str(tmp_path / "gone.txt"), "--id", "n1")
+    assert deleted.returncode == 0 and "2 item(s) deleted; not in the index: ['not-there']" in deleted.stderr
+    nothing = cli(data, "index", "delete", "aero")
+    assert nothing.returncode == 2 and "--id" in nothing.stderr
+    compacted = cli(data, "index", "compact", "aero")
+    assert compacted.returncode == 0 and "2 segments merged, 3 deleted rows dropped" in compacted.stderr
+    info = json.loads(cli(data, "index", "info", "aero").stdout)
+    assert info["counts"] == {"text": 2} and info["operation"] == "compact" and len(info["segments"]) == 1
+    verified = json.loads(cli(data, "index", "verify", "aero").stdout)
+    assert verified["ok"] and verified["items"] == 2
+    listed = cli(data, "index", "versions", "aero").stdout
+    assert all(op in listed for op in ("build", "add", "delete", "compact"))
+
+
 def start_serving(data: Path, *options: str) -> tuple[subprocess.Popen, str]:
     """`xmodal serve` in a subprocess on a free port, once /readyz says ready."""
     port = free_port()

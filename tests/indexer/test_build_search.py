@@ -10,13 +10,22 @@ import numpy as np
 import pytest
 
 from indexer import faiss_backend
-from indexer.build import build_index, exact_topk
+from indexer.build import build_index
 from indexer.corpus import read_jsonl
 from indexer.layout import IndexDir, list_indexes
 from indexer.search import LoadedIndex
+from indexer.segment_writer import exact_topk
 from indexer.verify import verify_index
 from models.encoder import Encoder
 from models.errors import BundleError, FingerprintMismatch, IndexNotFound, InvalidInput
+from models.files import sha256_file
+
+
+def only_segment(root: Path, name: str) -> Path:
+    """The folder of the one segment of index ``name``'s published version."""
+    d = IndexDir(root, name)
+    (ref,) = d.manifest().segments
+    return d.segment_dir(ref.id)
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +51,12 @@ def test_published_index_matches_exact_search(tmp_path: Path, encoder: Encoder, 
     assert calls[-1] == (len(items), len(items)) and len(calls) > 1
     m = result.manifest
     assert IndexDir(tmp_path, "t").current() == m.version
-    assert m.counts == {"text": len(items)} and m.dim == 384 and m.faiss["key"] == "Flat"
-    assert m.model["fingerprint"] == encoder.fingerprint
+    assert m.counts == {"text": len(items)} and m.dim == 384 and m.faiss.key == "Flat"
+    assert m.model.fingerprint == encoder.fingerprint and m.operation == "build" and len(m.segments) == 1
     assert m.recall_at_10["value"] == 1.0
     assert m.build["items_per_second"] > 0
-    assert sorted(p.name for p in result.path.iterdir()) == ["dense.faiss", "items.sqlite", "manifest.json"]
+    files = sorted(p.name for p in only_segment(tmp_path, "t").iterdir())
+    assert files == ["dense.text.faiss", "items.sqlite", "manifest.json"]
 
     index = LoadedIndex(tmp_path, "t", expect_fingerprint=encoder.fingerprint, use_gpu=False)
     queries = encoder.encode_text(["rocket launch to the moon", "making soup in the kitchen", "a goal in the match"])
@@ -92,15 +102,15 @@ def test_hnsw_recall_is_measured_against_exact(tmp_path: Path, encoder: Encoder,
         indexes_dir=tmp_path, name="h", items=items, encoder=encoder, faiss_key="HNSW8,Flat", use_gpu=False
     )
     m = result.manifest
-    assert m.faiss["key"] == "HNSW8,Flat" and m.faiss["params"] == {"efSearch": 128}
+    assert m.faiss.key == "HNSW8,Flat" and m.faiss.params == {"efSearch": 128}
     # Recompute recall independently: FAISS top-10 vs numpy exact top-10 for every item.
     index = LoadedIndex(tmp_path, "h", use_gpu=False)
-    _, found = index.index.search(vectors, 10)
+    _, found = index.segments[0].data.indexes["text"].search(vectors, 10)
     truth = exact_topk(vectors, vectors, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth, strict=True)])
     assert recall > 0.9
     assert abs(m.recall_at_10["value"] - recall) < 0.05
-    assert verify_index(tmp_path, "h")["recall_at_10"]["value"] > 0.9
+    assert verify_index(tmp_path, "h")["segments"][0]["recall_at_10"]["value"] > 0.9
 
 
 def test_bad_faiss_key_is_invalid_input(tmp_path: Path, encoder: Encoder, items) -> None:
@@ -122,6 +132,7 @@ def test_failed_build_leaves_the_published_version_alone(tmp_path: Path, encoder
     assert d.current() == first.manifest.version
     assert d.versions() == [first.manifest.version]
     assert not [p for p in d.versions_dir.iterdir() if p.name.startswith(".")]
+    assert not [p for p in d.segments_dir.iterdir() if p.name.startswith(".")]
     assert LoadedIndex(tmp_path, "t", use_gpu=False).size == 50
 
 
@@ -156,18 +167,20 @@ def test_index_from_another_model_is_refused(tmp_path: Path, encoder: Encoder, i
 
 
 def test_verify_detects_a_broken_version(tmp_path: Path, encoder: Encoder, items) -> None:
-    r = build_index(indexes_dir=tmp_path, name="t", items=items[:40], encoder=encoder, use_gpu=False)
+    build_index(indexes_dir=tmp_path, name="t", items=items[:40], encoder=encoder, use_gpu=False)
     assert verify_index(tmp_path, "t")["ok"]
-    # Replace the FAISS file with one holding fewer vectors: counts no longer agree.
+    seg = only_segment(tmp_path, "t")
+    # Replace the FAISS file with one holding fewer vectors: its checksum fails.
     small, _ = faiss_backend.build(encoder.encode_text(["one", "two"]), "Flat", use_gpu=False)
-    faiss_backend.write(small, r.path / "dense.faiss")
-    with pytest.raises(BundleError, match="dense.faiss is damaged"):
+    faiss_backend.write(small, seg / "dense.text.faiss")
+    with pytest.raises(BundleError, match="dense.text.faiss is damaged"):
         verify_index(tmp_path, "t")
-    # without checksums (versions built before them), the counts still give it away
-    manifest = json.loads((r.path / "manifest.json").read_text())
-    (r.path / "manifest.json").write_text(json.dumps({**manifest, "checksums": {}}))
+    # a manifest whose checksum was forged to match: the counts still give it away
+    manifest = json.loads((seg / "manifest.json").read_text())
+    manifest["checksums"]["dense.text.faiss"] = sha256_file(seg / "dense.text.faiss")
+    (seg / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="inconsistent"):
         verify_index(tmp_path, "t")
-    os.remove(r.path / "items.sqlite")
-    with pytest.raises(BundleError, match="lacks items.sqlite"):
+    os.remove(seg / "items.sqlite")
+    with pytest.raises(BundleError, match="items.sqlite is missing"):
         verify_index(tmp_path, "t")

@@ -63,10 +63,12 @@ def query_tokens(encoder: Encoder, text: str) -> LateRequest:
 
 def test_build_stores_every_rows_encoder_tokens(late_data: Path, media: LoadedIndex, tokens_of) -> None:
     m = media.manifest
-    assert TOKENS in m.files and (late_data / "indexes" / "media" / "versions" / m.version / TOKENS).is_dir()
+    (view,) = media.segments
+    assert TOKENS in view.data.manifest.files
+    assert (late_data / "indexes" / "media" / "segments" / view.data.id / TOKENS).is_dir()
     assert m.tokens["storage"] == "fp16" and m.tokens["rows"] == media.size == len(tokens_of)
     assert m.tokens["storage_recall_at_10"] is None  # stored as encoded: nothing to lose
-    store = media.tokens
+    store = view.data.tokens
     records = media.items.get(list(range(media.size)))
     for row in range(media.size):
         key = (records[row]["id"], records[row]["modality"])
@@ -157,7 +159,7 @@ def test_dense_only_index_refuses_late(tmp_path: Path, encoder: Encoder, media_c
     items = read_corpus(media_corpus)[:20]
     build_index(indexes_dir=tmp_path, name="dense", items=items, encoder=encoder, use_gpu=False)
     index = LoadedIndex(tmp_path, "dense", use_gpu=False)
-    assert index.tokens is None and index.manifest.tokens is None
+    assert not index.has_tokens and index.manifest.tokens is None
     with pytest.raises(InvalidInput, match="no token store"):
         index.search_late(query_tokens(encoder, "two red circles"), 5)
     index.close()

@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer import faiss_backend
-from indexer.build import CHUNK_BATCHES, build_index
+from indexer.build import build_index
 from indexer.corpus import CorpusItem, read_corpus, read_jsonl
 from indexer.demo import write_demo_corpus
-from indexer.layout import DENSE, IndexDir
+from indexer.encode import CHUNK_BATCHES
+from indexer.layout import IndexDir
+from indexer.search import LoadedIndex
 from indexer.shards import SHARDS
 from models.encoder import Encoder
 
@@ -39,9 +40,15 @@ def crash_after(chunks: int):
 
 
 def stored_vectors(indexes: Path, name: str) -> np.ndarray:
+    """Every row's stored vector, in row order."""
+    index = LoadedIndex(indexes, name, use_gpu=False)
+    return index.vectors(list(range(index.size)))
+
+
+def segment_of(indexes: Path, name: str, version: str) -> Path:
     d = IndexDir(indexes, name)
-    index = faiss_backend.read(d.version_dir(d.current()) / DENSE)
-    return index.reconstruct_n(0, index.ntotal)
+    (ref,) = d.manifest(version).segments
+    return d.segment_dir(ref.id)
 
 
 def test_an_interrupted_build_resumes_from_its_checkpoints(
@@ -81,8 +88,8 @@ def test_token_vectors_survive_a_resume(tmp_path: Path, encoder: Encoder, media_
     assert resumed.build["resumed_vectors"] > 0
     assert resumed.tokens["tokens"] == clean.tokens["tokens"]
     for name in ("vectors.npy", "offsets.npy"):  # the fp16 token store, byte for byte
-        a = IndexDir(tmp_path / "a", "m").version_dir(resumed.version) / "tokens" / name
-        b = IndexDir(tmp_path / "b", "m").version_dir(clean.version) / "tokens" / name
+        a = segment_of(tmp_path / "a", "m", resumed.version) / "tokens" / name
+        b = segment_of(tmp_path / "b", "m", clean.version) / "tokens" / name
         if a.exists() or b.exists():
             assert np.array_equal(np.load(a), np.load(b)), name
 

@@ -249,11 +249,10 @@ def test_index_of_another_model_is_refused_and_old_version_kept(tmp_path: Path, 
         good = search(c, query={"text": "a storm"}).json()["index_version"]
         # Publish a version whose manifest names another model fingerprint.
         vdir = data / "indexes" / "demo" / "versions"
-        shutil.copytree(vdir / good, vdir / "other-model")
-        manifest = json.loads((vdir / "other-model" / "manifest.json").read_text())
+        manifest = json.loads((vdir / f"{good}.json").read_text())
         manifest["model"]["fingerprint"] = "f" * 64
         manifest["version"] = "other-model"
-        (vdir / "other-model" / "manifest.json").write_text(json.dumps(manifest))
+        (vdir / "other-model.json").write_text(json.dumps(manifest))
         (data / "indexes" / "demo" / "CURRENT").write_text("other-model\n")
         c.app.state.xmodal.refresh_indexes()
         r = search(c, query={"text": "a storm"})

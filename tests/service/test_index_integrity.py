@@ -52,7 +52,10 @@ def versions(data: Path, name: str = "a") -> list[str]:
 
 
 def path_of(data: Path, version: str, name: str = "a") -> Path:
-    return data / "indexes" / name / "versions" / version
+    """The folder of the (one) segment of ``version``."""
+    d = IndexDir(data / "indexes", name)
+    (ref,) = d.manifest(version).segments
+    return d.segment_dir(ref.id)
 
 
 def publish(c: TestClient, data: Path, version: str, name: str = "a") -> None:
@@ -78,17 +81,17 @@ def test_a_damaged_faiss_file_is_refused_and_the_old_version_keeps_serving(data:
         assert served(c) == new
         publish(c, data, old)
         assert served(c) == old
-        size = (path_of(data, new) / "dense.faiss").stat().st_size
-        damage_bytes(path_of(data, new) / "dense.faiss", size // 4, os.urandom(min(20_000, size // 2)))
+        size = (path_of(data, new) / "dense.text.faiss").stat().st_size
+        damage_bytes(path_of(data, new) / "dense.text.faiss", size // 4, os.urandom(min(20_000, size // 2)))
         publish(c, data, new)
         assert served(c) == old  # the damaged version is never answered from
         listing = c.get("/v1/indexes").json()
-        assert "dense.faiss is damaged" in listing["refused"]["a"] and new in listing["refused"]["a"]
+        assert "dense.text.faiss is damaged" in listing["refused"]["a"] and new in listing["refused"]["a"]
         assert c.get("/readyz").status_code == 200  # degraded, but every index serves a version
         # a rollback to the version being served clears the refusal
         publish(c, data, old)
         assert "a" not in c.get("/v1/indexes").json()["refused"]
-    with pytest.raises(BundleError, match="dense.faiss is damaged"):
+    with pytest.raises(BundleError, match="dense.text.faiss is damaged"):
         verify_index(data / "indexes", "a", new)
 
 
@@ -109,7 +112,7 @@ def test_one_flipped_byte_in_the_items_store_is_refused(data: Path) -> None:
 
 def test_a_fresh_replica_starts_serves_the_other_indexes_and_is_not_ready(data: Path) -> None:
     _, new = versions(data)
-    damage_bytes(path_of(data, new) / "dense.faiss", 100, os.urandom(4000))
+    damage_bytes(path_of(data, new) / "dense.text.faiss", 100, os.urandom(4000))
     with client(data) as c:  # starts, rather than exiting
         assert served(c, "b")  # the other index serves
         r = c.post("/v1/search", json={"index": "a", "query": {"text": "x"}})
@@ -118,29 +121,27 @@ def test_a_fresh_replica_starts_serves_the_other_indexes_and_is_not_ready(data: 
         assert ready.status_code == 503 and "a" in ready.json()["refused_indexes"]
 
 
-def test_a_version_without_checksums_whose_faiss_file_is_garbage_is_refused(data: Path) -> None:
-    """Versions built before checksums were written: the damage shows when FAISS reads the file."""
+def test_with_checksums_off_a_garbage_faiss_file_is_still_refused(data: Path) -> None:
+    """XMODAL_VERIFY_CHECKSUMS=false (a fast start over large indexes): the damage shows when FAISS reads the file."""
     _, new = versions(data)
-    manifest_path = path_of(data, new) / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest_path.write_text(json.dumps({**manifest, "checksums": {}}))
-    (path_of(data, new) / "dense.faiss").write_bytes(os.urandom(5000))
-    with client(data) as c:
+    (path_of(data, new) / "dense.text.faiss").write_bytes(os.urandom(5000))
+    with TestClient(create_app(Settings(data_dir=data, reload_interval_s=0, verify_checksums=False))) as c:
         assert served(c, "b")
         refused = c.get("/v1/indexes").json()["refused"]["a"]
-        assert "dense.faiss cannot be read" in refused
+        assert "dense.text.faiss cannot be read" in refused
 
 
-def test_a_copied_folder_is_not_another_version(data: Path) -> None:
+def test_a_copied_version_file_is_not_another_version(data: Path) -> None:
     old, new = versions(data)
-    copy = path_of(data, old).with_name("20990101T000000-c0ffee")
-    shutil.copytree(path_of(data, old), copy)
+    versions_dir = data / "indexes" / "a" / "versions"
+    copy = "20990101T000000000-c0ffee"
+    shutil.copy(versions_dir / f"{old}.json", versions_dir / f"{copy}.json")
     with client(data) as c:
-        publish(c, data, copy.name)
+        publish(c, data, copy)
         assert served(c) == new
-        assert "copied or moved folder" in c.get("/v1/indexes").json()["refused"]["a"]
-    with pytest.raises(BundleError, match="copied or moved folder"):
-        verify_index(data / "indexes", "a", copy.name)
+        assert "copied or moved file" in c.get("/v1/indexes").json()["refused"]["a"]
+    with pytest.raises(BundleError, match="copied or moved file"):
+        verify_index(data / "indexes", "a", copy)
 
 
 def test_a_manifest_whose_dim_disagrees_with_its_faiss_file_is_refused(data: Path) -> None:
@@ -155,12 +156,12 @@ def test_a_manifest_whose_dim_disagrees_with_its_faiss_file_is_refused(data: Pat
 
 
 def test_a_killed_builds_staging_folder_is_removed_and_a_live_ones_kept(data: Path, encoder: Encoder) -> None:
-    versions_dir = data / "indexes" / "a" / "versions"
-    dead = versions_dir / ".tmp-20260101T000000-abcdef-pid999999999-x1y2"
-    live = versions_dir / f".tmp-20260101T000000-fedcba-pid{os.getpid()}-z3"
+    segments_dir = data / "indexes" / "a" / "segments"
+    dead = segments_dir / ".tmp-20260101T000000-abcdef-pid999999999-x1y2"
+    live = segments_dir / f".tmp-20260101T000000-fedcba-pid{os.getpid()}-z3"
     for folder in (dead, live):
         folder.mkdir()
-        (folder / "dense.faiss").write_bytes(b"\0" * 1000)
+        (folder / "dense.text.faiss").write_bytes(b"\0" * 1000)
     build_index(indexes_dir=data / "indexes", name="a", items=tiny_items(), encoder=encoder, use_gpu=False)
     assert not dead.exists() and live.exists()
     assert len(versions(data)) == 3  # staging folders are never listed
@@ -189,5 +190,7 @@ def test_builds_keep_the_newest_versions_and_never_the_published_one_goes(data: 
     kept = d.versions()
     assert len(kept) == 4 and first in kept and d.current() == first  # the newest 3, and the published one
     assert not [p for p in (data / "indexes" / "a" / "versions").iterdir() if p.name.startswith(".")]
+    listed = {ref.id for v in kept for ref in d.manifest(v).segments}
+    assert {p.name for p in d.segments_dir.iterdir()} == listed  # the segments of removed versions went too
     with pytest.raises(Exception, match="keep at least one"):
         d.prune(0)

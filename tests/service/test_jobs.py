@@ -276,3 +276,74 @@ def test_a_versions_own_items_come_back_as_its_corpus(late_data: Path, media_cor
     again = items_of_version(late_data / "indexes", "media")
     assert sorted(map(fields, again)) == sorted(map(fields, read_corpus(media_corpus)))
     assert all(Path(p).is_file() for it in again for p in (it.image, it.audio) if p is not None)
+
+
+def search_ids(client: TestClient, text: str, k: int = 50, **body) -> list[str]:
+    r = client.post("/v1/search", json={"index": "news", "query": {"text": text}, "k": k, **body})
+    assert r.status_code == 200, r.text
+    return [hit["id"] for hit in r.json()["results"]]
+
+
+def run_job(client: TestClient, method: str, path: str, body: dict | None = None) -> dict:
+    r = client.request(method, path, json=body, headers=ADMIN)
+    assert r.status_code == 202, r.text
+    done = wait_for(client, r.json()["id"], ("succeeded", "failed"))
+    assert done["state"] == "succeeded", done
+    client.app.state.xmodal.refresh_indexes()  # what the watcher does (this app does not poll)
+    return done
+
+
+@pytest.mark.slow
+def test_items_are_added_replaced_deleted_and_compacted_over_http(data: Path) -> None:
+    new = {"id": "giraffe", "text": "a purple giraffe reads the morning newspaper", "metadata": {"topic": "zoo"}}
+    with app_client(data) as c:
+        for method, path, body in (
+            ("POST", "/v1/indexes/news/items", {"items": [new]}),
+            ("DELETE", "/v1/indexes/news/items", {"ids": ["giraffe"]}),
+            ("POST", "/v1/indexes/news/compact", None),
+        ):
+            assert c.request(method, path, json=body).status_code == 401
+            assert c.request(method, path.replace("news", "absent"), json=body, headers=ADMIN).status_code == 404
+        r = c.post("/v1/indexes/news/items", json={"items": [{"id": "empty"}]}, headers=ADMIN)
+        assert r.status_code == 400 and "no text, image or audio" in r.text
+        r = c.post("/v1/indexes/news/items", json={"items": [new, new]}, headers=ADMIN)
+        assert r.status_code == 400 and "once" in r.text
+
+        added = run_job(c, "POST", "/v1/indexes/news/items", {"items": [new]})
+        assert added["kind"] == "add" and served_version(c, added["version"])
+        assert search_ids(c, new["text"], k=1) == ["giraffe"]
+        assert search_ids(c, "anything", filter={"topic": "zoo"}) == ["giraffe"]
+        changed = {**new, "text": "a steam train crosses an old stone bridge"}
+        run_job(c, "POST", "/v1/indexes/news/items", {"items": [changed]})
+        assert search_ids(c, changed["text"], k=1) == ["giraffe"]
+        listing = c.get("/v1/indexes").json()["indexes"][0]
+        assert listing["items"] == 31 and listing["segments"] == 3  # replaced, not added twice
+
+        first_two = search_ids(c, "a football match", k=2)
+        deleted = run_job(c, "DELETE", "/v1/indexes/news/items", {"ids": [*first_two, "giraffe"]})
+        assert deleted["kind"] == "delete"
+        assert not {*first_two, "giraffe"} & set(search_ids(c, "a football match", k=30))
+        assert search_ids(c, "anything", filter={"topic": "zoo"}) == []
+
+        compacted = run_job(c, "POST", "/v1/indexes/news/compact")
+        manifest = IndexDir(data / "indexes", "news").manifest()
+        assert manifest.version == compacted["version"] and len(manifest.segments) == 1
+        assert sum(manifest.counts.values()) == 28 and not manifest.segments[0].tombstones
+        assert not {*first_two, "giraffe"} & set(search_ids(c, "a football match", k=30))
+
+
+@pytest.mark.slow
+def test_an_add_job_through_redis_and_a_worker_process(data: Path, redis_server, tmp_path: Path) -> None:
+    log = tmp_path / "worker.log"
+    worker = start_worker(data, redis_server.url, log)
+    try:
+        with app_client(data, redis_url=redis_server.url) as c:
+            item = {"id": "kite", "text": "a red kite flies over the windy beach"}
+            r = c.post("/v1/indexes/news/items", json={"items": [item]}, headers=ADMIN)
+            assert r.status_code == 202, r.text
+            done = wait_for(c, r.json()["id"], ("succeeded", "failed"))
+            assert done["state"] == "succeeded", (done, log.read_text())
+            served_version(c, done["version"])  # swapped by the worker's announcement
+            assert search_ids(c, item["text"], k=1) == ["kite"]
+    finally:
+        stop(worker)

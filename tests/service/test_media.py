@@ -4,7 +4,6 @@ through the real app over the tri-modal `media` index: by item id only, right ty
 from __future__ import annotations
 
 import io
-import json
 import shutil
 import sqlite3
 from pathlib import Path
@@ -146,16 +145,14 @@ def test_media_off_and_indexes_built_before_media_paths(tmp_path: Path, late_dat
     data = tmp_path / "data"
     shutil.copytree(late_data / "models", data / "models")
     shutil.copytree(late_data / "indexes", data / "indexes")
-    version = IndexDir(data / "indexes", "media").current()
-    con = sqlite3.connect(data / "indexes" / "media" / "versions" / version / ITEMS)
+    d = IndexDir(data / "indexes", "media")
+    (ref,) = d.manifest().segments
+    con = sqlite3.connect(d.segment_dir(ref.id) / ITEMS)
     con.execute("UPDATE items SET source = 'corpus.jsonl:' || row WHERE modality = 'audio'")
     con.commit()
     con.close()
-    manifest_path = data / "indexes" / "media" / "versions" / version / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["checksums"] = {}  # such builds wrote none either
-    manifest_path.write_text(json.dumps(manifest))
-    with TestClient(create_app(Settings(data_dir=data, reload_interval_s=0))) as c:
+    # such builds wrote no checksums either: serve it unchecked
+    with TestClient(create_app(Settings(data_dir=data, reload_interval_s=0, verify_checksums=False))) as c:
         r = media(c, "media", "snd-00004", modality="audio")
         assert r.status_code == 404 and "rebuild" in r.json()["error"]["message"]
         out = c.post("/v1/search", json={"index": "media", "query": {"text": "beeps"}, "modalities": ["audio"]})

@@ -1,0 +1,126 @@
+"""Changing an index without encoding: deleting items (tombstones) and compaction (the live rows of every segment
+merged into one new segment, deleted rows dropped, vectors and tokens taken from the segments, no encoder).
+Adding items is in indexer.build (it encodes)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from indexer import faiss_backend
+from indexer.items import ItemStore
+from indexer.layout import ITEMS, TOKENS, IndexDir, SegmentRef, VersionManifest, dense_file, new_version_name
+from indexer.publish import commit, tombstoned
+from indexer.segment_writer import LateBuild, RowRecord, write_segment
+from indexer.tokens import TokenStore
+from models.errors import IndexNotFound, InvalidInput
+from models.files import staging_dir
+
+log = logging.getLogger(__name__)
+MODALITY_ORDER = ("text", "image", "audio")
+
+
+def delete_items(
+    indexes_dir: Path, name: str, ids: list[str], keep_versions: int | None = None
+) -> tuple[VersionManifest, list[str]]:
+    """Tombstone every row of ``ids`` and publish that version; (the version, the ids it did not hold). None of
+    them held: InvalidInput, and nothing is published."""
+    if not ids:
+        raise InvalidInput("give at least one id to delete")
+    target = IndexDir(indexes_dir, name)
+    wanted = set(ids)
+    found: set[str] = set()
+
+    def plan(current: VersionManifest | None) -> list[SegmentRef]:
+        if current is None:
+            raise IndexNotFound(f"index {name!r} has no published version to delete from")
+        refs, hit = tombstoned(target, current.segments, wanted)
+        if not hit:
+            raise InvalidInput(f"index {name!r} holds none of the {len(wanted)} ids to delete")
+        found.update(hit)
+        return refs
+
+    build: dict = {"requested": len(wanted)}
+    t0 = time.perf_counter()
+    version = commit(target, "delete", [], plan, build=build, keep_versions=keep_versions)
+    missing = sorted(wanted - found)
+    version.build.update(deleted=len(found), missing=len(missing), seconds=round(time.perf_counter() - t0, 3))
+    target.write_version(version)  # the same file, now with the counts (CURRENT already names it)
+    return version, missing
+
+
+def compact(indexes_dir: Path, name: str, use_gpu: bool = True, keep_versions: int | None = None) -> VersionManifest:
+    """Merge every segment's live rows into one segment (deleted rows dropped) and publish it. Holds the writer
+    lock throughout, so no add or delete lands in between and is lost; they wait for it."""
+    target = IndexDir(indexes_dir, name)
+    t0 = time.perf_counter()
+    with target.writing():
+        base = target.manifest()
+        if len(base.segments) == 1 and not base.segments[0].tombstones:
+            raise InvalidInput(f"index {name!r} is one segment without deletions: nothing to compact")
+        rows, vectors, tokens = [], [], []
+        late = None
+        for ref in base.segments:
+            seg = target.segment_manifest(ref.id)
+            if seg.tokens:
+                late = LateBuild(**{k: seg.tokens[k] for k in ("storage", "nbits", "pool_factor") if k in seg.tokens})
+            part_rows, part_vectors, part_tokens = _live_rows(target, ref, seg.rows, bool(seg.tokens))
+            rows += part_rows
+            vectors += part_vectors
+            tokens += part_tokens
+        order = sorted(range(len(rows)), key=lambda i: MODALITY_ORDER.index(rows[i].modality))  # stable
+        segment = new_version_name()
+        with staging_dir(target.segments_dir, segment) as tmp:
+            written = write_segment(
+                tmp,
+                index=name,
+                segment=segment,
+                records=[rows[i] for i in order],
+                vectors=np.concatenate(vectors)[order],
+                tokens=[tokens[i] for i in order] if late else None,
+                model=base.model,
+                use_gpu=use_gpu,
+                late=late,
+                build={"compacted": [r.id for r in base.segments]},
+            )
+            build = {
+                "segments_merged": len(base.segments),
+                "rows_dropped": sum(len(r.tombstones) for r in base.segments),
+                "rows": written.size,
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+            return commit(
+                target,
+                "compact",
+                [(tmp, written)],
+                lambda current: [SegmentRef(id=segment, rows=written.size)],
+                build=build,
+                keep_versions=keep_versions,
+                locked=True,
+            )
+
+
+def _live_rows(
+    target: IndexDir, ref: SegmentRef, ranges: dict[str, list[int]], with_tokens: bool
+) -> tuple[list[RowRecord], list[np.ndarray], list[np.ndarray]]:
+    """A segment's live rows: their records, their vectors (from its FAISS indexes) and token vectors."""
+    folder = target.segment_dir(ref.id)
+    dead = np.zeros(ref.rows, dtype=bool)
+    dead[np.asarray(ref.tombstones, dtype=np.int64)] = True
+    store = ItemStore(folder / ITEMS)
+    try:
+        records = [RowRecord(i, m, s, t, md) for r, i, m, s, t, md in store.all_rows() if not dead[r]]
+    finally:
+        store.close()
+    vectors = []
+    for modality, (start, end) in sorted(ranges.items(), key=lambda kv: kv[1][0]):  # row order (JSON sorts keys)
+        index = faiss_backend.read(folder / dense_file(modality))
+        vectors.append(faiss_backend.all_vectors(index)[~dead[start:end]])
+    tokens = []
+    if with_tokens:
+        store = TokenStore(folder / TOKENS)
+        tokens = [store.row_tokens(r).astype(np.float16) for r in np.flatnonzero(~dead).tolist()]
+    return records, vectors, tokens

@@ -1,0 +1,214 @@
+"""The segment writer: encoded rows in, one immutable segment folder out (``segments/<id>/``): the items store,
+one FAISS index per modality, the token store for late interaction, the calibration fits and the recall they
+were measured at, a sha256 per file. A full build, an add and a compaction all write their rows this way."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from indexer import calibration, faiss_backend
+from indexer.integrity import file_checksums
+from indexer.items import write_items
+from indexer.late_eval import measure_late
+from indexer.layout import ITEMS, MANIFEST, TOKENS, FaissInfo, ModelRef, SegmentManifest, dense_file, now_iso
+from indexer.tokens import STORAGES, TokenStore, concat_rows, write_token_store
+from models.errors import InvalidInput
+from models.files import atomic_write_json
+
+log = logging.getLogger(__name__)
+RECALL_SAMPLE = 256
+
+
+@dataclass
+class RowRecord:
+    """One row of a segment: an item seen through one modality. ``source``: an image or audio row's media file
+    (an absolute path), a text row's corpus line."""
+
+    id: str
+    modality: str
+    source: str
+    text: str | None
+    metadata: dict
+
+
+@dataclass
+class LateBuild:
+    """How to store tokens for late interaction (indexer.tokens.write_token_store)."""
+
+    storage: str = "fp16"
+    nbits: int = 2
+    pool_factor: int = 1
+
+    @classmethod
+    def from_options(cls, late: bool, storage: str, nbits: int, pool_factor: int) -> LateBuild | None:
+        """What `index build --late --token-storage S --nbits N --pool-factor P` asks for, checked."""
+        if storage not in STORAGES:
+            raise InvalidInput(f"token storage must be one of {list(STORAGES)}, not {storage!r}")
+        if not late:
+            if storage != "fp16" or pool_factor != 1:
+                raise InvalidInput("--token-storage and --pool-factor shape the token store: add --late")
+            return None
+        return cls(storage=storage, nbits=nbits, pool_factor=pool_factor)
+
+
+def exact_topk(queries: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:
+    scores = queries @ vectors.T
+    k = min(k, vectors.shape[0])
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.take_along_axis(scores, top, axis=1).argsort(axis=1)[:, ::-1]
+    return np.take_along_axis(top, order, axis=1)
+
+
+def recall_hits(index, vectors: np.ndarray, k: int = 10, seed: int = 0) -> tuple[int, int, int]:  # noqa: ANN001
+    """(hits, queries, k) of ``index`` against exact inner-product search, a sample of the vectors as queries."""
+    rng = np.random.default_rng(seed)
+    n = vectors.shape[0]
+    sample = rng.choice(n, size=min(RECALL_SAMPLE, n), replace=False)
+    queries = vectors[sample]
+    k = min(k, n)
+    truth = exact_topk(queries, vectors, k)
+    _, found = index.search(queries, k)
+    return sum(len(set(t) & set(f)) for t, f in zip(truth, found, strict=True)), len(sample), k
+
+
+def combined_recall(parts: list[tuple[int, int, int]]) -> dict:
+    hits, queries = sum(p[0] for p in parts), sum(p[1] * p[2] for p in parts)
+    return {"value": hits / max(queries, 1), "k": max(p[2] for p in parts), "sample": sum(p[1] for p in parts)}
+
+
+def row_ranges(modalities: list[str]) -> dict[str, list[int]]:
+    """[start, end) of each modality's rows, which must be contiguous (a modality's FAISS index holds them in
+    order, so FAISS id i of modality m is row start_m + i)."""
+    ranges: dict[str, list[int]] = {}
+    for i, modality in enumerate(modalities):
+        if modality not in ranges:
+            ranges[modality] = [i, i + 1]
+        elif ranges[modality][1] == i:
+            ranges[modality][1] = i + 1
+        else:
+            raise AssertionError(f"{modality} rows are not contiguous")
+    return ranges
+
+
+def item_ordinals(ids: list[str]) -> np.ndarray:
+    """int32 [R]: each row's item as an ordinal (rows of one item share it)."""
+    ordinal: dict[str, int] = {}
+    return np.array([ordinal.setdefault(i, len(ordinal)) for i in ids], dtype=np.int32)
+
+
+def calibration_stats(vectors: np.ndarray, ranges: dict[str, list[int]], seed: int = 1) -> dict:
+    """Mean and spread of the top-10 scores that queries of modality q get among items of modality t, for
+    every pair (``"q->t"``), with a sample of the segment's own vectors of modality q as queries. Scores of
+    different modalities are not on one scale (the modality gap); search z-normalises with these when one
+    result list mixes target modalities."""
+    rng = np.random.default_rng(seed)
+    stats = {}
+    for q, (qs, qe) in ranges.items():
+        sample = qs + rng.choice(qe - qs, size=min(RECALL_SAMPLE, qe - qs), replace=False)
+        for t, (ts, te) in ranges.items():
+            scores = vectors[sample] @ vectors[ts:te].T
+            k = min(11 if q == t else 10, te - ts)
+            top = -np.sort(-scores, axis=1)[:, :k]
+            if q == t and top.shape[1] > 1:
+                top = top[:, 1:]  # the query itself
+            stats[f"{q}->{t}"] = {"mean": float(top.mean()), "std": float(top.std()), "sample": int(len(sample))}
+    return stats
+
+
+def write_segment(
+    folder: Path,
+    *,
+    index: str,
+    segment: str,
+    records: list[RowRecord],
+    vectors: np.ndarray,
+    tokens: list[np.ndarray] | None,
+    model: ModelRef,
+    faiss_key: str | None = None,
+    use_gpu: bool = True,
+    late: LateBuild | None = None,
+    build: dict | None = None,
+) -> SegmentManifest:
+    """Write segment ``segment`` of ``index`` into ``folder`` (a staging folder: the caller renames it); rows
+    grouped by modality, ``vectors`` [R, D] in row order, with ``late`` each row's token vectors too."""
+    t0 = time.perf_counter()
+    ranges = row_ranges([r.modality for r in records])
+    key = faiss_key or faiss_backend.default_key(max(e - s for s, e in ranges.values()))
+    params, built_on, recalls = faiss_backend.default_params(key), "cpu", []
+    files = {}
+    for modality, (start, end) in ranges.items():
+        part = np.ascontiguousarray(vectors[start:end])
+        built, built_on = faiss_backend.build(part, key, use_gpu=use_gpu)
+        faiss_backend.apply_params(built, params)
+        recalls.append(recall_hits(built, part))
+        faiss_backend.write(built, folder / dense_file(modality))
+        files[dense_file(modality)] = f"FAISS index of the {modality} rows' vectors; FAISS id i is the modality's row i"
+    row_item = item_ordinals([r.id for r in records])
+    manifest = SegmentManifest(
+        index=index,
+        id=segment,
+        created_at=now_iso(),
+        model=model,
+        dim=model.dim,
+        faiss=FaissInfo(key=key, params=params, built_on=built_on),
+        counts={m: e - s for m, (s, e) in ranges.items()},
+        rows=ranges,
+        recall_at_10=combined_recall(recalls),
+        calibration=calibration_stats(vectors, ranges),
+        score_calibration=calibration.fit_dense(vectors, ranges, row_item, RECALL_SAMPLE),
+        build=dict(build or {}),
+        files=files,
+        checksums={},
+    )
+    manifest.build["dense_seconds"] = round(time.perf_counter() - t0, 3)
+    if late is not None:
+        assert tokens is not None
+        t_late = time.perf_counter()
+        manifest.tokens = write_tokens(folder / TOKENS, vectors, tokens, row_item, ranges, late)
+        manifest.files[TOKENS] = "token store for late interaction: CSR token vectors, centroids, IVF (meta.json)"
+        manifest.build["tokens_seconds"] = round(time.perf_counter() - t_late, 3)
+    write_items(folder / ITEMS, ((i, r.id, r.modality, r.source, r.text, r.metadata) for i, r in enumerate(records)))
+    manifest.files[ITEMS] = (
+        "SQLite table items(row, id, modality, source, text, metadata JSON); the source of an image or audio row is "
+        "its media file's absolute path, of a text row its corpus line"
+    )
+    manifest.files[MANIFEST] = "this file"
+    manifest.checksums = file_checksums(folder)  # last: every file is written
+    atomic_write_json(folder / MANIFEST, manifest.model_dump())
+    return manifest
+
+
+def write_tokens(
+    path: Path,
+    vectors: np.ndarray,
+    token_rows: list[np.ndarray],
+    row_item: np.ndarray,
+    ranges: dict[str, list[int]],
+    late: LateBuild,
+) -> dict:
+    """The token store of the rows, then what it costs in recall (indexer.late_eval): the manifest's ``tokens``."""
+    flat, offsets = concat_rows(token_rows, vectors.shape[1])
+    log.info(
+        "token store: %d tokens of %d rows (%s, pool factor %d)",
+        len(flat),
+        len(offsets) - 1,
+        late.storage,
+        late.pool_factor,
+    )
+    meta = write_token_store(
+        path, flat, offsets, row_item, storage=late.storage, nbits=late.nbits, pool_factor=late.pool_factor
+    )
+    log.info("token store: %s bytes/token; measuring its recall against exhaustive MaxSim", meta["bytes_per_token"])
+    quality = measure_late(flat, offsets, row_item, TokenStore(path), ranges)
+    keep = ("storage", "nbits", "dim", "rows", "tokens", "tokens_before_pooling", "pool_factor", "centroids", "bytes")
+    return {
+        **{key: meta[key] for key in keep if key in meta},
+        "bytes_per_token": meta["bytes_per_token"],
+        "fp16_bytes_per_token": 2 * vectors.shape[1],
+        **quality,
+    }
