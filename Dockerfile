@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
 # Two stages. The builder installs the export extra (torch) exactly as the README's `make demo` does and
 # prepares the default model bundle; the runtime installs only `xmodal[cpu]` (no torch) and copies the
-# bundle in. For a CUDA image, use EXTRAS=gpu in the runtime stage and a CUDA base image.
+# bundle in. The CUDA image (compose profile `gpu`) is the same runtime with EXTRAS=gpu: onnxruntime-gpu and
+# faiss-gpu bring their CUDA libraries as wheels; the driver comes from the host (NVIDIA container toolkit).
 
 FROM python:3.11-slim AS builder
 RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/*
@@ -14,6 +15,7 @@ RUN make install EXTRAS=cpu,export VENV=/opt/export-venv
 RUN XMODAL_MODELS_DIR=/opt/xmodal/models /opt/export-venv/bin/xmodal models prepare
 
 FROM python:3.11-slim AS runtime
+ARG EXTRAS=cpu
 RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --create-home xmodal \
     && mkdir -p /data && chown xmodal:xmodal /data
@@ -22,7 +24,7 @@ COPY pyproject.toml README.md Makefile ./
 COPY models models
 COPY indexer indexer
 COPY service service
-RUN make install EXTRAS=cpu VENV=/opt/venv
+RUN make install EXTRAS=${EXTRAS} VENV=/opt/venv
 COPY --from=builder /opt/xmodal/models /opt/xmodal/models
 ENV PATH=/opt/venv/bin:$PATH \
     XMODAL_DATA_DIR=/data \

@@ -26,7 +26,7 @@ def stages(dockerfile: str) -> dict[str, str]:
 
 
 def test_compose_services_and_dependencies(compose: dict) -> None:
-    services = compose["services"]
+    services = {name: s for name, s in compose["services"].items() if "profiles" not in s}
     assert set(services) == {"redis", "demo-index", "api", "worker"}
     redis = services["redis"]
     assert redis["image"].startswith("redis:") and "redis-cli" in redis["healthcheck"]["test"]
@@ -46,12 +46,27 @@ def test_compose_services_and_dependencies(compose: dict) -> None:
     assert "xmodal-data" in compose["volumes"]
 
 
+def test_the_gpu_profile_runs_the_api_and_the_worker_on_a_gpu(compose: dict) -> None:
+    services = compose["services"]
+    gpu = {name for name, s in services.items() if "gpu" in s.get("profiles", [])}
+    assert gpu == {"api-gpu", "worker-gpu"}
+    assert services["api-gpu"]["build"]["args"]["EXTRAS"] == "gpu"  # the runtime stage's ARG
+    assert "ARG EXTRAS=cpu" in (ROOT / "Dockerfile").read_text()
+    for name in gpu:
+        s = services[name]
+        assert s["image"] == "xmodal:gpu" and s["environment"]["XMODAL_DEVICE"] == "cuda"
+        (device,) = s["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+        assert s["command"] == services[name.removesuffix("-gpu")]["command"]
+        assert "xmodal-data:/data" in s["volumes"]
+
+
 def test_every_compose_command_is_a_real_xmodal_command(compose: dict) -> None:
     commands = [s["command"] for s in compose["services"].values() if s.get("command", [""])[0] == "xmodal"]
     dockerfile_cmd = re.search(r'^CMD \["xmodal", (.*)\]$', (ROOT / "Dockerfile").read_text(), re.M)
     assert dockerfile_cmd, "the image's CMD should be an xmodal command"
     commands.append(["xmodal"] + [a.strip(' "') for a in dockerfile_cmd.group(1).split(",")])
-    assert len(commands) == 4
+    assert len(commands) == 6
     for cmd in commands:
         args = [a for a in cmd[1:] if not a.startswith("--")]  # the sub-command path; options checked below
         r = subprocess.run([*XMODAL, *args, "--help"], capture_output=True, text=True, timeout=60)
@@ -66,7 +81,9 @@ def test_dockerfile_is_multi_stage_torch_free_and_non_root() -> None:
     assert list(st) == ["builder", "runtime"]
     builder, runtime = st["builder"], st["runtime"]
     assert "make install EXTRAS=cpu,export" in builder and "xmodal models prepare" in builder
-    assert "make install EXTRAS=cpu " in runtime and "export" not in runtime.split("make install")[1].split("\n")[0]
+    # the runtime installs the ARG's extra (cpu by default, gpu for the CUDA image), never export (torch)
+    assert "ARG EXTRAS=cpu\n" in runtime and "make install EXTRAS=${EXTRAS} " in runtime
+    assert "export" not in runtime.split("make install")[1].split("\n")[0]
     assert "COPY --from=builder /opt/xmodal/models" in runtime
     user = re.search(r"^USER (\S+)", runtime, re.M)
     assert user and user.group(1) not in ("root", "0")
