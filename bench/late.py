@@ -35,8 +35,8 @@ queries (latency = wall time of the search call, in the system's own process):
 
 - brute-force MaxSim: numpy over a float32 copy in RAM (1536 B/token), in chunks of 2^17 tokens, exact; timed on
   the first ``--brute-queries`` queries only.
-- xmodal: ``indexer.tokens.write_token_store`` (build = that call: k-means, assignment, IVF, codes, files), then
-  ``indexer.late.late_search`` over the memory-mapped ``TokenStore``: fp16 storage at the default LateParams;
+- xmodal: ``indexer.late.store.write_token_store`` (build = that call: k-means, assignment, IVF, codes, files), then
+  ``indexer.late.pipeline.late_search`` over the memory-mapped ``TokenStore``: fp16 storage at the default LateParams;
   2-bit and 4-bit residual storage; token pooling (``pool_factor=2``); a sweep of nprobe / candidates / depth.
   bytes/token = the store's files / stored tokens (``meta["bytes_per_token"]``).
 - PyLate (bench/pylate_runner.py in ``bench/.pylate-venv``, made by bench/pylate-env.sh): PLAID (fast-plaid
@@ -53,7 +53,7 @@ queries (latency = wall time of the search call, in the system's own process):
 
 Threads: every system runs with OMP/OPENBLAS/MKL_NUM_THREADS = ``--threads`` (default 2, the machine's cores);
 PyLate also with torch.set_num_threads(--threads). xmodal's products run in blocks of 4096 tokens on a pool of
---threads threads, each block one one-thread ONNX Runtime call (``indexer.late.blockwise``): measured here, a
+--threads threads, each block one one-thread ONNX Runtime call (``indexer.late.kernels.blockwise``): measured here, a
 2-thread OpenBLAS product of this shape runs 3x slower than a 1-thread one while the other core is busy (the two
 vCPUs behave like one core's hyperthreads), while one-thread blocks on two threads gain ~1.3x on a quiet machine.
 
@@ -101,8 +101,8 @@ if str(REPO) not in sys.path:  # runnable from a checkout without the editable i
 
 from common import OtherLoad, cpu_model, table  # noqa: E402  (bench/common.py: this script's folder is on sys.path)
 
-from indexer.late import LateParams, late_search  # noqa: E402
-from indexer.tokens import TokenStore, write_token_store  # noqa: E402
+from indexer.late.pipeline import LateParams, late_search  # noqa: E402
+from indexer.late.store import TokenStore, write_token_store  # noqa: E402
 
 K = 10
 TIE = 1e-5  # an item scoring within this of the 10th best exact score counts as a right answer

@@ -11,7 +11,7 @@ Gaussian rate-distortion function: reverse water-filling over the jitter's eigen
 coder's test channel (each principal coordinate z becomes a·z + Gaussian noise, a = 1 - d/λ, so that the error
 has variance d = min(λ, θ)), rebuilds the tokens, scores every query against every item exhaustively and takes
 recall@10 against exhaustive MaxSim over the float16 tokens (ties counted as in bench/late.py). The same is done
-with xmodal's residual stores (``indexer.tokens.write_token_store``, decoded with ``TokenStore.take``): the
+with xmodal's residual stores (``indexer.late.store.write_token_store``, decoded with ``TokenStore.take``): the
 storage's own recall cost, before any candidate generation. ``--codecs nbits:centroids`` (0: the default count).
 
 The data is bench/late.py's (same generator, seed and cache folder, made if absent); the terms and jitter are
@@ -30,7 +30,7 @@ import late as bench  # bench/late.py (this script's folder is on sys.path); pin
 import numpy as np
 from common import table
 
-from indexer.tokens import TokenStore, write_token_store
+from indexer.late.store import TokenStore, write_token_store
 
 
 def parts(data: bench.DataSet, seed: int) -> tuple[np.ndarray, np.ndarray, bench.Topics]:

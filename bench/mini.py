@@ -9,7 +9,7 @@ Usage:
    sounds through FLAC bytes and the bundle's own decoders and ONNX towers (``models.encoder.Encoder``), as a
    service query would. Each sample has one caption (its templates in turn). A query's answer counts as correct
    when it shows or sounds like the same composition (same ``key``; paraphrases share one). Dense: cosine of the
-   pooled vectors. Late: ``indexer.late.exact_scores`` (mean over the query's tokens of the max over the item's),
+   pooled vectors. Late: ``indexer.late.maxsim.exact_scores`` (mean over the query's tokens of the max over the item's),
    all items scored exactly.
 2. ``--fsdd``: an audio tower trained with ``models.mini.train.train_tower`` on the spoken digits in
    ``../shared/data/fsdd/recordings`` of five speakers (captions "the digit seven", "someone says seven", "a spoken
@@ -35,7 +35,7 @@ import soundfile as sf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from indexer.late import exact_scores  # noqa: E402
+from indexer.late.maxsim import exact_scores  # noqa: E402
 from models.encoder import Encoder  # noqa: E402
 from models.mini import data  # noqa: E402
 from models.mini.prepare import MINI_MODEL  # noqa: E402

@@ -32,7 +32,7 @@ SEGMENT_FORMAT = "xmodal.segment/1"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MANIFEST = "manifest.json"
 ITEMS = "items.sqlite"
-TOKENS = "tokens"  # a folder: the token store for late interaction (indexer.tokens)
+TOKENS = "tokens"  # a folder: the token store for late interaction (indexer.late.store)
 
 
 def dense_file(modality: str) -> str:

@@ -12,10 +12,10 @@ import numpy as np
 
 from indexer import faiss_backend
 from indexer.items import ItemStore
+from indexer.late.store import TokenStore
 from indexer.layout import ITEMS, TOKENS, IndexDir, SegmentRef, VersionManifest, dense_file, new_version_name
 from indexer.publish import commit, tombstoned
 from indexer.segment_writer import LateBuild, RowRecord, write_segment
-from indexer.tokens import TokenStore
 from models.errors import IndexNotFound, InvalidInput
 from models.files import staging_dir
 

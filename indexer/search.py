@@ -11,7 +11,8 @@ import numpy as np
 from indexer import calibration as score_calibration
 from indexer.calibration import Fusion
 from indexer.items import VersionItems
-from indexer.late import SCOPES, LateParams, late_search, similarities
+from indexer.late.maxsim import similarities
+from indexer.late.pipeline import SCOPES, LateParams, late_search
 from indexer.layout import IndexDir, VersionManifest
 from indexer.segment_reader import SegmentData, SegmentView
 from models.errors import BundleError, FingerprintMismatch, InvalidInput

@@ -14,8 +14,8 @@ import numpy as np
 from indexer import faiss_backend
 from indexer.integrity import check_segment_files, consistency_problems
 from indexer.items import ItemStore
+from indexer.late.store import TokenStore
 from indexer.layout import ITEMS, TOKENS, IndexDir, SegmentManifest, SegmentRef, dense_file
-from indexer.tokens import TokenStore
 from models.errors import BundleError
 
 

@@ -14,9 +14,10 @@ import numpy as np
 from indexer import calibration, faiss_backend
 from indexer.integrity import file_checksums
 from indexer.items import write_items
-from indexer.late_eval import measure_late
+from indexer.late.evaluate import measure_late
+from indexer.late.kernels import concat_rows
+from indexer.late.store import STORAGES, TokenStore, write_token_store
 from indexer.layout import ITEMS, MANIFEST, TOKENS, FaissInfo, ModelRef, SegmentManifest, dense_file, now_iso
-from indexer.tokens import STORAGES, TokenStore, concat_rows, write_token_store
 from models.errors import InvalidInput
 from models.files import atomic_write_json
 
@@ -38,7 +39,7 @@ class RowRecord:
 
 @dataclass
 class LateBuild:
-    """How to store tokens for late interaction (indexer.tokens.write_token_store)."""
+    """How to store tokens for late interaction (indexer.late.store.write_token_store)."""
 
     storage: str = "fp16"
     nbits: int = 2
@@ -191,7 +192,7 @@ def write_tokens(
     ranges: dict[str, list[int]],
     late: LateBuild,
 ) -> dict:
-    """The token store of the rows, then what it costs in recall (indexer.late_eval): the manifest's ``tokens``."""
+    """The token store of the rows, then what it costs in recall (indexer.late.evaluate): the manifest's ``tokens``."""
     flat, offsets = concat_rows(token_rows, vectors.shape[1])
     log.info(
         "token store: %d tokens of %d rows (%s, pool factor %d)",

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from indexer.late import LateParams
+from indexer.late.pipeline import LateParams
 
 Modality = Literal["text", "image", "audio"]
 MAX_K = 10_000  # the most results any service answers; XMODAL_MAX_K may set less

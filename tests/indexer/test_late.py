@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.late import LateParams, Segments, exact_scores, late_search, maxsim_scores
-from indexer.tokens import TokenStore, write_token_store
+from indexer.late.maxsim import Segments, exact_scores, maxsim_scores
+from indexer.late.pipeline import LateParams, late_search
+from indexer.late.store import TokenStore, write_token_store
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -79,7 +80,7 @@ def test_both_directions_text_over_image_and_image_over_text() -> None:
 
 
 def test_slabs_split_without_changing_scores(monkeypatch: pytest.MonkeyPatch) -> None:
-    import indexer.late as late
+    import indexer.late.maxsim as late
 
     vectors, offsets = clustered(200, 20, 32)
     query = unit(np.random.default_rng(0).standard_normal((8, 32)))
@@ -172,7 +173,7 @@ def test_pooling_halves_tokens(store_data, tmp_path: Path) -> None:  # noqa: ANN
 def test_token_product_equals_numpy_in_blocks_on_threads(dtype, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
     """The ONNX Runtime product (cast + GEMM in one session) against float64 numpy, on its one-thread and
     multi-thread sessions and on the numpy fallback (no onnxruntime)."""
-    import indexer.late as late
+    import indexer.late.kernels as late
 
     rng = np.random.default_rng(4)
     q = unit(rng.standard_normal((16, 96)))
@@ -194,7 +195,7 @@ def test_residual_similarity_decodes_like_take(store_data, tmp_path: Path, monke
     """The residual store's similarity (in the codec's rotated coordinates, from the centroid similarities and the
     coded coordinates, no token decoded in full) equals the product with the tokens ``take`` decodes, for
     unsorted token numbers; also without onnxruntime, and with the centroid similarities handed in."""
-    import indexer.late as late
+    import indexer.late.kernels as late
 
     _, vectors, offsets = store_data
     write_token_store(tmp_path / "r4", vectors, offsets, np.arange(4000), storage="residual", nbits=4)
@@ -210,7 +211,7 @@ def test_residual_similarity_decodes_like_take(store_data, tmp_path: Path, monke
 
 
 def test_lloyd_max_quantiser_beats_equal_probability_buckets() -> None:
-    from indexer.tokens import lloyd_max
+    from indexer.late.codec import lloyd_max
 
     rng = np.random.default_rng(6)
     gauss = rng.standard_normal(60000)
@@ -229,7 +230,7 @@ def test_lloyd_max_quantiser_beats_equal_probability_buckets() -> None:
 def test_transform_coding_spends_bits_where_the_variance_is(tmp_path: Path) -> None:
     """Tokens near a 12-dimensional subspace of 64 dimensions: the rotated codec gives the flat directions no
     bits and decodes far better than per-dimension buckets in the same bytes."""
-    from indexer.tokens import ResidualCodec
+    from indexer.late.codec import ResidualCodec
 
     rng = np.random.default_rng(8)
     basis = np.linalg.qr(rng.standard_normal((64, 64)))[0][:12]
@@ -253,7 +254,7 @@ def test_stores_written_before_transform_coding_still_read(tmp_path: Path) -> No
     """The older residual format (per-dimension buckets.npy, no rotation) decodes as it always did."""
     import json
 
-    from indexer.tokens import ResidualCodec
+    from indexer.late.codec import ResidualCodec
 
     rng = np.random.default_rng(10)
     tokens = unit(rng.standard_normal((3000, 32)))

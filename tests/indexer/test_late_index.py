@@ -10,7 +10,7 @@ import pytest
 
 from indexer.build import LateBuild, build_index
 from indexer.corpus import read_corpus
-from indexer.late import LateParams
+from indexer.late.pipeline import LateParams
 from indexer.layout import TOKENS
 from indexer.search import LateRequest, LoadedIndex
 from indexer.verify import verify_index

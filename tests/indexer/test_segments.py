@@ -12,7 +12,7 @@ import pytest
 
 from indexer.build import LateBuild, add_items, build_index
 from indexer.corpus import CorpusItem, read_corpus
-from indexer.late import LateParams
+from indexer.late.pipeline import LateParams
 from indexer.layout import IndexDir
 from indexer.lifecycle import compact, delete_items
 from indexer.search import LateRequest, LoadedIndex

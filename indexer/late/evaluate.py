@@ -21,7 +21,8 @@ from dataclasses import asdict
 import numpy as np
 
 from indexer import calibration as score_calibration
-from indexer.late import LateParams, Take, array_take, late_search, ranges_to_indices
+from indexer.late.kernels import Take, array_take, ranges_to_indices
+from indexer.late.pipeline import LateParams, late_search
 
 SAMPLE = 96  # queries, spread over the modalities
 CALIBRATION_SAMPLE = 384  # queries of the score calibration's fits (indexer.calibration)
