@@ -222,6 +222,9 @@ class IndexDir:
         old = [v for v in self.versions()[:-keep] if v != current]
         for version in old:
             (self.versions_dir / f"{version}.json").unlink(missing_ok=True)
+        for path in self.versions_dir.iterdir() if self.versions_dir.is_dir() else []:
+            if path.is_dir() and not path.name.startswith(".") and path.name != current:
+                shutil.rmtree(path, ignore_errors=True)  # a version folder of the layout before segments
         used = set()
         for version in self.versions():
             try:

@@ -66,6 +66,13 @@ def test_segments_give_exactly_the_results_of_one_index(indexes: Path, queries) 
             same_hits(parts.search_late(late, 15, [target]), whole.search_late(late, 15, [target]))
         filtered = {"kind": "sound"}
         same_hits(parts.search(q, 10, ["text"], filtered), whole.search(q, 10, ["text"], filtered))
+    # explain: each query token's best item token, found in whichever segment holds the item
+    late = LateRequest(tokens.tokens[0], vectors[0], EXACT, explain=True)
+    for a, b in zip(parts.search_late(late, 5, ["image"]), whole.search_late(late, 5, ["image"]), strict=True):
+        assert a.id == b.id
+        assert [(m.item_token, round(m.similarity, 5)) for m in a.matches] == [
+            (m.item_token, round(m.similarity, 5)) for m in b.matches
+        ]
     # an item's rows, its stored vectors and its media are found across segments
     last = parts.items.all_rows()[-1]
     assert parts.items.get([last[0]])[last[0]]["id"] == last[1]
@@ -92,6 +99,19 @@ def test_add_then_search_finds_the_new_item_and_upsert_replaces(tmp_path: Path, 
     hits = index.search(encoder.encode_text([new.text])[0], index.size, ["text"])
     assert [h.metadata for h in hits if h.id == "new-1"] == [{"kind": "upserted"}]  # once, the new text
     assert index.search(encoder.encode_text([changed.text])[0], 1, ["text"])[0].id == "new-1"
+
+
+def test_a_new_version_shares_the_segments_it_replaces(
+    tmp_path: Path, encoder: Encoder, items
+) -> None:
+    build_index(indexes_dir=tmp_path, name="t", items=items[:30], encoder=encoder, use_gpu=False)
+    old = LoadedIndex(tmp_path, "t", use_gpu=False)
+    add_items(indexes_dir=tmp_path, name="t", items=items[30:40], encoder=encoder, use_gpu=False)
+    delete_items(tmp_path, "t", [items[0].id])
+    new = LoadedIndex(tmp_path, "t", use_gpu=False, previous=old)
+    assert new.segments[0].data is old.segments[0].data  # loaded and checked once
+    assert new.segments[0].dead.sum() > 0 and old.segments[0].dead.sum() == 0  # tombstones are per version
+    assert items[0].id in {r[1] for r in old.items.all_rows()} - {r[1] for r in new.items.all_rows()}
 
 
 def test_deleted_items_are_never_returned(tmp_path: Path, encoder: Encoder, items, queries) -> None:
