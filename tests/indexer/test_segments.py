@@ -101,9 +101,7 @@ def test_add_then_search_finds_the_new_item_and_upsert_replaces(tmp_path: Path, 
     assert index.search(encoder.encode_text([changed.text])[0], 1, ["text"])[0].id == "new-1"
 
 
-def test_a_new_version_shares_the_segments_it_replaces(
-    tmp_path: Path, encoder: Encoder, items
-) -> None:
+def test_a_new_version_shares_the_segments_it_replaces(tmp_path: Path, encoder: Encoder, items) -> None:
     build_index(indexes_dir=tmp_path, name="t", items=items[:30], encoder=encoder, use_gpu=False)
     old = LoadedIndex(tmp_path, "t", use_gpu=False)
     add_items(indexes_dir=tmp_path, name="t", items=items[30:40], encoder=encoder, use_gpu=False)
@@ -225,3 +223,24 @@ class _OtherModel:
 
     def __getattr__(self, name: str):  # noqa: ANN204
         return getattr(self._encoder, name)
+
+
+def test_an_interrupted_add_resumes_from_its_checkpoints(tmp_path: Path, encoder: Encoder, items) -> None:
+    build_index(indexes_dir=tmp_path, name="t", items=items[:20], encoder=encoder, use_gpu=False, batch_size=4)
+    before = IndexDir(tmp_path, "t").current()
+    calls = []
+
+    def crash(done: int, total: int) -> None:
+        calls.append(done)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed after three checkpointed chunks
+
+    more = items[20:120]
+    with pytest.raises(KeyboardInterrupt):
+        add_items(
+            indexes_dir=tmp_path, name="t", items=more, encoder=encoder, use_gpu=False, batch_size=4, progress=crash
+        )
+    assert IndexDir(tmp_path, "t").current() == before  # nothing published
+    m = add_items(indexes_dir=tmp_path, name="t", items=more, encoder=encoder, use_gpu=False, batch_size=4)
+    assert m.build["resumed_vectors"] > 0 and m.build["encoded_vectors"] < m.build["vectors"]
+    assert len(m.segments) == 2 and not list(IndexDir(tmp_path, "t").segments_dir.glob(".tmp-*"))
