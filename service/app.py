@@ -7,10 +7,11 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from service.admin_routes import router as admin_router
+from service.auth import require_api_key
 from service.clip_compat import router as clip_router
 from service.errors import install_error_handlers
 from service.events import listen
@@ -62,10 +63,11 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.include_router(router)
+    guarded = [Depends(require_api_key)]  # XMODAL_API_KEYS; the admin router has its own (admin) keys
+    app.include_router(router, dependencies=guarded)
     app.include_router(admin_router)
-    app.include_router(page_router)
-    app.include_router(clip_router)
+    app.include_router(page_router, dependencies=guarded)
+    app.include_router(clip_router, dependencies=guarded)
     mount_static(app)
 
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)

@@ -46,6 +46,12 @@ class Unauthorized(XmodalError):
     code = "unauthorized"
 
 
+class Forbidden(XmodalError):
+    """An API key was sent, but it is not one of the configured keys."""
+
+    code = "forbidden"
+
+
 class AdminDisabled(XmodalError):
     """Admin routes called while no admin key is configured."""
 
@@ -57,6 +63,7 @@ STATUS: list[tuple[type[XmodalError], int]] = [
     (Overloaded, 429),
     (ResponseTooLarge, 413),
     (Unauthorized, 401),
+    (Forbidden, 403),
     (AdminDisabled, 403),
     (NotReady, 503),
     (NotFound, 404),

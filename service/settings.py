@@ -12,6 +12,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from models.bundle import DEFAULT_MODEL
 
 
+def comma_list(value: str) -> list[str]:
+    """A comma-separated setting as its non-empty, stripped parts."""
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="XMODAL_", extra="ignore")
 
@@ -54,6 +59,10 @@ class Settings(BaseSettings):
 
     # Admin routes (rebuild jobs). Comma-separated keys; none configured disables those routes.
     admin_keys: str = Field("", repr=False, description="API keys for the admin routes, comma-separated")
+    # Search-side routes (search, embeddings, clip-retrieval, media, index listings): open when none is set.
+    api_keys: str = Field(
+        "", repr=False, description="API keys for the search-side routes, comma-separated; unset = open"
+    )
     corpora_dir: Path | None = Field(
         None, description="rebuild jobs read corpora only below this; default <data>/corpora"
     )
@@ -91,7 +100,11 @@ class Settings(BaseSettings):
 
     @property
     def admin_key_list(self) -> list[str]:
-        return [k.strip() for k in self.admin_keys.split(",") if k.strip()]
+        return comma_list(self.admin_keys)
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return comma_list(self.api_keys)
 
     @property
     def model_dir(self) -> Path:
