@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     api_keys: str = Field(
         "", repr=False, description="API keys for the search-side routes, comma-separated; unset = open"
     )
+    cors_origins: str = Field(
+        "",
+        description="origins (scheme://host[:port], comma-separated, or *) whose pages may call this API from a "
+        "browser; unset = no CORS headers (browsers allow only same-origin calls)",
+    )
     corpora_dir: Path | None = Field(
         None, description="rebuild jobs read corpora only below this; default <data>/corpora"
     )
@@ -105,6 +110,10 @@ class Settings(BaseSettings):
     @property
     def api_key_list(self) -> list[str]:
         return comma_list(self.api_keys)
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return comma_list(self.cors_origins)
 
     @property
     def model_dir(self) -> Path:
