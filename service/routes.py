@@ -30,6 +30,7 @@ from models.errors import InvalidInput
 from service.cache import result_key
 from service.errors import ResponseTooLarge
 from service.explain import describe
+from service.fetch import with_fetched_image
 from service.media import media_of
 from service.schemas import (
     ErrorResponse,
@@ -52,6 +53,8 @@ router = APIRouter()
 async def search(req: SearchRequest, state: ServiceState = Depends(get_state)) -> SearchResponse:
     t0 = time.perf_counter()
     settings = state.settings
+    if req.query.image_url is not None:  # fetched first; from there on the path of a base64 image
+        req = await with_fetched_image(req, settings)
     if req.k > settings.max_k:  # the schema's own bound is the absolute one; this service's may be lower
         raise RequestValidationError(
             [

@@ -68,6 +68,15 @@ class Settings(BaseSettings):
         description="origins (scheme://host[:port], comma-separated, or *) whose pages may call this API from a "
         "browser; unset = no CORS headers (browsers allow only same-origin calls)",
     )
+    # Media by URL (query.image_url, clip-retrieval's image_url): off, as it lets a request make this service
+    # connect somewhere (service/fetch.py says what is checked when it is on).
+    fetch_urls: bool = Field(False, description="fetch `image_url` queries (http/https, public addresses only)")
+    fetch_hosts: str = Field("", description="hosts image_url may name (comma-separated, *.example.org); empty = any")
+    fetch_allow_private: bool = Field(
+        False, description="UNSAFE, for tests only: also fetch from private and loopback addresses"
+    )
+    fetch_timeout_s: float = Field(5.0, gt=0, description="connect and per-read timeout of a URL fetch")
+    fetch_deadline_s: float = Field(15.0, gt=0, description="the most one URL fetch takes, redirects included")
     corpora_dir: Path | None = Field(
         None, description="rebuild jobs read corpora only below this; default <data>/corpora"
     )
