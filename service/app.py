@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from service.admin_routes import router as admin_router
 from service.auth import require_api_key
 from service.clip_compat import router as clip_router
+from service.drain import Drain, DrainGate
 from service.errors import install_error_handlers
 from service.events import listen
 from service.job_queue import make_jobs
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings) -> FastAPI:
+    drain = Drain(settings.drain_s)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = ServiceState(settings)
@@ -47,9 +50,11 @@ def create_app(settings: Settings) -> FastAPI:
         log.info(
             "xmodal ready: model=%s indexes=%s cache=%s", settings.model, sorted(state.indexes), state.cache.status()
         )
+        restore_sigterm = drain.handle_sigterm()  # under `xmodal serve`: SIGTERM drains first
         try:
             yield
         finally:
+            restore_sigterm()
             for task in tasks:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -71,7 +76,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(clip_router, dependencies=guarded)
     mount_static(app)
 
+    app.state.drain = drain
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(DrainGate, drain=drain)
     app.add_middleware(CountRequests)
     if settings.cors_origin_list:  # outermost: a preflight is answered before any key or body check
         app.add_middleware(

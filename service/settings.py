@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     )
     reload_interval_s: float = Field(2.0, ge=0, description="how often to look for newly published versions; 0 = never")
 
+    drain_s: float = Field(
+        20.0, ge=0, description="on SIGTERM, how long requests in flight may still run (new ones get 503) before exit"
+    )
+
     # Admin routes (rebuild jobs). Comma-separated keys; none configured disables those routes.
     admin_keys: str = Field("", repr=False, description="API keys for the admin routes, comma-separated")
     # Search-side routes (search, embeddings, clip-retrieval, media, index listings): open when none is set.

@@ -92,11 +92,11 @@ def test_cli_build_info_verify_and_errors(data: Path, tmp_path: Path) -> None:
     assert info["version"] in listed.stdout and "all-minilm-l6-v2" in listed.stdout and "*" in listed.stdout
 
 
-def start_serving(data: Path, *options: str) -> tuple[subprocess.Popen, str]:
-    """`xmodal serve` in a subprocess on a free port, once /readyz says ready."""
+def start_serving(data: Path, *options: str, **settings: str) -> tuple[subprocess.Popen, str]:
+    """`xmodal serve` in a subprocess on a free port, once /readyz says ready; ``settings`` as XMODAL_* variables."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("XMODAL_") and k != "REDIS_URL"}
-    env.update(XMODAL_DATA_DIR=str(data))
+    env.update(XMODAL_DATA_DIR=str(data), **{f"XMODAL_{k.upper()}": v for k, v in settings.items()})
     cmd = [*XMODAL, "serve", "--port", str(port), *options]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
