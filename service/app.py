@@ -18,7 +18,8 @@ from service.drain import Drain, DrainGate
 from service.errors import install_error_handlers
 from service.events import listen
 from service.job_queue import make_jobs
-from service.middleware import BodyLimit, CountRequests
+from service.logs import configure_logging
+from service.middleware import BodyLimit, CountRequests, RequestId
 from service.page import mount_static
 from service.page import router as page_router
 from service.routes import router
@@ -80,6 +81,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(DrainGate, drain=drain)
     app.add_middleware(CountRequests)
+    app.add_middleware(RequestId)
     if settings.cors_origin_list:  # outermost: a preflight is answered before any key or body check
         app.add_middleware(
             CORSMiddleware,
@@ -94,4 +96,6 @@ def create_app(settings: Settings) -> FastAPI:
 
 def app_from_environment() -> FastAPI:
     """The app with settings from the environment: the factory each `xmodal serve --workers N` process calls."""
-    return create_app(Settings())
+    settings = Settings()
+    configure_logging(settings.log_format)  # a fresh process: nothing configured its logging yet
+    return create_app(settings)

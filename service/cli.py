@@ -521,8 +521,10 @@ def _serve(s: Settings, banner: str = "", workers: int = 1) -> None:
     import uvicorn
 
     from service.app import create_app
+    from service.logs import configure_logging
     from service.serving import serving_options
 
+    configure_logging(s.log_format)
     # Plain print: rich would wrap the curl example, and a wrapped command cannot be pasted.
     print(
         f"xmodal listening on http://{s.host}:{s.port} (search page at /, API docs at /docs){banner}",

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     )
     reload_interval_s: float = Field(2.0, ge=0, description="how often to look for newly published versions; 0 = never")
 
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log lines as text or one JSON object each; both carry the request's id"
+    )
     drain_s: float = Field(
         20.0, ge=0, description="on SIGTERM, how long requests in flight may still run (new ones get 503) before exit"
     )

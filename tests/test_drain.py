@@ -1,7 +1,8 @@
 """SIGTERM under load, for real: `xmodal serve` in a subprocess, requests in flight in threads (bodies that trickle
 in, so that they are surely in flight when the signal comes, and encodes), then SIGTERM: every request in flight
 finishes with its answer, new ones get 503 (readiness too, liveness stays), and the process exits well within
-XMODAL_DRAIN_S; and a request that outlives XMODAL_DRAIN_S does not keep the process up."""
+XMODAL_DRAIN_S; and a request that outlives XMODAL_DRAIN_S does not keep the process up (that run also checks the
+JSON log lines of a real `xmodal serve`)."""
 
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(served_data: Pat
 
 
 def test_a_request_past_the_deadline_does_not_hold_the_process(served_data: Path) -> None:
-    proc, base = start_serving(served_data, drain_s="1")
+    proc, base = start_serving(served_data, drain_s="1", log_format="json")
     try:
         with ThreadPoolExecutor(1) as pool:
             stuck = pool.submit(slow_search, base, 20.0)
@@ -95,4 +96,10 @@ def test_a_request_past_the_deadline_does_not_hold_the_process(served_data: Path
             proc.kill()
         out = proc.communicate()[0]
     assert waited < 1 + 1 + 2.5, out[-2000:]  # the drain deadline, uvicorn's grace, the lifespan's shutdown
-    assert "drain deadline (XMODAL_DRAIN_S=1.0) passed with 1 request(s) in flight" in out
+    # XMODAL_LOG_FORMAT=json: every line after the banner is JSON, uvicorn's too; the cut request's has its id
+    lines = [json.loads(line) for line in out.splitlines()[1:] if line.strip()]
+    said = [line["message"] for line in lines]
+    assert "drain deadline (XMODAL_DRAIN_S=1.0) passed with 1 request(s) in flight" in said
+    assert any(m.startswith("Started server process") for m in said)  # uvicorn's own line
+    cut = next(line for line in lines if line["logger"] == "service.access" and line["path"] == "/v1/search")
+    assert (cut["path"], cut["status"]) == ("/v1/search", 503) and len(cut["request_id"]) == 32
