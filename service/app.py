@@ -7,12 +7,12 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
 
 from service.admin_routes import router as admin_router
-from service.auth import require_api_key
+from service.auth import ApiKeyGate
 from service.clip_compat import router as clip_router
 from service.drain import Drain, DrainGate
 from service.errors import install_error_handlers
@@ -70,15 +70,16 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    guarded = [Depends(require_api_key)]  # XMODAL_API_KEYS; the admin router has its own (admin) keys
-    app.include_router(router, dependencies=guarded)
+    app.include_router(router)
     app.include_router(admin_router)
-    app.include_router(page_router, dependencies=guarded)
-    app.include_router(clip_router, dependencies=guarded)
+    app.include_router(page_router)
+    app.include_router(clip_router)
     mount_static(app)
 
     app.state.drain = drain
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    if settings.api_key_list:  # XMODAL_API_KEYS: before any body is read
+        app.add_middleware(ApiKeyGate, keys=settings.api_key_list, admin_keys=settings.admin_key_list)
     app.add_middleware(DrainGate, drain=drain)
     app.add_middleware(CountRequests)
     app.add_middleware(RequestId)

@@ -1,21 +1,27 @@
 """API keys: `Authorization: Bearer <key>` (what OpenAI's client sends) or `X-API-Key: <key>`, compared in constant
-time against every configured key. Admin routes need an admin key (XMODAL_ADMIN_KEYS); search-side routes need an
-API key or an admin key once XMODAL_API_KEYS is set. Keys are never logged nor echoed in errors."""
+time against every configured key. Admin routes need an admin key (XMODAL_ADMIN_KEYS); every other route but the
+open ones needs an API key or an admin key once XMODAL_API_KEYS is set. Keys are never logged nor echoed in errors."""
 
 from __future__ import annotations
 
 import hmac
 
 from fastapi import Depends, Request
+from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import AdminDisabled, Forbidden, Unauthorized
+from service.errors import AdminDisabled, Unauthorized, error_response
 from service.state import ServiceState, get_state
 
-# Open whatever keys are set: probes, Prometheus, and the search page itself (its API calls are not open).
-OPEN_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics"})
+# Open whatever keys are set: probes, Prometheus, the API's own docs, and the search page with its static files
+# (the page's API calls are not open).
+OPEN_PATHS = frozenset(
+    {"/", "/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+)
+OPEN_PREFIXES = ("/static/",)
 
 
-def presented_key(request: Request) -> str | None:
+def presented_key(request: HTTPConnection) -> str | None:
     auth = request.headers.get("authorization", "")
     scheme, _, value = auth.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
@@ -42,14 +48,24 @@ def require_admin(request: Request, state: ServiceState = Depends(get_state)) ->
         raise Unauthorized("the admin key is not valid")
 
 
-def require_api_key(request: Request, state: ServiceState = Depends(get_state)) -> None:
-    """Search-side routes: open while XMODAL_API_KEYS is unset; else 401 without a key, 403 for a wrong one. Given
-    to whole routers (service.app), so a route added to them later is guarded unless it is listed in OPEN_PATHS."""
-    keys = state.settings.api_key_list
-    if not keys or getattr(request.scope.get("route"), "path", None) in OPEN_PATHS:
-        return
-    given = presented_key(request)
-    if given is None:
-        raise Unauthorized("this route needs an API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`")
-    if not key_matches(given, keys + state.settings.admin_key_list):  # an admin key passes too
-        raise Forbidden("the API key is not valid")
+class ApiKeyGate:
+    """XMODAL_API_KEYS: 401 without a key, 403 with a wrong one (an admin key passes too; admin routes then check
+    theirs), before anything reads the body, so that a client without a key costs no parsing. Every path but the
+    open ones is guarded, routes added later included."""
+
+    def __init__(self, app: ASGIApp, keys: list[str], admin_keys: list[str]) -> None:
+        self.app, self.keys = app, keys + admin_keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+            return await self.app(scope, receive, send)
+        given = presented_key(HTTPConnection(scope))
+        if given is None:
+            message = "this route needs an API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`"
+            refusal = error_response(401, "unauthorized", message, headers={"www-authenticate": "Bearer"})
+        elif not key_matches(given, self.keys):
+            refusal = error_response(403, "forbidden", "the API key is not valid")
+        else:
+            return await self.app(scope, receive, send)
+        await refusal(scope, receive, send)

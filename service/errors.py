@@ -47,12 +47,6 @@ class Unauthorized(XmodalError):
     code = "unauthorized"
 
 
-class Forbidden(XmodalError):
-    """An API key was sent, but it is not one of the configured keys."""
-
-    code = "forbidden"
-
-
 class AdminDisabled(XmodalError):
     """Admin routes called while no admin key is configured."""
 
@@ -64,7 +58,6 @@ STATUS: list[tuple[type[XmodalError], int]] = [
     (Overloaded, 429),
     (ResponseTooLarge, 413),
     (Unauthorized, 401),
-    (Forbidden, 403),
     (AdminDisabled, 403),
     (NotReady, 503),
     (NotFound, 404),

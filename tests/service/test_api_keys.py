@@ -69,8 +69,17 @@ def test_file_search_needs_a_key(client: TestClient, served_data: Path) -> None:
     assert r.status_code == 400, r.text  # past the key: the bytes are no image
 
 
-def test_probes_metrics_and_page_stay_open(client: TestClient) -> None:
-    for path in ("/healthz", "/readyz", "/metrics", "/"):
+def test_no_body_is_read_without_a_key(client: TestClient) -> None:
+    # refused before parsing: malformed JSON and a multipart upload are a 401 too, not a 400 / 415
+    bad = client.post("/v1/search", content=b"{nope", headers={"content-type": "application/json"})
+    assert bad.status_code == 401
+    upload = client.post("/v1/search/file", data={"index": "demo"}, files={"file": ("x.png", b"x" * 10_000)})
+    assert upload.status_code == 401
+    assert client.get("/v1/a-route-added-later").status_code == 401  # every path is guarded unless listed open
+
+
+def test_probes_metrics_docs_and_page_stay_open(client: TestClient) -> None:
+    for path in ("/healthz", "/readyz", "/metrics", "/", "/docs", "/openapi.json", "/static/app.js"):
         assert client.get(path).status_code == 200, path
     ok = call(client, "POST", "/v1/search", TEXT, "search-key-one")
     assert ok.status_code == 200 and len(ok.json()["results"]) == 2
