@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import ipaddress
 import socket
 from dataclasses import dataclass
@@ -54,11 +55,11 @@ class FetchedTooLarge(ResponseTooLarge):
 
 @dataclass(frozen=True)
 class Target:
-    """A checked URL: the name it holds (ASCII) and the address to connect to."""
+    """A checked URL: the name it holds (ASCII) and the addresses to connect to, in the resolver's order."""
 
     url: httpx.URL
     host: str
-    address: str
+    addresses: tuple[str, ...]
 
 
 def public_address(address: str) -> bool:
@@ -111,14 +112,23 @@ async def check(url: str | httpx.URL, settings: Settings) -> Target:
                 f"image_url: {parsed.host!r} resolves to {refused[0]}, a private, loopback, link-local, multicast or "
                 "reserved address: not fetched"
             )
-    return Target(parsed, host, addresses[0])
+    return Target(parsed, host, tuple(addresses))
 
 
 async def _get(client: httpx.AsyncClient, target: Target, cap: int) -> bytes | httpx.URL:
-    """The body of ``target`` (connecting to its checked address), or the URL it redirects to."""
+    """The body of ``target`` (from the first of its checked addresses that takes the connection), or the URL it
+    redirects to."""
+    *others, last = target.addresses
+    for address in others:
+        with contextlib.suppress(httpx.ConnectError):  # e.g. an IPv6 address on a host without IPv6: the next one
+            return await _get_from(client, target, address, cap)
+    return await _get_from(client, target, last, cap)
+
+
+async def _get_from(client: httpx.AsyncClient, target: Target, address: str, cap: int) -> bytes | httpx.URL:
     headers = {"host": target.url.netloc.decode("ascii"), "accept": ACCEPT, "user-agent": "xmodal"}
     extensions = {"sni_hostname": target.host} if target.url.scheme == "https" else {}
-    direct = target.url.copy_with(host=target.address)
+    direct = target.url.copy_with(host=address)
     async with client.stream("GET", direct, headers=headers, extensions=extensions) as response:
         if response.is_redirect and "location" in response.headers:
             return target.url.join(response.headers["location"])
@@ -165,7 +175,7 @@ async def fetch_media(url: str, settings: Settings) -> bytes:
                 f"per read, {settings.fetch_deadline_s} s in all)"
             ) from None
         except httpx.HTTPError as exc:
-            raise FetchFailed(f"image_url: the fetch failed ({type(exc).__name__})") from None
+            raise FetchFailed(f"image_url: the fetch failed ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 async def with_fetched_image(req: SearchRequest, settings: Settings) -> SearchRequest:

@@ -8,6 +8,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import shutil
+import ssl
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -196,3 +199,49 @@ def test_size_cap_and_timeouts(served_data: Path, origin: str) -> None:
         slow = by_url(c, f"{origin}/slow")
         assert slow.status_code == 400 and "time allowed" in slow.json()["error"]["message"]
         assert time.monotonic() - t0 < 2.5
+
+
+def test_https_sends_the_name_as_sni_and_verifies_the_certificate(served_data: Path, tmp_path: Path) -> None:
+    """The connection goes to the checked address, but TLS is the name's: its SNI, and its certificate checked (a
+    self-signed one fails)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl to make a certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    names: list[str | None] = []
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    context.sni_callback = lambda _sock, name, _ctx: names.append(name)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with client_with(served_data, fetch_urls=True, fetch_allow_private=True) as c:
+            r = by_url(c, f"https://localhost:{server.server_address[1]}/img.png")
+    finally:
+        server.shutdown()
+    assert r.status_code == 400 and r.json()["error"]["code"] == "url_fetch_failed", r.text
+    assert "CERTIFICATE_VERIFY_FAILED" in r.json()["error"]["message"]
+    assert names and set(names) == {"localhost"}  # not "127.0.0.1": the checked address is only where to connect
