@@ -28,6 +28,7 @@ from models.errors import InvalidInput
 from service.errors import ResponseTooLarge
 from service.schemas import SearchRequest
 from service.settings import Settings, comma_list
+from service.state import ServiceState
 
 MAX_REDIRECTS = 3
 ACCEPT = "image/*, audio/*;q=0.9, */*;q=0.1"
@@ -178,9 +179,11 @@ async def fetch_media(url: str, settings: Settings) -> bytes:
             raise FetchFailed(f"image_url: the fetch failed ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
-async def with_fetched_image(req: SearchRequest, settings: Settings) -> SearchRequest:
+async def with_fetched_image(req: SearchRequest, state: ServiceState) -> SearchRequest:
     """``req`` with its ``query.image_url`` replaced by the fetched file: from there on, a base64 image query (the
-    same decoding, caches and errors)."""
-    data = await fetch_media(req.query.image_url or "", settings)
+    same decoding, caches and errors). Fetches count as searches in flight (XMODAL_MAX_INFLIGHT, 429 beyond), so
+    the memory they hold (up to XMODAL_MAX_BODY_BYTES each) is bounded too."""
+    async with state.admit():
+        data = await fetch_media(req.query.image_url or "", state.settings)
     query = req.query.model_copy(update={"image": base64.b64encode(data).decode(), "image_url": None})
     return req.model_copy(update={"query": query})

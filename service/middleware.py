@@ -70,12 +70,14 @@ class CountRequests:
 
 SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 access_log = logging.getLogger("service.access")
+QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes: at DEBUG, not to drown the log
 
 
 class RequestId:
     """Each request's id: the client's ``X-Request-ID`` when it is sane (1-128 of ``A-Za-z0-9._:-``), else a new
     one. Sent back in the response's ``X-Request-ID``, carried by every log line of the request (service.logs), and
-    ending with one access line (method, path, status, duration; never headers or the query string)."""
+    ending with one access line (method, path, status, duration; never headers or the query string; at DEBUG for
+    probes and scrapes)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -103,4 +105,5 @@ class RequestId:
             ms = round((time.perf_counter() - t0) * 1000, 2)
             method, path = scope["method"], scope["path"]
             fields = {"method": method, "path": path, "status": status, "duration_ms": ms}
-            access_log.info("%s %s %d %.1f ms", method, path, status, ms, extra=fields)
+            level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
+            access_log.log(level, "%s %s %d %.1f ms", method, path, status, ms, extra=fields)

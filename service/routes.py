@@ -54,7 +54,7 @@ async def search(req: SearchRequest, state: ServiceState = Depends(get_state)) -
     t0 = time.perf_counter()
     settings = state.settings
     if req.query.image_url is not None:  # fetched first; from there on the path of a base64 image
-        req = await with_fetched_image(req, settings)
+        req = await with_fetched_image(req, state)
     if req.k > settings.max_k:  # the schema's own bound is the absolute one; this service's may be lower
         raise RequestValidationError(
             [

@@ -13,9 +13,11 @@ import ssl
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -23,6 +25,7 @@ from PIL import Image
 from service.app import create_app
 from service.fetch import UrlRefused, check, public_address
 from service.settings import Settings
+from tests.conftest import ServerThread
 
 
 def png() -> bytes:
@@ -245,3 +248,16 @@ def test_https_sends_the_name_as_sni_and_verifies_the_certificate(served_data: P
     assert r.status_code == 400 and r.json()["error"]["code"] == "url_fetch_failed", r.text
     assert "CERTIFICATE_VERIFY_FAILED" in r.json()["error"]["message"]
     assert names and set(names) == {"localhost"}  # not "127.0.0.1": the checked address is only where to connect
+
+
+def test_fetches_count_as_searches_in_flight(served_data: Path, origin: str) -> None:
+    settings = Settings(
+        data_dir=served_data, reload_interval_s=0, fetch_urls=True, fetch_allow_private=True, max_inflight=1
+    )
+    with ServerThread(settings) as server, ThreadPoolExecutor(1) as pool:
+        body = {"index": "demo", "query": {"image_url": f"{origin}/slow"}, "k": 3}
+        slow = pool.submit(httpx.post, f"{server.url}/v1/search", json=body, timeout=30)
+        time.sleep(1.0)  # the fetch is waiting for the slow server
+        other = httpx.post(f"{server.url}/v1/search", json={"index": "demo", "query": {"text": "a comet"}}, timeout=30)
+        assert other.status_code == 429 and other.headers["retry-after"]
+        assert slow.result().status_code == 200
