@@ -12,7 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
 
 from service.admin_routes import router as admin_router
-from service.auth import ApiKeyGate
+from service.auth import ApiKeyGate, document_api_keys
 from service.clip_compat import router as clip_router
 from service.drain import Drain, DrainGate
 from service.errors import install_error_handlers
@@ -80,6 +80,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     if settings.api_key_list:  # XMODAL_API_KEYS: before any body is read
         app.add_middleware(ApiKeyGate, keys=settings.api_key_list, admin_keys=settings.admin_key_list)
+        document_api_keys(app)
     app.add_middleware(DrainGate, drain=drain)
     app.add_middleware(CountRequests)
     app.add_middleware(RequestId)

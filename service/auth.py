@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hmac
 
-from fastapi import Depends, Request
+from fastapi import Depends, FastAPI, Request
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -69,3 +69,29 @@ class ApiKeyGate:
         else:
             return await self.app(scope, receive, send)
         await refusal(scope, receive, send)
+
+
+def document_api_keys(app: FastAPI) -> None:
+    """With XMODAL_API_KEYS set, the OpenAPI schema says so: a bearer scheme (the docs page's Authorize button) on
+    every guarded operation, and their 401 and 403 answers."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {}).setdefault("securitySchemes", {})["apiKey"] = {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "a key from XMODAL_API_KEYS (or XMODAL_ADMIN_KEYS); X-API-Key: <key> works too",
+            }
+            error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+            for path, operations in schema.get("paths", {}).items():
+                if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+                    continue
+                for operation in operations.values():
+                    operation["security"] = [{"apiKey": []}]
+                    operation["responses"].setdefault("401", {**error, "description": "no API key"})
+                    operation["responses"].setdefault("403", {**error, "description": "not a valid API key"})
+        return app.openapi_schema
+
+    app.openapi = openapi

@@ -85,6 +85,20 @@ def test_probes_metrics_docs_and_page_stay_open(client: TestClient) -> None:
     assert ok.status_code == 200 and len(ok.json()["results"]) == 2
 
 
+def test_the_openapi_schema_documents_the_keys(client: TestClient, served_data: Path) -> None:
+    schema = client.get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"]["apiKey"] == {
+        **schema["components"]["securitySchemes"]["apiKey"],
+        "type": "http",
+        "scheme": "bearer",
+    }
+    search = schema["paths"]["/v1/search"]["post"]
+    assert search["security"] == [{"apiKey": []}] and {"401", "403"} <= set(search["responses"])
+    assert "security" not in schema["paths"]["/healthz"]["get"]
+    with TestClient(create_app(Settings(data_dir=served_data, reload_interval_s=0))) as open_client:
+        assert "securitySchemes" not in open_client.get("/openapi.json").json().get("components", {})
+
+
 def test_admin_routes_keep_their_own_keys(client: TestClient) -> None:
     # a search key is not an admin key
     r = client.get("/v1/jobs", headers={"Authorization": "Bearer search-key-one"})
