@@ -140,6 +140,11 @@ def test_serve_with_workers_answers_from_several_processes(served_data: Path) ->
                 hits = c.post(f"{base}/v1/search", json=body, timeout=30).json()["results"]
                 return ready["pid"], [h["id"] for h in hits]
 
+        # /readyz answered once: one worker is up; on a busy machine the other may still be loading the model
+        seen, deadline = set(), time.monotonic() + 120
+        while len(seen) < 2 and time.monotonic() < deadline:
+            with httpx.Client() as c:
+                seen.add(c.get(f"{base}/readyz", timeout=30).json()["pid"])
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(ask, range(48)))
         assert len({pid for pid, _ in answers}) == 2 and proc.pid not in {pid for pid, _ in answers}
