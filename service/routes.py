@@ -53,8 +53,6 @@ router = APIRouter()
 async def search(req: SearchRequest, state: ServiceState = Depends(get_state)) -> SearchResponse:
     t0 = time.perf_counter()
     settings = state.settings
-    if req.query.image_url is not None:  # fetched first; from there on the path of a base64 image
-        req = await with_fetched_image(req, state)
     if req.k > settings.max_k:  # the schema's own bound is the absolute one; this service's may be lower
         raise RequestValidationError(
             [
@@ -70,6 +68,8 @@ async def search(req: SearchRequest, state: ServiceState = Depends(get_state)) -
         index.require_tokens()  # before any encoding
         if req.query.embedding is not None:
             raise InvalidInput("`mode: late` needs a text, image or audio query: a raw embedding has no token vectors")
+    if req.query.image_url is not None:  # once the request is known good; then the path of a base64 image
+        req = await with_fetched_image(req, state)
     encoder = state.require_encoder()
     async with state.admit():
         key = result_key(index.name, index.version, req.model_dump(mode="json"))

@@ -179,6 +179,9 @@ def test_a_real_fetch_from_a_local_server(served_data: Path, origin: str) -> Non
         assert away.status_code == 400 and "XMODAL_FETCH_HOSTS" in away.json()["error"]["message"]
         assert Handler.seen == [("/away", f"127.0.0.1:{port}")]
         assert "redirects" in by_url(c, f"{origin}/loop").json()["error"]["message"]
+        Handler.seen.clear()  # a request that fails anyway fails before fetching
+        nope = c.post("/v1/search", json={"index": "nope", "query": {"image_url": f"{origin}/img.png"}})
+        assert nope.status_code == 404 and Handler.seen == []
         missing = by_url(c, f"{origin}/nothing.png")
         assert missing.status_code == 400 and "HTTP 404" in missing.json()["error"]["message"]
         knn = c.post("/knn-service", json={"image_url": f"{origin}/img.png", "indice_name": "demo", "modality": "text"})
