@@ -8,14 +8,18 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
 
 from service.admin_routes import router as admin_router
+from service.auth import ApiKeyGate, document_api_keys
 from service.clip_compat import router as clip_router
+from service.drain import Drain, DrainGate
 from service.errors import install_error_handlers
 from service.events import listen
 from service.job_queue import make_jobs
-from service.middleware import BodyLimit, CountRequests
+from service.logs import configure_logging
+from service.middleware import BodyLimit, CountRequests, RequestId
 from service.page import mount_static
 from service.page import router as page_router
 from service.routes import router
@@ -26,6 +30,8 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings) -> FastAPI:
+    drain = Drain(settings.drain_s)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = ServiceState(settings)
@@ -45,9 +51,11 @@ def create_app(settings: Settings) -> FastAPI:
         log.info(
             "xmodal ready: model=%s indexes=%s cache=%s", settings.model, sorted(state.indexes), state.cache.status()
         )
+        restore_sigterm = drain.handle_sigterm()  # under `xmodal serve`: SIGTERM drains first
         try:
             yield
         finally:
+            restore_sigterm()
             for task in tasks:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -68,11 +76,28 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(clip_router)
     mount_static(app)
 
+    app.state.drain = drain
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    if settings.api_key_list:  # XMODAL_API_KEYS: before any body is read
+        app.add_middleware(ApiKeyGate, keys=settings.api_key_list, admin_keys=settings.admin_key_list)
+        document_api_keys(app)
+    app.add_middleware(DrainGate, drain=drain)
     app.add_middleware(CountRequests)
+    app.add_middleware(RequestId)
+    if settings.cors_origin_list:  # outermost: a preflight is answered before any key or body check
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["authorization", "content-type", "x-api-key", "x-request-id"],
+            expose_headers=["retry-after", "x-request-id"],
+            max_age=600,
+        )
     return app
 
 
 def app_from_environment() -> FastAPI:
     """The app with settings from the environment: the factory each `xmodal serve --workers N` process calls."""
-    return create_app(Settings())
+    settings = Settings()
+    configure_logging(settings.log_format)  # a fresh process: nothing configured its logging yet
+    return create_app(settings)

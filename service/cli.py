@@ -602,7 +602,10 @@ def _serve(s: Settings, banner: str = "", workers: int = 1) -> None:
     import uvicorn
 
     from service.app import create_app
+    from service.logs import configure_logging
+    from service.serving import serving_options
 
+    configure_logging(s.log_format)
     # Plain print: rich would wrap the curl example, and a wrapped command cannot be pasted.
     print(
         f"xmodal listening on http://{s.host}:{s.port} (search page at /, API docs at /docs){banner}",
@@ -610,7 +613,7 @@ def _serve(s: Settings, banner: str = "", workers: int = 1) -> None:
         flush=True,
     )
     if workers == 1:
-        uvicorn.run(create_app(s), host=s.host, port=s.port, log_level="info", access_log=False)
+        uvicorn.run(create_app(s), host=s.host, port=s.port, **serving_options(s))
         return
     # Each worker process builds its own app from the environment: hand it these settings, options included.
     os.environ.update(s.as_environment())
@@ -620,8 +623,7 @@ def _serve(s: Settings, banner: str = "", workers: int = 1) -> None:
         workers=workers,
         host=s.host,
         port=s.port,
-        log_level="info",
-        access_log=False,
+        **serving_options(s),
     )
 
 

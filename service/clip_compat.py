@@ -53,7 +53,7 @@ class KnnRequest(RequestBody):
     model_config = ConfigDict(extra="ignore")
     text: str | None = Field(None, description="a text query (an empty string counts as absent, as in clip_back)")
     image: str | None = Field(None, description="an image file, base64")
-    image_url: str | None = Field(None, description="refused: this service does not fetch URLs")
+    image_url: str | None = Field(None, description="an image to fetch, where XMODAL_FETCH_URLS=true (else 400)")
     embedding_input: list[float] | None = Field(None, description="a query vector in the model's space")
     modality: Literal["image", "text"] = Field("image", description="the target: the image rows or the text rows")
     num_images: int = Field(100, ge=0, description="results that carry their metadata columns")
@@ -133,7 +133,7 @@ def search_request(req: KnnRequest, index: str, k: int) -> SearchRequest:
     elif req.image is not None:
         query = {"image": req.image}
     elif req.image_url is not None:
-        raise InvalidInput("image_url: this service does not fetch URLs; send the image itself as base64 (`image`)")
+        query = {"image_url": req.image_url}  # fetched by /v1/search, where fetching is on
     elif req.embedding_input is not None:
         query = {"embedding": req.embedding_input}
     else:

@@ -18,6 +18,7 @@ from models.errors import (
     NotFound,
     XmodalError,
 )
+from service.logs import request_id
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_req: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        # The server closes the connection after an unhandled error: say so, so keep-alive clients reconnect.
-        return error_response(
-            500, "internal_error", f"internal error ({type(exc).__name__})", headers={"connection": "close"}
-        )
+        # The server closes the connection after an unhandled error: say so, so keep-alive clients reconnect. This
+        # handler runs outside the middleware (Starlette's ServerErrorMiddleware): it adds the request id itself.
+        headers = {"connection": "close", "x-request-id": request_id.get() or ""}
+        return error_response(500, "internal_error", f"internal error ({type(exc).__name__})", headers=headers)

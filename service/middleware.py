@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import re
+import time
+import uuid
+
 from fastapi import HTTPException
+from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_response
+from service.logs import request_id
 
 
 class BodyLimit:
@@ -59,3 +66,44 @@ class CountRequests:
             if state is not None:
                 path = getattr(scope.get("route"), "path", "unmatched")
                 state.metrics.requests.labels(path, str(status)).inc()
+
+
+SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+access_log = logging.getLogger("service.access")
+QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes: at DEBUG, not to drown the log
+
+
+class RequestId:
+    """Each request's id: the client's ``X-Request-ID`` when it is sane (1-128 of ``A-Za-z0-9._:-``), else a new
+    one. Sent back in the response's ``X-Request-ID``, carried by every log line of the request (service.logs), and
+    ending with one access line (method, path, status, duration; never headers or the query string; at DEBUG for
+    probes and scrapes)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        rid = given if SANE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        # Not reset afterwards: each request runs in a task of its own, in a copy of the context, and the 500 handler
+        # (outside this middleware, in Starlette's ServerErrorMiddleware) still logs under the request's id.
+        request_id.set(rid)
+        t0, status = time.perf_counter(), 500
+
+        async def tagged(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message).append("x-request-id", rid)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tagged)
+        finally:
+            ms = round((time.perf_counter() - t0) * 1000, 2)
+            method, path = scope["method"], scope["path"]
+            fields = {"method": method, "path": path, "status": status, "duration_ms": ms}
+            level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
+            access_log.log(level, "%s %s %d %.1f ms", method, path, status, ms, extra=fields)

@@ -30,6 +30,7 @@ from models.errors import InvalidInput
 from service.cache import result_key
 from service.errors import ResponseTooLarge
 from service.explain import describe
+from service.fetch import with_fetched_image
 from service.media import media_of
 from service.schemas import (
     ErrorResponse,
@@ -67,6 +68,8 @@ async def search(req: SearchRequest, state: ServiceState = Depends(get_state)) -
         index.require_tokens()  # before any encoding
         if req.query.embedding is not None:
             raise InvalidInput("`mode: late` needs a text, image or audio query: a raw embedding has no token vectors")
+    if req.query.image_url is not None:  # once the request is known good; then the path of a base64 image
+        req = await with_fetched_image(req, state)
     encoder = state.require_encoder()
     async with state.admit():
         key = result_key(index.name, index.version, req.model_dump(mode="json"))

@@ -45,12 +45,18 @@ class RequestBody(BaseModel):
         return data
 
 
+QUERY_FIELDS = ("text", "image", "audio", "embedding", "image_url")
+
+
 class Query(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: str | None = Field(None, description="a text query")
     image: str | None = Field(None, description="an image file, base64 or as a data URI (data:image/png;base64,...)")
     audio: str | None = Field(None, description="an audio file (WAV, FLAC, OGG, MP3), base64 or as a data URI")
     embedding: list[float] | None = Field(None, description="a query vector in the model's space")
+    image_url: str | None = Field(
+        None, max_length=4096, description="an image to fetch (http/https; only where XMODAL_FETCH_URLS=true)"
+    )
 
     @field_validator("text")
     @classmethod
@@ -61,14 +67,16 @@ class Query(BaseModel):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Query:
-        given = [name for name in ("text", "image", "audio", "embedding") if getattr(self, name) is not None]
+        given = [name for name in QUERY_FIELDS if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ValueError("query needs exactly one of `text`, `image`, `audio` or `embedding`")
+            raise ValueError("query needs exactly one of `text`, `image`, `audio`, `embedding` or `image_url`")
         return self
 
     @property
     def modality(self) -> str | None:
         """The query's modality; None for a raw embedding (whose modality the service cannot know)."""
+        if self.image_url is not None:
+            return "image"
         return next((m for m in ("text", "image", "audio") if getattr(self, m) is not None), None)
 
 

@@ -12,6 +12,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from models.bundle import DEFAULT_MODEL
 
 
+def comma_list(value: str) -> list[str]:
+    """A comma-separated setting as its non-empty, stripped parts."""
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="XMODAL_", extra="ignore")
 
@@ -60,8 +65,33 @@ class Settings(BaseSettings):
     )
     reload_interval_s: float = Field(2.0, ge=0, description="how often to look for newly published versions; 0 = never")
 
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log lines as text or one JSON object each; both carry the request's id"
+    )
+    drain_s: float = Field(
+        20.0, ge=0, description="on SIGTERM, how long requests in flight may still run (new ones get 503) before exit"
+    )
+
     # Admin routes (rebuild jobs). Comma-separated keys; none configured disables those routes.
     admin_keys: str = Field("", repr=False, description="API keys for the admin routes, comma-separated")
+    # Search-side routes (search, embeddings, clip-retrieval, media, index listings): open when none is set.
+    api_keys: str = Field(
+        "", repr=False, description="API keys for the search-side routes, comma-separated; unset = open"
+    )
+    cors_origins: str = Field(
+        "",
+        description="origins (scheme://host[:port], comma-separated, or *) whose pages may call this API from a "
+        "browser; unset = no CORS headers (browsers allow only same-origin calls)",
+    )
+    # Media by URL (query.image_url, clip-retrieval's image_url): off, as it lets a request make this service
+    # connect somewhere (service/fetch.py says what is checked when it is on).
+    fetch_urls: bool = Field(False, description="fetch `image_url` queries (http/https, public addresses only)")
+    fetch_hosts: str = Field("", description="hosts image_url may name (comma-separated, *.example.org); empty = any")
+    fetch_allow_private: bool = Field(
+        False, description="UNSAFE, for tests only: also fetch from private and loopback addresses"
+    )
+    fetch_timeout_s: float = Field(5.0, gt=0, description="connect and per-read timeout of a URL fetch")
+    fetch_deadline_s: float = Field(15.0, gt=0, description="the most one URL fetch takes, redirects included")
     corpora_dir: Path | None = Field(
         None, description="rebuild jobs read corpora only below this; default <data>/corpora"
     )
@@ -104,7 +134,15 @@ class Settings(BaseSettings):
 
     @property
     def admin_key_list(self) -> list[str]:
-        return [k.strip() for k in self.admin_keys.split(",") if k.strip()]
+        return comma_list(self.admin_keys)
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return comma_list(self.api_keys)
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return comma_list(self.cors_origins)
 
     @property
     def model_dir(self) -> Path:

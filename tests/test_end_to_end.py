@@ -118,11 +118,11 @@ def test_cli_add_delete_compact(data: Path, tmp_path: Path) -> None:
     assert all(op in listed for op in ("build", "add", "delete", "compact"))
 
 
-def start_serving(data: Path, *options: str) -> tuple[subprocess.Popen, str]:
-    """`xmodal serve` in a subprocess on a free port, once /readyz says ready."""
+def start_serving(data: Path, *options: str, **settings: str) -> tuple[subprocess.Popen, str]:
+    """`xmodal serve` in a subprocess on a free port, once /readyz says ready; ``settings`` as XMODAL_* variables."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("XMODAL_") and k != "REDIS_URL"}
-    env.update(XMODAL_DATA_DIR=str(data))
+    env.update(XMODAL_DATA_DIR=str(data), **{f"XMODAL_{k.upper()}": v for k, v in settings.items()})
     cmd = [*XMODAL, "serve", "--port", str(port), *options]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
@@ -166,6 +166,11 @@ def test_serve_with_workers_answers_from_several_processes(served_data: Path) ->
                 hits = c.post(f"{base}/v1/search", json=body, timeout=30).json()["results"]
                 return ready["pid"], [h["id"] for h in hits]
 
+        # /readyz answered once: one worker is up; on a busy machine the other may still be loading the model
+        seen, deadline = set(), time.monotonic() + 120
+        while len(seen) < 2 and time.monotonic() < deadline:
+            with httpx.Client() as c:
+                seen.add(c.get(f"{base}/readyz", timeout=30).json()["pid"])
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(ask, range(48)))
         assert len({pid for pid, _ in answers}) == 2 and proc.pid not in {pid for pid, _ in answers}
