@@ -71,7 +71,8 @@ class SegmentView:
             raise BundleError(f"segment {ref.id}: a tombstone names a row it does not have")
         self.dead[tomb] = True
         self.dead.flags.writeable = False
-        self._selectors: dict[str, tuple[Any, np.ndarray] | None] = {}
+        # built now, not on first use: FAISS holds raw pointers to the bitmap, which must outlive every search
+        self._selectors = {m: self._selector(m) for m in data.manifest.rows}
         self.live = {m: int(e - s - self.dead[s:e].sum()) for m, (s, e) in data.manifest.rows.items()}
         self.size = int(ref.rows - len(tomb))
         self._allowed: dict[tuple[str, ...], tuple[np.ndarray, int]] = {}
@@ -80,23 +81,18 @@ class SegmentView:
         start, end = self.data.manifest.rows.get(modality, (0, 0))
         return start, end
 
-    def _params(self, modality: str) -> Any:
-        """Search parameters restricting ``modality``'s FAISS index to live rows (None: none is deleted)."""
-        if modality not in self._selectors:
-            start, end = self.modality_rows(modality)
-            dead = self.dead[start:end]
-            if not dead.any():
-                self._selectors[modality] = None
-            else:
-                faiss = faiss_backend.import_faiss()
-                bits = np.packbits(~dead, bitorder="little")  # FAISS reads bit i & 7 of byte i >> 3
-                selector = faiss.IDSelectorBitmap(len(dead), faiss.swig_ptr(bits))
-                params = faiss_backend.selector_params(
-                    self.data.indexes[modality], self.data.manifest.faiss.params, selector
-                )
-                self._selectors[modality] = (params, bits, selector)  # FAISS keeps pointers: keep them alive
-        held = self._selectors[modality]
-        return None if held is None else held[0]
+    def _selector(self, modality: str) -> tuple[Any, np.ndarray, Any] | None:
+        """(search parameters restricting ``modality``'s FAISS index to live rows, their bitmap, the selector), or
+        None when none of its rows is deleted."""
+        start, end = self.modality_rows(modality)
+        dead = self.dead[start:end]
+        if not dead.any():
+            return None
+        faiss = faiss_backend.import_faiss()
+        bits = np.packbits(~dead, bitorder="little")  # FAISS reads bit i & 7 of byte i >> 3
+        selector = faiss.IDSelectorBitmap(len(dead), faiss.swig_ptr(bits))
+        params = faiss_backend.selector_params(self.data.indexes[modality], self.data.manifest.faiss.params, selector)
+        return params, bits, selector
 
     def faiss_rows(self, q: np.ndarray, fetch: int, modality: str) -> tuple[np.ndarray, np.ndarray]:
         """FAISS top ``fetch`` live rows of one modality: (scores, segment rows) [fetch], rows -1 past the end."""
@@ -104,7 +100,8 @@ class SegmentView:
             return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64)
         start, _ = self.modality_rows(modality)
         fetch = min(fetch, self.live[modality])
-        params = self._params(modality)
+        held = self._selectors[modality]
+        params = None if held is None else held[0]
         index = self.data.indexes[modality]
         scores, ids = index.search(q, fetch) if params is None else index.search(q, fetch, params=params)
         ids = ids[0]
