@@ -30,8 +30,20 @@ class Overloaded(XmodalError):
         self.retry_after_s = retry_after_s
 
 
+class DeadlineExceeded(Overloaded):
+    """The request waited for the encoder past XMODAL_REQUEST_TIMEOUT_S: dropped unencoded (503, Retry-After)."""
+
+    code = "deadline_exceeded"
+
+
 class NotReady(XmodalError):
     code = "not_ready"
+
+
+class InputTooLarge(XmodalError):
+    """An input whose decoding would take more memory than the service lends all requests together."""
+
+    code = "input_too_large"
 
 
 class ResponseTooLarge(XmodalError):
@@ -54,8 +66,10 @@ class AdminDisabled(XmodalError):
 
 # Most specific first: the first class the error is an instance of decides the status.
 STATUS: list[tuple[type[XmodalError], int]] = [
+    (DeadlineExceeded, 503),
     (Overloaded, 429),
     (ResponseTooLarge, 413),
+    (InputTooLarge, 413),
     (Unauthorized, 401),
     (AdminDisabled, 403),
     (NotReady, 503),

@@ -10,7 +10,6 @@ import os
 import re
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -25,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from indexer.corpus import AUDIO_SUFFIXES
 from indexer.layout import IndexDir
 from indexer.search import Hit, LateRequest, LoadedIndex
-from models.encoder import Encoder
+from models.encoder import Encoder, TokenOutput
 from models.errors import InvalidInput
 from service.cache import result_key
 from service.errors import ResponseTooLarge
@@ -259,25 +258,21 @@ async def embeddings(req: EmbeddingsRequest, state: ServiceState = Depends(get_s
     if modality == "text":
         if any(not t.strip() or len(t) > state.settings.max_text_chars for t in inputs):
             raise InvalidInput(f"every input must be non-empty and at most {state.settings.max_text_chars} characters")
-        run = encoder.encode_text_tokens if req.tokens else encoder.encode_text
-        work = partial(run, inputs)
         usage = sum(encoder.count_tokens(inputs))
         if req.tokens:  # refuse before the work: each token is a dim-float vector in the answer
             check_response_floats(state, (usage + len(inputs)) * encoder.dim)
+        items: list[str | bytes] = list(inputs)
     else:
-        files = [decode_base64(x, f"input[{i}]") for i, x in enumerate(inputs)]
-
-        def work():  # noqa: ANN202 - decode and encode off the event loop
-            decoded = [encoder.decode(modality, f) for f in files]
-            run = encoder.encode_media_tokens if req.tokens else encoder.encode_media
-            return run(modality, decoded)
-
+        items = [decode_base64(x, f"input[{i}]") for i, x in enumerate(inputs)]
         usage = 0
-    async with state.admit():
-        out = await run_in_threadpool(work)
-    vecs = out.embedding if req.tokens else out
+    async with state.admit():  # the same query encoder as searches: cache, decoding budget, micro-batches
+        found = await state.encode(modality, items, tokens=req.tokens)
     if req.tokens:
+        vecs = np.stack([f.embedding[0] for f in found])
+        out = TokenOutput(vecs, [f.tokens[0] for f in found])
         check_response_floats(state, vecs.size + sum(t.size for t in out.tokens))
+    else:
+        vecs = np.stack(found)
     if dims != encoder.dim:  # Matryoshka: the leading dims, renormalised
         vecs = vecs[:, :dims] / np.linalg.norm(vecs[:, :dims], axis=1, keepdims=True)
     data = []
