@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,7 +63,13 @@ class Query:
     cost: int  # tokens of a text, pixels of an image
     deadline: float  # time.monotonic()
     future: asyncio.Future
+    on_leave: Callable[[], None] | None = None  # called once the lane holds it no more (dropped or encoded)
     queued: float = field(default_factory=time.monotonic)
+
+    def leave(self) -> None:
+        if self.on_leave is not None:
+            self.on_leave()
+            self.on_leave = None
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,9 @@ class Lane:
         self.wakeup = asyncio.Event()
         self.task = asyncio.get_running_loop().create_task(self.run(), name=f"xmodal-batch-{self.label}")
 
-    def submit(self, items: Sequence[Any], costs: Sequence[int], deadline: float) -> list[asyncio.Future]:
+    def submit(
+        self, items: Sequence[Any], costs: Sequence[int], deadline: float, on_leave: Callable[[], None] | None
+    ) -> list[asyncio.Future]:
         """All of ``items`` join the queue, or none does (Overloaded)."""
         limit = self.batcher.settings.batch_queue
         if len(self.queue) + len(items) > limit:
@@ -98,7 +106,7 @@ class Lane:
         loop = asyncio.get_running_loop()
         futures = []
         for item, cost in zip(items, costs, strict=True):
-            query = Query(item, cost, deadline, loop.create_future())
+            query = Query(item, cost, deadline, loop.create_future(), on_leave)
             self.queue.append(query)
             futures.append(query.future)
         self.wakeup.set()
@@ -147,7 +155,7 @@ class Lane:
                 continue
             query = self.queue[0]
             if not self._live(query, time.monotonic()):
-                self.queue.popleft()
+                self.queue.popleft().leave()
                 continue
             cost = max(longest, query.cost) * (len(batch) + 1) if self.padded else total + query.cost
             if batch and self.max_cost is not None and cost > self.max_cost:
@@ -158,7 +166,11 @@ class Lane:
             if close is None:  # the first query's wait bounds the batch's
                 close = query.queued + self.batcher.settings.batch_wait_ms / 1000
         now = time.monotonic()
-        return [q for q in batch if self._live(q, now)]  # again: some may have gone while the batch filled
+        live = [q for q in batch if self._live(q, now)]  # again: some may have gone while the batch filled
+        for query in batch:
+            if query not in live:
+                query.leave()
+        return live
 
     async def encode(self, batch: list[Query]) -> None:
         now = time.monotonic()
@@ -186,6 +198,7 @@ class Lane:
                     query.future.set_result(result)
         finally:  # whatever happened above, no request waits for a batch that is over
             for query in batch:
+                query.leave()
                 if not query.future.done():
                     query.future.set_exception(NotReady(f"the {self.label} encoder stopped"))
 
@@ -193,6 +206,7 @@ class Lane:
         self.task.cancel()
         while self.queue:
             query = self.queue.popleft()
+            query.leave()
             if not query.future.done():
                 query.future.set_exception(NotReady("the service is shutting down"))
 
@@ -206,12 +220,25 @@ class MicroBatcher:
         # One batch at a time per lane: a thread each for text, image, audio, with and without tokens.
         self.executor = ThreadPoolExecutor(max_workers=6, thread_name_prefix="xmodal-encode")
 
-    async def encode(self, modality: str, tokens: bool, items: Sequence[Any], deadline: float) -> list[Any]:
-        """Each item's vector ([dim] float32) or, with ``tokens``, its TokenOutput of one row; in order."""
+    async def encode(
+        self,
+        modality: str,
+        tokens: bool,
+        items: Sequence[Any],
+        deadline: float,
+        on_leave: Callable[[], None] | None = None,
+    ) -> list[Any]:
+        """Each item's vector ([dim] float32) or, with ``tokens``, its TokenOutput of one row; in order.
+        ``on_leave`` is called for each item once no queue or batch holds it (at once if it was refused)."""
         key = LaneKey(modality, tokens)
         lane = self.lanes.get(key) or self.lanes.setdefault(key, Lane(self, key))
-        costs = self.costs(modality, items)
-        futures = lane.submit(items, costs, deadline)
+        try:
+            futures = lane.submit(items, self.costs(modality, items), deadline, on_leave)
+        except BaseException:
+            for _ in items:
+                if on_leave is not None:
+                    on_leave()
+            raise
         try:
             done = await asyncio.wait_for(asyncio.gather(*futures), max(deadline - time.monotonic(), 0.001))
         except TimeoutError:

@@ -13,12 +13,14 @@ import contextlib
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Gauge
 
 from service.errors import InputTooLarge, Overloaded
 
 MB = 1 << 20
+T = TypeVar("T")
 
 
 @dataclass
@@ -30,6 +32,21 @@ class Waiter:
 class Reservation:
     def __init__(self, budget: MemoryBudget, size: int) -> None:
         self.budget, self.size = budget, size
+        self.handed_over = False
+
+    async def hold_while(self, work: asyncio.Future[T]) -> T:
+        """``work``'s result (a worker thread's future). Cancelled meanwhile, the thread still holds the memory:
+        the reservation is given back when the thread is done, not before."""
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            self.hand_over()
+            work.add_done_callback(lambda _f: self.release())
+            raise
+
+    def hand_over(self) -> None:
+        """Someone else releases it now (a worker thread's end, the batcher): leaving ``reserve`` keeps it."""
+        self.handed_over = True
 
     def shrink(self, size: int) -> None:
         """Keep only ``size`` bytes (the decoded form, once decoding's peak has passed)."""
@@ -64,7 +81,8 @@ class MemoryBudget:
         try:
             yield reservation
         finally:
-            reservation.release()
+            if not reservation.handed_over:
+                reservation.release()
 
     async def _acquire(self, size: int, what: str) -> None:
         if not self.waiters and self.used + size <= self.capacity:

@@ -40,6 +40,12 @@ class NotReady(XmodalError):
     code = "not_ready"
 
 
+class ClientGone(XmodalError):
+    """The client closed the connection before its answer: the work is dropped; the status is only logged."""
+
+    code = "client_closed_request"
+
+
 class InputTooLarge(XmodalError):
     """An input whose decoding would take more memory than the service lends all requests together."""
 
@@ -70,6 +76,7 @@ STATUS: list[tuple[type[XmodalError], int]] = [
     (Overloaded, 429),
     (ResponseTooLarge, 413),
     (InputTooLarge, 413),
+    (ClientGone, 499),  # nginx's code for it: no client reads it
     (Unauthorized, 401),
     (AdminDisabled, 403),
     (NotReady, 503),

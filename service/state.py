@@ -230,14 +230,17 @@ class ServiceState:
     async def _decoded_encode(self, modality: str, data: bytes, tokens: bool, deadline: float) -> np.ndarray:
         """Decode one file within the memory budget (reserved from its header), then encode it in a batch; its
         decoded form's memory is held until it is encoded."""
-        encoder = self.require_encoder()
+        encoder, batcher = self.require_encoder(), self.require_batcher()
         cost = await run_in_threadpool(encoder.decode_cost, modality, data)
+        loop = asyncio.get_running_loop()
         async with self.decode_budget.reserve(cost.peak, f"this {modality}") as reservation:
             t0 = time.perf_counter()
-            decoded = await run_in_threadpool(encoder.decode, modality, data)
+            decoded = await reservation.hold_while(loop.run_in_executor(None, encoder.decode, modality, data))
             self.metrics.decode_seconds.labels(modality).observe(time.perf_counter() - t0)
             reservation.shrink(cost.kept)
-            return (await self.require_batcher().encode(modality, tokens, [decoded], deadline))[0]
+            reservation.hand_over()  # the batcher gives it back once no queue or batch holds the decoded file
+            found = await batcher.encode(modality, tokens, [decoded], deadline, reservation.release)
+            return found[0]
 
     def _from_cache(self, raw: bytes | None, tokens: bool) -> np.ndarray | TokenOutput | None:
         """A cached vector, or for tokens float32 [1 + n, D]: the pooled vector, then the tokens."""

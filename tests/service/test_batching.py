@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import os
 import re
+import socket
 import struct
 import threading
 import time
@@ -27,7 +29,8 @@ from prometheus_client import CollectorRegistry
 from models.encoder import Encoder
 from models.errors import InvalidInput
 from service.batcher import BatchMetrics, MicroBatcher
-from service.errors import DeadlineExceeded
+from service.budget import MB, MemoryBudget
+from service.errors import DeadlineExceeded, InputTooLarge, Overloaded
 from service.settings import Settings
 from tests.conftest import ServerThread
 
@@ -221,7 +224,7 @@ def test_expired_and_cancelled_queries_are_dropped_unencoded(served_data: Path, 
         assert metric(c, "xmodal_batch_dropped_total", lane="text", reason="deadline") == 4
         assert metric(c, "xmodal_batch_size_count", lane="text") == 0  # nothing was encoded
 
-    # a client gone: its task cancelled while queued, its query leaves unencoded
+    # a client gone: its task cancelled while queued, its query leaves unencoded (below over HTTP)
     registry = CollectorRegistry()
     metrics = BatchMetrics(registry)
 
@@ -243,6 +246,20 @@ def test_expired_and_cancelled_queries_are_dropped_unencoded(served_data: Path, 
     asyncio.run(go())
     assert registry.get_sample_value("xmodal_batch_dropped_total", {"lane": "text", "reason": "cancelled"}) == 1
     assert registry.get_sample_value("xmodal_batch_size_sum", {"lane": "text"}) == 1  # only "encoded" was
+
+
+def test_a_client_that_hangs_up_leaves_the_queue_unencoded(served_data: Path) -> None:
+    body = json.dumps({"index": "demo", "query": {"text": "nobody waits for this answer"}}).encode()
+    head = f"POST /v1/search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    with server(served_data, batch_wait_ms=400) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        with socket.create_connection(("127.0.0.1", srv.port)) as raw:
+            raw.sendall(head.encode() + b"\r\n" + body)
+            time.sleep(0.1)  # queued, its batch still waiting for company
+        time.sleep(0.6)
+        assert metric(c, "xmodal_batch_dropped_total", lane="text", reason="cancelled") == 1
+        assert metric(c, "xmodal_batch_size_count", lane="text") == 0
+        assert metric(c, "xmodal_http_requests_total", path="/v1/search", status="499") == 1
+        assert c.post("/v1/search", json={"index": "demo", "query": {"text": "still served"}}).status_code == 200
 
 
 # --- decoding memory --------------------------------------------------------------------------------------------------
@@ -294,6 +311,40 @@ def tall_png(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
 
 
+def test_the_budget_refuses_waits_and_outlives_a_cancelled_decode(encoder: Encoder) -> None:
+    bomb = png(Image.new("1", (8000, 8000)))
+
+    async def go() -> None:
+        budget = MemoryBudget(400 * MB, wait_s=0.2)
+        with pytest.raises(InputTooLarge):
+            async with budget.reserve(401 * MB, "this image"):
+                pass
+        async with budget.reserve(300 * MB, "one"):
+            t0 = time.monotonic()
+            with pytest.raises(Overloaded):
+                async with budget.reserve(200 * MB, "another"):
+                    pass
+            assert time.monotonic() - t0 >= 0.2
+        assert budget.used == 0
+        # cancelled while its decode runs: the thread still holds the memory, so the bytes stay reserved until it ends
+        loop = asyncio.get_running_loop()
+        cost = encoder.decode_cost("image", bomb)
+
+        async def decode() -> None:
+            async with budget.reserve(cost.peak, "the bomb") as reservation:
+                await reservation.hold_while(loop.run_in_executor(None, encoder.decode, "image", bomb))
+
+        task = asyncio.ensure_future(decode())
+        await asyncio.sleep(0.02)
+        task.cancel()
+        await asyncio.sleep(0)
+        assert task.cancelled() and budget.used == cost.peak
+        while budget.used:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(go())
+
+
 def test_decoding_memory_is_budgeted(served_data: Path) -> None:
     bomb = png(Image.new("1", (8000, 8000)))  # ~8 KB that decode into ~330 MB
     assert len(bomb) < 10_000
@@ -322,5 +373,8 @@ def test_decoding_memory_is_budgeted(served_data: Path) -> None:
         if r.status_code == 429:
             assert r.headers["retry-after"] == "1" and "decoding memory is busy" in r.json()["error"]["message"]
         assert grew < budget << 20, grew
-        assert metric(c, "xmodal_decode_memory_bytes") == 0  # every reservation given back
+        deadline = time.monotonic() + 10  # every reservation given back, once the decodes under way are done
+        while metric(c, "xmodal_decode_memory_bytes") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert metric(c, "xmodal_decode_memory_bytes") == 0
         assert c.get("/healthz").status_code == 200
