@@ -2,10 +2,11 @@
 
 One lane per (tower, with tokens): a bounded queue (a full one is a 429), and one worker task that takes the
 queries waiting, waits at most ``batch_wait_ms`` after the first for more, and stops at ``batch_max`` queries or the
-lane's cost bound (padded tokens for text, decoded pixels for images). Queries whose client has gone (their future
-cancelled) or whose deadline passed are dropped before encoding. The batch runs in a worker thread, never on the
-event loop. A batch that raises is encoded again one query at a time, so an input the encoder refuses fails alone
-and the others get their vectors; the worker keeps running whatever a batch does.
+lane's cost bound (padded tokens for text, decoded pixels for images); it does not wait when every request under way
+is already in the batch. Queries whose client has gone (their future cancelled) or whose deadline passed are dropped
+before encoding. The batch runs in a worker thread, never on the event loop. A batch that raises is encoded again one
+query at a time, so an input the encoder refuses fails alone and the others get their vectors; the worker keeps
+running whatever a batch does.
 
 Inputs arrive decoded (images, audio), so a file that cannot be decoded has failed before it joins a batch. Results
 equal encoding alone: texts are padded to the batch's longest with an attention mask, media are fixed-size tensors.
@@ -142,7 +143,7 @@ class Lane:
         close = None
         while len(batch) < self.max_items:
             if not self.queue:
-                if close is None:
+                if close is None or not self.batcher.more_coming(len(batch)):
                     break
                 remaining = close - time.monotonic()
                 if remaining <= 0:
@@ -214,8 +215,15 @@ class Lane:
 class MicroBatcher:
     """The lanes of one encoder. ``encode`` awaits the results of a request's inputs, encoded with other requests'."""
 
-    def __init__(self, encoder: Encoder, settings: Settings, metrics: BatchMetrics) -> None:
+    def __init__(
+        self,
+        encoder: Encoder,
+        settings: Settings,
+        metrics: BatchMetrics,
+        in_flight: Callable[[], int] | None = None,
+    ) -> None:
         self.encoder, self.settings, self.metrics = encoder, settings, metrics
+        self.in_flight = in_flight  # requests under way; None: unknown, always worth waiting for
         self.lanes: dict[LaneKey, Lane] = {}
         # One batch at a time per lane: a thread each for text, image, audio, with and without tokens.
         self.executor = ThreadPoolExecutor(max_workers=6, thread_name_prefix="xmodal-encode")
@@ -250,6 +258,11 @@ class MicroBatcher:
             for future in futures:
                 future.cancel()  # a client gone (this task cancelled): its queries leave the queue unencoded
         return list(done)
+
+    def more_coming(self, batched: int) -> bool:
+        """Whether a batch of ``batched`` queries may still get company: not when every request under way is
+        already in it (one client alone waits for nobody)."""
+        return self.in_flight is None or self.in_flight() > batched
 
     def costs(self, modality: str, items: Sequence[Any]) -> list[int]:
         if modality == "text":

@@ -82,7 +82,7 @@ class ServiceState:
         try:
             self.encoder = Encoder(self.settings.model_dir, device=self.settings.device, threads=self.settings.threads)
             self.encoder.encode_text(["warm up"])  # first run allocates; keep it off the first request
-            self.batcher = MicroBatcher(self.encoder, self.settings, self.metrics.batch)
+            self.batcher = MicroBatcher(self.encoder, self.settings, self.metrics.batch, lambda: self._inflight)
             self.model_error = None
         except XmodalError as exc:
             self.model_error = exc.message

@@ -61,6 +61,22 @@ def metric(client: httpx.Client, name: str, **labels: str) -> float:
     return 0.0
 
 
+def long_texts(n: int) -> list[str]:
+    """Texts of ~190 tokens: slow enough to encode that queries behind them wait."""
+    return [f"the quick brown fox {i} jumps over the lazy dog near the river bank at dawn " * 12 for i in range(n)]
+
+
+def dropped(client: httpx.Client, reason: str) -> float:
+    return metric(client, "xmodal_batch_dropped_total", lane="text", reason=reason)
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
 def at_once(n: int, call: Callable[[int], httpx.Response]) -> list[httpx.Response]:
     """``n`` requests released together, each on its own thread."""
     barrier = threading.Barrier(n)
@@ -213,16 +229,15 @@ def test_a_batch_the_encoder_refuses_fails_only_the_input_at_fault(encoder: Enco
 
 
 def test_expired_and_cancelled_queries_are_dropped_unencoded(served_data: Path, encoder: Encoder) -> None:
-    # over HTTP: the batch waits longer than any query may, so every query's deadline passes in the queue
-    settings = {"request_timeout_s": 0.05, "batch_wait_ms": 400}
+    # over HTTP: 256 long texts in batches of 8, and 0.2 s to encode them: most wait in the queue past their deadline
+    settings = {"request_timeout_s": 0.2, "batch_max": 8}
     with server(served_data, **settings) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
-        found = at_once(4, lambda i: c.post("/v1/embeddings", json={"input": f"late {i}"}))
-        assert [f.status_code for f in found] == [503] * 4
-        assert all(f.json()["error"]["code"] == "deadline_exceeded" for f in found)
-        assert all(f.headers["retry-after"] == "1" for f in found)
-        time.sleep(0.5)
-        assert metric(c, "xmodal_batch_dropped_total", lane="text", reason="deadline") == 4
-        assert metric(c, "xmodal_batch_size_count", lane="text") == 0  # nothing was encoded
+        r = c.post("/v1/embeddings", json={"input": long_texts(256)})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "deadline_exceeded", r.text
+        assert r.headers["retry-after"] == "1"
+        wait_for(lambda: metric(c, "xmodal_batch_size_sum", lane="text") + dropped(c, "deadline") == 256)
+        assert dropped(c, "deadline") > 0  # dropped unencoded: the encoded and the dropped make up the request
+        assert c.post("/v1/embeddings", json={"input": "on time"}).status_code == 200
 
     # a client gone: its task cancelled while queued, its query leaves unencoded (below over HTTP)
     registry = CollectorRegistry()
@@ -251,13 +266,16 @@ def test_expired_and_cancelled_queries_are_dropped_unencoded(served_data: Path, 
 def test_a_client_that_hangs_up_leaves_the_queue_unencoded(served_data: Path) -> None:
     body = json.dumps({"index": "demo", "query": {"text": "nobody waits for this answer"}}).encode()
     head = f"POST /v1/search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-    with server(served_data, batch_wait_ms=400) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
-        with socket.create_connection(("127.0.0.1", srv.port)) as raw:
-            raw.sendall(head.encode() + b"\r\n" + body)
-            time.sleep(0.1)  # queued, its batch still waiting for company
-        time.sleep(0.6)
-        assert metric(c, "xmodal_batch_dropped_total", lane="text", reason="cancelled") == 1
-        assert metric(c, "xmodal_batch_size_count", lane="text") == 0
+    with server(served_data, batch_max=8) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        with ThreadPoolExecutor(1) as pool:
+            ahead = pool.submit(c.post, "/v1/embeddings", json={"input": long_texts(32)})  # 4 batches ahead of it
+            wait_for(lambda: metric(c, "xmodal_batch_size_count", lane="text") >= 1)
+            with socket.create_connection(("127.0.0.1", srv.port)) as raw:
+                raw.sendall(head.encode() + b"\r\n" + body)
+                time.sleep(0.1)  # queued behind the long texts
+            assert ahead.result().status_code == 200
+        wait_for(lambda: dropped(c, "cancelled") == 1)
+        assert metric(c, "xmodal_batch_size_sum", lane="text") == 32  # the long texts only
         assert metric(c, "xmodal_http_requests_total", path="/v1/search", status="499") == 1
         assert c.post("/v1/search", json={"index": "demo", "query": {"text": "still served"}}).status_code == 200
 
@@ -373,8 +391,5 @@ def test_decoding_memory_is_budgeted(served_data: Path) -> None:
         if r.status_code == 429:
             assert r.headers["retry-after"] == "1" and "decoding memory is busy" in r.json()["error"]["message"]
         assert grew < budget << 20, grew
-        deadline = time.monotonic() + 10  # every reservation given back, once the decodes under way are done
-        while metric(c, "xmodal_decode_memory_bytes") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert metric(c, "xmodal_decode_memory_bytes") == 0
+        wait_for(lambda: metric(c, "xmodal_decode_memory_bytes") == 0, 10)  # all given back, once decodes end
         assert c.get("/healthz").status_code == 200
