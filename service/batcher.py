@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.concurrency import run_in_threadpool
 
 from models.encoder import Encoder, TokenOutput
 from service.errors import DeadlineExceeded, NotReady, Overloaded
@@ -31,6 +32,7 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
+TOKENIZE_INLINE_CHARS = 2048  # longer inputs are tokenised (for their cost) off the event loop
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
@@ -241,7 +243,8 @@ class MicroBatcher:
         key = LaneKey(modality, tokens)
         lane = self.lanes.get(key) or self.lanes.setdefault(key, Lane(self, key))
         try:
-            futures = lane.submit(items, self.costs(modality, items), deadline, on_leave)
+            costs = await self.costs(modality, items)
+            futures = lane.submit(items, costs, deadline, on_leave)
         except BaseException:
             for _ in items:
                 if on_leave is not None:
@@ -264,9 +267,13 @@ class MicroBatcher:
         already in it (one client alone waits for nobody)."""
         return self.in_flight is None or self.in_flight() > batched
 
-    def costs(self, modality: str, items: Sequence[Any]) -> list[int]:
+    async def costs(self, modality: str, items: Sequence[Any]) -> list[int]:
+        """What each item weighs against the lane's bound: tokens of a text, pixels of a decoded image."""
         if modality == "text":
-            return self.encoder.count_tokens(list(items))
+            texts = list(items)
+            if sum(map(len, texts)) <= TOKENIZE_INLINE_CHARS:  # a query or two: quicker than a thread hop
+                return self.encoder.count_tokens(texts)
+            return await run_in_threadpool(self.encoder.count_tokens, texts)
         if modality == "image":
             return [im.width * im.height for im in items]
         return [0] * len(items)
