@@ -60,7 +60,7 @@ class BatchMetrics:
         )
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: its item may be an array or a picture
 class Query:
     item: Any  # a text, a decoded image or waveform
     cost: int  # tokens of a text, pixels of an image
@@ -250,8 +250,9 @@ class MicroBatcher:
                 if on_leave is not None:
                     on_leave()
             raise
+        gathered = asyncio.gather(*futures)
         try:
-            done = await asyncio.wait_for(asyncio.gather(*futures), max(deadline - time.monotonic(), 0.001))
+            done = await asyncio.wait_for(gathered, max(deadline - time.monotonic(), 0.001))
         except TimeoutError:
             raise DeadlineExceeded(
                 f"no answer from the {key.label} encoder within XMODAL_REQUEST_TIMEOUT_S "
@@ -260,6 +261,8 @@ class MicroBatcher:
         finally:
             for future in futures:
                 future.cancel()  # a client gone (this task cancelled): its queries leave the queue unencoded
+            if gathered.done() and not gathered.cancelled():
+                gathered.exception()  # an error that came as the wait ended: seen, not "never retrieved"
         return list(done)
 
     def more_coming(self, batched: int) -> bool:

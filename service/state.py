@@ -227,13 +227,15 @@ class ServiceState:
             await self.cache.set(keys[i], self._to_cache(value, tokens), self.settings.embedding_ttl_s)
         return found
 
-    async def _decoded_encode(self, modality: str, data: bytes, tokens: bool, deadline: float) -> np.ndarray:
+    async def _decoded_encode(
+        self, modality: str, data: bytes, tokens: bool, deadline: float
+    ) -> np.ndarray | TokenOutput:
         """Decode one file within the memory budget (reserved from its header), then encode it in a batch; its
         decoded form's memory is held until it is encoded."""
         encoder, batcher = self.require_encoder(), self.require_batcher()
         cost = await run_in_threadpool(encoder.decode_cost, modality, data)
         loop = asyncio.get_running_loop()
-        async with self.decode_budget.reserve(cost.peak, f"this {modality}") as reservation:
+        async with self.decode_budget.reserve(max(cost.peak, cost.kept), f"this {modality}") as reservation:
             t0 = time.perf_counter()
             decoded = await reservation.hold_while(loop.run_in_executor(None, encoder.decode, modality, data))
             self.metrics.decode_seconds.labels(modality).observe(time.perf_counter() - t0)

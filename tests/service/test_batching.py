@@ -101,6 +101,17 @@ def pictures(n: int) -> list[bytes]:
     return [png(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))) for w, h in (sizes * 4)[:n]]
 
 
+def embed_as_alone(client: httpx.Client, encoder: Encoder, modality: str, files: list[bytes]) -> None:
+    """One /v1/embeddings request of ``files`` through the lane: each vector what the file gets encoded alone."""
+    before = metric(client, "xmodal_batch_size_sum", lane=modality)
+    r = client.post("/v1/embeddings", json={"input": [b64(f) for f in files], "modality": modality})
+    assert r.status_code == 200, r.text
+    for data, item in zip(files, r.json()["data"], strict=True):
+        single = encoder.encode_media(modality, [encoder.decode(modality, data)])[0]
+        np.testing.assert_allclose(item["embedding"], single, atol=2e-5)
+    assert metric(client, "xmodal_batch_size_sum", lane=modality) == before + len(files)
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
@@ -135,15 +146,30 @@ def test_concurrent_queries_share_batches_and_equal_single_encodes(served_data: 
         assert metric(c, "xmodal_batch_size_sum", lane="text+tokens") == 4
 
         # images of different sizes: decoded first, then one batch of fixed-size tensors
-        files = pictures(6)
-        r = c.post("/v1/embeddings", json={"input": [b64(f) for f in files], "modality": "image"})
-        assert r.status_code == 200, r.text
-        for f, item in zip(files, r.json()["data"], strict=True):
-            single = encoder.encode_media("image", [encoder.decode("image", f)])[0]
-            np.testing.assert_allclose(item["embedding"], single, atol=2e-5)
-        assert metric(c, "xmodal_batch_size_sum", lane="image") == 6
+        embed_as_alone(c, encoder, "image", pictures(6))
         for name in ("xmodal_batch_queue_seconds_count", "xmodal_batch_encode_seconds_count"):
             assert metric(c, name, lane="image") >= 1
+
+
+def sound(seconds: float, rate: int, channels: int = 1, fmt: str = "WAV", seed: int = 0) -> bytes:
+    import soundfile as sf
+
+    t = np.arange(int(seconds * rate)) / rate
+    wave = 0.3 * np.sin(2 * np.pi * (220 + 110 * seed) * t) + 0.01 * np.random.default_rng(seed).standard_normal(t.size)
+    buf = io.BytesIO()
+    sf.write(buf, np.repeat(wave[:, None], channels, axis=1).astype(np.float32), rate, format=fmt)
+    return buf.getvalue()
+
+
+def test_sounds_of_different_lengths_are_batched_and_budgeted(served_data: Path, encoder: Encoder) -> None:
+    sounds = [sound(s, 16000, seed=i) for i, s in enumerate((0.4, 1.3, 2.0, 3.1))]  # the clip is 2 s: pad, cut
+    with server(served_data, decode_memory_mb=16) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        embed_as_alone(c, encoder, "audio", sounds)
+        # a minute of 48 kHz stereo (a small FLAC): about 37 MB to decode and resample, judged from its header
+        minute = sound(60, 48000, channels=2, fmt="FLAC")
+        r = c.post("/v1/search", json={"index": "demo", "query": {"audio": b64(minute)}})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "input_too_large", r.text
+        assert metric(c, "xmodal_decode_seconds_count", modality="audio") == 4  # the minute was never decoded
 
 
 def test_batched_searches_rank_as_unbatched_ones(served_data: Path) -> None:
