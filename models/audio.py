@@ -17,8 +17,10 @@ always gets one embedding:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ import soundfile as sf
 import soxr
 
 from models.bundle import AudioPreprocessing
+from models.cost import DecodeCost
 from models.errors import InvalidInput
 
 _MEL_FLOOR = 1e-10  # transformers' mel_floor and power_to_db min_value: silence is -100 dB
@@ -34,6 +37,21 @@ _MEL_FLOOR = 1e-10  # transformers' mel_floor and power_to_db min_value: silence
 # twice as fast as one 10-second block, and memory stays flat for long clips (fusion transforms all of a clip).
 _FRAMES_PER_BLOCK = 128
 _DECODE_SAMPLES = 1 << 20  # samples per read: a header claiming 1000 channels cannot make us allocate gigabytes
+
+
+@contextlib.contextmanager
+def _refusals(what: str) -> Iterator[None]:
+    """Whatever libsndfile raises on untrusted bytes, as InvalidInput saying why."""
+    try:
+        yield
+    except InvalidInput:
+        raise
+    except sf.LibsndfileError as exc:
+        if exc.code == 1:  # SF_ERR_UNRECOGNISED_FORMAT
+            raise InvalidInput(f"{what} is not in a format we read (WAV, FLAC, OGG, MP3, ...)") from exc
+        raise InvalidInput(f"corrupt or truncated {what}: {exc.error_string}") from exc
+    except Exception as exc:  # the bindings also raise RuntimeError, TypeError, ValueError on odd headers
+        raise InvalidInput(f"corrupt or truncated {what}: {exc}") from exc
 
 
 # --- mel filter banks (transformers.audio_utils.mel_filter_bank, same float64 arithmetic) -----------------------------
@@ -104,6 +122,31 @@ class AudioPreprocessor:
         return self.channels, self.frames, self.config.n_mels
 
     # --- decoding ---------------------------------------------------------------------------------------------------
+    def decode_cost(self, data: bytes) -> DecodeCost:
+        """The memory ``decode`` and the features will take for these bytes, from the header alone: the mono blocks and
+        their concatenation, one read block of every channel, the resampled copy (twice: soxr's output and the clip),
+        then the kept waveform and the log-mel of all of it (fusion transforms the whole clip)."""
+        if not len(data):
+            raise InvalidInput("empty audio: no bytes")
+        with _refusals("audio data"), sf.SoundFile(io.BytesIO(bytes(data))) as f:
+            rate, channels, declared = f.samplerate, f.channels, f.frames
+            self._check_header(rate, channels, declared, "audio data")
+        resampled = int(declared * self.config.sample_rate / rate) + 1
+        block = 4 * min(declared, max(1, _DECODE_SAMPLES // channels)) * (channels + 1)
+        mel = 12 * self.config.n_mels * (max(resampled, self.clip_samples) // self.hop + 1)  # float64 + float32
+        kept = 4 * max(resampled, self.clip_samples) + mel
+        return DecodeCost(peak=8 * declared + 8 * resampled + block, kept=kept)
+
+    def _check_header(self, rate: int, channels: int, declared: int, what: str) -> None:
+        if declared <= 0 or channels <= 0:
+            raise InvalidInput(f"{what} has no samples")
+        if declared > self.max_seconds * rate:
+            raise InvalidInput(
+                f"{what} too long: {declared / rate:.1f} s, over the limit of {self.max_seconds:g} s",
+                seconds=declared / rate,
+                max_seconds=self.max_seconds,
+            )
+
     def decode(self, data: bytes | str | os.PathLike[str]) -> np.ndarray:
         """The bytes of an audio file, or its path → mono float32 in [-1, 1] at the model's sample rate.
 
@@ -124,33 +167,17 @@ class AudioPreprocessor:
             what = f"audio file {source.name}"
         else:
             raise InvalidInput(f"audio is given as bytes or a path, not {type(data).__name__}")
-        try:
-            with sf.SoundFile(source) as f:
-                rate, channels, declared = f.samplerate, f.channels, f.frames
-                if declared <= 0 or channels <= 0:
-                    raise InvalidInput(f"{what} has no samples")
-                if declared > self.max_seconds * rate:
-                    raise InvalidInput(
-                        f"{what} too long: {declared / rate:.1f} s, over the limit of {self.max_seconds:g} s",
-                        seconds=declared / rate,
-                        max_seconds=self.max_seconds,
-                    )
-                # Our own loop, not SoundFile.blocks(): that one yields uninitialised memory after a short read.
-                blocks, got, step = [], 0, max(1, _DECODE_SAMPLES // channels)
-                while got < declared:
-                    block = f.read(min(step, declared - got), dtype="float32", always_2d=True)
-                    if not len(block):  # the data ends before the header's count (refused below)
-                        break
-                    blocks.append(_mixdown(block))
-                    got += len(block)
-        except InvalidInput:
-            raise
-        except sf.LibsndfileError as exc:
-            if exc.code == 1:  # SF_ERR_UNRECOGNISED_FORMAT
-                raise InvalidInput(f"{what} is not in a format we read (WAV, FLAC, OGG, MP3, ...)") from exc
-            raise InvalidInput(f"corrupt or truncated {what}: {exc.error_string}") from exc
-        except Exception as exc:  # the bindings also raise RuntimeError, TypeError, ValueError on odd headers
-            raise InvalidInput(f"corrupt or truncated {what}: {exc}") from exc
+        with _refusals(what), sf.SoundFile(source) as f:
+            rate, channels, declared = f.samplerate, f.channels, f.frames
+            self._check_header(rate, channels, declared, what)
+            # Our own loop, not SoundFile.blocks(): that one yields uninitialised memory after a short read.
+            blocks, got, step = [], 0, max(1, _DECODE_SAMPLES // channels)
+            while got < declared:
+                block = f.read(min(step, declared - got), dtype="float32", always_2d=True)
+                if not len(block):  # the data ends before the header's count (refused below)
+                    break
+                blocks.append(_mixdown(block))
+                got += len(block)
         mono = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
         if mono.size < declared:
             raise InvalidInput(f"truncated {what}: {mono.size} of the {declared} frames its header declares")

@@ -17,6 +17,7 @@ from models.bundle import (
     load_manifest,
     verify_bundle,
 )
+from models.cost import DecodeCost
 from models.errors import InvalidInput
 from models.runtime import Device, create_session
 from models.text import TextPreprocessor
@@ -109,6 +110,11 @@ class Encoder:
         """An image file → RGB PIL image; an audio file → mono float32 waveform at the tower's rate.
         InvalidInput says why the bytes or file cannot be used."""
         return self.preprocessor(modality).decode(data)
+
+    def decode_cost(self, modality: str, data: bytes) -> DecodeCost:
+        """``DecodeCost`` of decoding these bytes (header only), or InvalidInput for what ``decode`` would refuse
+        for its size."""
+        return self.preprocessor(modality).decode_cost(data)
 
     def encode_media(self, modality: str, decoded: Sequence[Any], batch_size: int = 16) -> np.ndarray:
         """Decoded images or waveforms (see ``decode``) → [len(decoded), dim] float32, L2-normalised."""

@@ -9,9 +9,11 @@ followed by a float32 normalisation (``tests/models/test_image.py`` checks this 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from models.bundle import ImagePreprocessing
+from models.cost import DecodeCost
 from models.errors import ExportError, InvalidInput
 
 # Formats we decode. Pillow recognises dozens (EPS even shells out to Ghostscript); untrusted uploads only get the
@@ -30,6 +33,8 @@ RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
 }
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
+_ONE_BYTE = {"1", "L", "P"}  # Pillow stores these modes in one byte a pixel, 16-bit grey in two, the others in four
+ROW_BYTES = 8  # Pillow keeps a pointer per row: a 1 x 64,000,000 image costs 512 MB of pointers alone
 
 
 @functools.cache
@@ -54,6 +59,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+@contextlib.contextmanager
+def _refusals() -> Iterator[None]:
+    """Whatever Pillow raises on untrusted bytes, as InvalidInput saying why."""
+    try:
+        yield
+    except InvalidInput:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own guard fires inside Image.open (the warning only where warnings are made errors).
+        raise InvalidInput(f"image too large: over the pixel limit ({exc})") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise InvalidInput(f"not an image in a supported format ({', '.join(FORMATS)})") from exc
+    except Exception as exc:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ...
+        raise InvalidInput(f"corrupt or truncated image: {exc}") from exc
+
+
 class ImagePreprocessor:
     """``decode`` turns bytes or a file into an RGB image (or refuses with InvalidInput); calling the preprocessor on
     a list of images gives the tower's ``pixel_values``, float32 [B, 3, S, S]."""
@@ -75,6 +96,34 @@ class ImagePreprocessor:
         return cls(config, max_pixels=max_pixels)
 
     # --- decoding -------------------------------------------------------------------------------------------------
+    def decode_cost(self, data: bytes) -> DecodeCost:
+        """The memory ``decode`` and the tensor step will take for these bytes, read from the header only (Pillow's
+        lazy open decodes no pixel). Refuses what ``decode`` would refuse for its size, before any pixel is decoded.
+        An upper bound measured on PNGs: decoding keeps the file's own image, an oriented copy, and the RGB conversion
+        (through RGBA for transparency, through float64 for 16-bit grey) alive at once."""
+        if not data:
+            raise InvalidInput("empty image: no bytes")
+        with _refusals(), Image.open(io.BytesIO(data), formats=_open_formats()) as im:
+            (width, height), mode, transparent = im.size, im.mode, im.info.get("transparency") is not None
+        self._check_size(width, height)
+        pixels = width * height
+        own = (1 if mode in _ONE_BYTE else 2 if mode in _SIXTEEN_BIT else 4) * pixels + ROW_BYTES * height
+        rgb = 4 * pixels + ROW_BYTES * height
+        if mode in _SIXTEEN_BIT:
+            convert = 26 * pixels + rgb  # float64 scaling temporaries, then L, then RGB
+        elif "A" in mode or transparent:
+            convert = 3 * rgb  # RGBA, a white RGBA, their composite, then RGB
+        else:
+            convert = 0 if mode == "RGB" else rgb
+        rw, rh = self.resized_size(width, height)
+        resized = 7 * rw * rh + ROW_BYTES * rh  # the resized RGB image and its array
+        return DecodeCost(peak=2 * own + convert, kept=rgb + resized)
+
+    def _check_size(self, width: int, height: int) -> None:
+        """The pixel limit, on the image and on what resizing would make of it (64000x1 becomes billions)."""
+        self._check_pixels(width, height, what="image")
+        self._check_pixels(*self.resized_size(width, height), what="resized image")
+
     def decode(self, data: bytes | str | os.PathLike[str]) -> Image.Image:
         """The bytes of an image file, or its path → an RGB image, EXIF orientation applied (as phones expect)."""
         if isinstance(data, (bytes, bytearray, memoryview)):
@@ -87,23 +136,13 @@ class ImagePreprocessor:
                 raise InvalidInput(f"no image file at {source}")
         else:
             raise InvalidInput(f"an image is given as bytes or a path, not {type(data).__name__}")
-        try:
-            with Image.open(source, formats=_open_formats()) as im:
-                # Only the header has been read so far: refuse decompression bombs before any pixel is decoded.
-                # Our own limit, not Pillow's process-wide MAX_IMAGE_PIXELS, which other code may change.
-                self._check_pixels(*im.size, what="image")
-                im.load()
-                image = self._orient(im)
-                return to_rgb(image)
-        except InvalidInput:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            # Pillow's own guard fires inside Image.open (the warning only where warnings are made errors).
-            raise InvalidInput(f"image too large: over the pixel limit ({exc})") from exc
-        except Image.UnidentifiedImageError as exc:
-            raise InvalidInput(f"not an image in a supported format ({', '.join(FORMATS)})") from exc
-        except Exception as exc:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ...
-            raise InvalidInput(f"corrupt or truncated image: {exc}") from exc
+        with _refusals(), Image.open(source, formats=_open_formats()) as im:
+            # Only the header has been read so far: refuse decompression bombs before any pixel is decoded.
+            # Our own limit, not Pillow's process-wide MAX_IMAGE_PIXELS, which other code may change.
+            self._check_size(*im.size)
+            im.load()
+            image = self._orient(im)
+            return to_rgb(image)
 
     @staticmethod
     def _orient(im: Image.Image) -> Image.Image:

@@ -31,8 +31,26 @@ class Overloaded(XmodalError):
         self.retry_after_s = retry_after_s
 
 
+class DeadlineExceeded(Overloaded):
+    """The request waited for the encoder past XMODAL_REQUEST_TIMEOUT_S: dropped unencoded (503, Retry-After)."""
+
+    code = "deadline_exceeded"
+
+
 class NotReady(XmodalError):
     code = "not_ready"
+
+
+class ClientGone(XmodalError):
+    """The client closed the connection before its answer: the work is dropped; the status is only logged."""
+
+    code = "client_closed_request"
+
+
+class InputTooLarge(XmodalError):
+    """An input whose decoding would take more memory than the service lends all requests together."""
+
+    code = "input_too_large"
 
 
 class ResponseTooLarge(XmodalError):
@@ -55,8 +73,11 @@ class AdminDisabled(XmodalError):
 
 # Most specific first: the first class the error is an instance of decides the status.
 STATUS: list[tuple[type[XmodalError], int]] = [
+    (DeadlineExceeded, 503),
     (Overloaded, 429),
     (ResponseTooLarge, 413),
+    (InputTooLarge, 413),
+    (ClientGone, 499),  # nginx's code for it: no client reads it
     (Unauthorized, 401),
     (AdminDisabled, 403),
     (NotReady, 503),

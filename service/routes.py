@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import datetime as dt
@@ -9,13 +10,12 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable
-from functools import partial
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -25,10 +25,10 @@ from starlette.concurrency import run_in_threadpool
 from indexer.corpus import AUDIO_SUFFIXES
 from indexer.layout import IndexDir
 from indexer.search import Hit, LateRequest, LoadedIndex
-from models.encoder import Encoder
+from models.encoder import Encoder, TokenOutput
 from models.errors import InvalidInput
 from service.cache import result_key
-from service.errors import ResponseTooLarge
+from service.errors import ClientGone, ResponseTooLarge
 from service.explain import describe
 from service.fetch import with_fetched_image
 from service.media import media_of
@@ -45,12 +45,15 @@ from service.state import ServiceState, get_state, now_ms
 
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 413, 415, 422, 429, 503)}
 router = APIRouter()
+T = TypeVar("T")
 
 
 @router.post(
     "/v1/search", response_model=SearchResponse, responses=ERRORS, summary="Search an index with a text or vector query"
 )
-async def search(req: SearchRequest, state: ServiceState = Depends(get_state)) -> SearchResponse:
+async def search(
+    req: SearchRequest, state: ServiceState = Depends(get_state), request: Request = None
+) -> SearchResponse:
     t0 = time.perf_counter()
     settings = state.settings
     if req.k > settings.max_k:  # the schema's own bound is the absolute one; this service's may be lower
@@ -72,38 +75,7 @@ async def search(req: SearchRequest, state: ServiceState = Depends(get_state)) -
         req = await with_fetched_image(req, state)
     encoder = state.require_encoder()
     async with state.admit():
-        key = result_key(index.name, index.version, req.model_dump(mode="json"))
-        raw = await state.cache.get(key)
-        cached = raw is not None
-        state.metrics.cache.labels("result", "hit" if cached else "miss").inc()
-        if cached:
-            results = [Result(**r) for r in json.loads(raw)]
-        elif req.mode == "late":
-            results = await late_results(req, index, state)
-        else:
-            if req.query.text is not None:
-                vec = await state.text_vector(req.query.text)
-            elif req.query.image is not None:
-                vec = await state.media_vector("image", decode_base64(req.query.image, "query.image"))
-            elif req.query.audio is not None:
-                vec = await state.media_vector("audio", decode_base64(req.query.audio, "query.audio"))
-            else:
-                vec = state.given_vector(req.query.embedding or [])
-            hits, media = await run_in_threadpool(
-                hits_and_media,
-                index,
-                index.search,
-                vec,
-                req.k,
-                req.modalities,
-                req.filter,
-                req.query.modality,
-                req.calibration,
-            )
-            results = [result(h, media=media.get(h.id)) for h in hits]
-        if not cached:
-            payload = json.dumps([r.model_dump(exclude_none=True) for r in results]).encode()
-            await state.cache.set(key, payload, settings.result_ttl_s)
+        results, cached = await while_connected(request, answer(req, index, state))
     took = now_ms(t0)
     state.metrics.search_seconds.labels(str(cached).lower()).observe(took / 1000)
     return SearchResponse(
@@ -116,6 +88,67 @@ async def search(req: SearchRequest, state: ServiceState = Depends(get_state)) -
         cached=cached,
         took_ms=took,
     )
+
+
+async def answer(req: SearchRequest, index: LoadedIndex, state: ServiceState) -> tuple[list[Result], bool]:
+    """The results of a search, and whether they came from the result cache."""
+    settings = state.settings
+    key = result_key(index.name, index.version, req.model_dump(mode="json"))
+    raw = await state.cache.get(key)
+    cached = raw is not None
+    state.metrics.cache.labels("result", "hit" if cached else "miss").inc()
+    if cached:
+        results = [Result(**r) for r in json.loads(raw)]
+    elif req.mode == "late":
+        results = await late_results(req, index, state)
+    else:
+        if req.query.text is not None:
+            vec = await state.text_vector(req.query.text)
+        elif req.query.image is not None:
+            vec = await state.media_vector("image", decode_base64(req.query.image, "query.image"))
+        elif req.query.audio is not None:
+            vec = await state.media_vector("audio", decode_base64(req.query.audio, "query.audio"))
+        else:
+            vec = state.given_vector(req.query.embedding or [])
+        hits, media = await run_in_threadpool(
+            hits_and_media,
+            index,
+            index.search,
+            vec,
+            req.k,
+            req.modalities,
+            req.filter,
+            req.query.modality,
+            req.calibration,
+        )
+        results = [result(h, media=media.get(h.id)) for h in hits]
+    if not cached:
+        payload = json.dumps([r.model_dump(exclude_none=True) for r in results]).encode()
+        await state.cache.set(key, payload, settings.result_ttl_s)
+    return results, cached
+
+
+async def while_connected(request: Request | None, work: Coroutine[Any, Any, T]) -> T:
+    """``work``'s result, unless the client hangs up first: then ``work`` is cancelled, so its queries leave the
+    encoder's queue unencoded (ClientGone, which nobody reads)."""
+    if request is None:  # called from another route, which watches its own client
+        return await work
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise ClientGone("the client closed the connection before the answer")
+    finally:
+        gone.cancel()
+        task.cancel()
+
+
+async def disconnected(request: Request) -> None:
+    """Returns when the client has gone (its body has been read: the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def applied_calibration(req: SearchRequest, index: LoadedIndex) -> str | None:
@@ -187,6 +220,7 @@ async def search_file(
     modality: str | None = Form(None, description="`image` or `audio`; default: from the file's type or name"),
     calibration: str | None = Form(None, description="as in /v1/search: raw, zscore, platt, isotonic, centred, rrf"),
     state: ServiceState = Depends(get_state),
+    request: Request = None,
 ) -> SearchResponse:
     data = await file.read()
     if not data:
@@ -206,7 +240,7 @@ async def search_file(
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
     # The same path as a JSON search with a base64 image: same validation, same cache keys.
-    return await search(req, state)
+    return await search(req, state, request)
 
 
 def upload_modality(file: UploadFile) -> str:
@@ -249,7 +283,7 @@ class EmbeddingsRequest(RequestBody):
 
 
 @router.post("/v1/embeddings", responses=ERRORS, summary="OpenAI-compatible embeddings of texts, images or audio")
-async def embeddings(req: EmbeddingsRequest, state: ServiceState = Depends(get_state)) -> dict:
+async def embeddings(req: EmbeddingsRequest, request: Request, state: ServiceState = Depends(get_state)) -> dict:
     encoder = state.require_encoder()
     if req.model not in (None, encoder.name):
         raise InvalidInput(f"model {req.model!r} is not loaded; this service runs {encoder.name!r}")
@@ -262,25 +296,21 @@ async def embeddings(req: EmbeddingsRequest, state: ServiceState = Depends(get_s
     if modality == "text":
         if any(not t.strip() or len(t) > state.settings.max_text_chars for t in inputs):
             raise InvalidInput(f"every input must be non-empty and at most {state.settings.max_text_chars} characters")
-        run = encoder.encode_text_tokens if req.tokens else encoder.encode_text
-        work = partial(run, inputs)
-        usage = sum(encoder.count_tokens(inputs))
+        usage = sum(await run_in_threadpool(encoder.count_tokens, inputs))  # 256 long texts: not on the event loop
         if req.tokens:  # refuse before the work: each token is a dim-float vector in the answer
             check_response_floats(state, (usage + len(inputs)) * encoder.dim)
+        items: list[str | bytes] = list(inputs)
     else:
-        files = [decode_base64(x, f"input[{i}]") for i, x in enumerate(inputs)]
-
-        def work():  # noqa: ANN202 - decode and encode off the event loop
-            decoded = [encoder.decode(modality, f) for f in files]
-            run = encoder.encode_media_tokens if req.tokens else encoder.encode_media
-            return run(modality, decoded)
-
+        items = [decode_base64(x, f"input[{i}]") for i, x in enumerate(inputs)]
         usage = 0
-    async with state.admit():
-        out = await run_in_threadpool(work)
-    vecs = out.embedding if req.tokens else out
+    async with state.admit():  # the same query encoder as searches: cache, decoding budget, micro-batches
+        found = await while_connected(request, state.encode(modality, items, tokens=req.tokens))
     if req.tokens:
+        vecs = np.stack([f.embedding[0] for f in found])
+        out = TokenOutput(vecs, [f.tokens[0] for f in found])
         check_response_floats(state, vecs.size + sum(t.size for t in out.tokens))
+    else:
+        vecs = np.stack(found)
     if dims != encoder.dim:  # Matryoshka: the leading dims, renormalised
         vecs = vecs[:, :dims] / np.linalg.norm(vecs[:, :dims], axis=1, keepdims=True)
     data = []

@@ -47,6 +47,20 @@ class Settings(BaseSettings):
         2_000_000, ge=1024, description="floats one /v1/embeddings answer may hold (token vectors count); more is 413"
     )
     max_inflight: int = Field(64, ge=1, description="concurrent searches before 429")
+    request_timeout_s: float = Field(
+        10.0, gt=0, description="how long a query may wait for decoding memory and the encoder, then 503"
+    )
+
+    # Micro-batching of query encodes: one queue per tower (and per token-emitting or not), one batch at a time each.
+    batch_max: int = Field(32, ge=1, description="the most queries encoded in one batch; 1 = no micro-batching")
+    batch_wait_ms: float = Field(3.0, ge=0, description="how long a batch waits for more queries after its first")
+    batch_queue: int = Field(512, ge=1, description="queries waiting per tower before 429 (a request's inputs count)")
+    batch_max_tokens: int = Field(8192, ge=1, description="a text batch's padded tokens: items x its longest")
+    batch_max_pixels: int = Field(64_000_000, ge=1, description="decoded image pixels in one batch")
+    decode_memory_mb: int = Field(
+        512, ge=1, description="memory lent to decoding images and audio, all requests together (413 over it)"
+    )
+    decode_wait_s: float = Field(2.0, ge=0, description="how long an input waits for decoding memory before 429")
     serve_media: bool = Field(
         True, description="serve the indexed items' own pictures and sounds (by item id) for the search page at /"
     )

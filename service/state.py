@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Coroutine, Sequence
 
 import numpy as np
 from fastapi import Request
@@ -21,6 +21,8 @@ from indexer.layout import IndexDir, list_indexes
 from indexer.search import LoadedIndex
 from models.encoder import Encoder, TokenOutput
 from models.errors import IndexNotFound, InvalidInput, XmodalError
+from service.batcher import SECONDS, BatchMetrics, MicroBatcher
+from service.budget import MB, MemoryBudget
 from service.cache import Cache, CircuitBreaker, LocalCache, RedisCache, embedding_key
 from service.errors import NotReady, Overloaded
 from service.media import MediaRenderer
@@ -45,6 +47,10 @@ class Metrics:
         self.index_items = Gauge(
             "xmodal_index_items", "items in the loaded index version", ["index"], registry=self.registry
         )
+        self.decode_seconds = Histogram(
+            "xmodal_decode_seconds", "decoding a query file", ["modality"], registry=self.registry, buckets=SECONDS
+        )
+        self.batch = BatchMetrics(self.registry)
 
 
 def make_cache(settings: Settings) -> Cache:
@@ -67,6 +73,8 @@ class ServiceState:
         self.cache: Cache = make_cache(settings)
         self.metrics = Metrics()
         self.media = MediaRenderer(settings.media_cache_bytes)
+        self.batcher: MicroBatcher | None = None
+        self.decode_budget = MemoryBudget(settings.decode_memory_mb * MB, settings.decode_wait_s, self.metrics.registry)
         self._inflight = 0
 
     # --- loading -------------------------------------------------------------------------------
@@ -74,6 +82,7 @@ class ServiceState:
         try:
             self.encoder = Encoder(self.settings.model_dir, device=self.settings.device, threads=self.settings.threads)
             self.encoder.encode_text(["warm up"])  # first run allocates; keep it off the first request
+            self.batcher = MicroBatcher(self.encoder, self.settings, self.metrics.batch, lambda: self._inflight)
             self.model_error = None
         except XmodalError as exc:
             self.model_error = exc.message
@@ -132,6 +141,8 @@ class ServiceState:
                 log.exception("index refresh failed")
 
     async def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
         await self.cache.close()
         for index in self.indexes.values():
             index.close()
@@ -174,59 +185,89 @@ class ServiceState:
             raise InvalidInput(f"query.text is {len(text)} characters; the limit is {self.settings.max_text_chars}")
 
     async def text_vector(self, text: str) -> np.ndarray:
-        encoder = self.require_encoder()
         self._check_text(text)
-        return await self._cached_vector("text", text.encode(), lambda: encoder.encode_text([text])[0])
+        return (await self.encode("text", [text]))[0]
 
     async def media_vector(self, modality: str, data: bytes) -> np.ndarray:
         """The query vector of an image or audio file's bytes."""
-        encoder = self.require_encoder()
-        return await self._cached_vector(
-            modality, data, lambda: encoder.encode_media(modality, [encoder.decode(modality, data)])[0]
-        )
-
-    async def _cached_vector(self, modality: str, content: bytes, encode: Callable[[], np.ndarray]) -> np.ndarray:
-        """Through the embedding cache; ``encode`` runs in a worker thread on a miss."""
-        encoder = self.require_encoder()
-        key = embedding_key(encoder.fingerprint, modality, content)
-        raw = await self.cache.get(key)
-        if raw is not None and len(raw) == encoder.dim * 4:
-            self.metrics.cache.labels("embedding", "hit").inc()
-            return np.frombuffer(raw, dtype=np.float32)
-        self.metrics.cache.labels("embedding", "miss").inc()
-        vec = await run_in_threadpool(encode)
-        await self.cache.set(key, vec.astype(np.float32).tobytes(), self.settings.embedding_ttl_s)
-        return vec
+        return (await self.encode(modality, [data]))[0]
 
     async def text_tokens(self, text: str) -> TokenOutput:
         """One text's pooled vector and token vectors, for late interaction."""
-        encoder = self.require_encoder()
         self._check_text(text)
-        return await self._cached_tokens("text", text.encode(), lambda: encoder.encode_text_tokens([text]))
+        return (await self.encode("text", [text], tokens=True))[0]
 
     async def media_tokens(self, modality: str, data: bytes) -> TokenOutput:
-        encoder = self.require_encoder()
-        return await self._cached_tokens(
-            modality, data, lambda: encoder.encode_media_tokens(modality, [encoder.decode(modality, data)])
-        )
+        return (await self.encode(modality, [data], tokens=True))[0]
 
-    async def _cached_tokens(self, modality: str, content: bytes, encode: Callable[[], TokenOutput]) -> TokenOutput:
-        """Through the embedding cache, stored as float32 [1 + n, D]: the pooled vector, then the tokens."""
+    async def encode(self, modality: str, inputs: Sequence[str | bytes], tokens: bool = False) -> list:
+        """Texts, or image / audio files' bytes → each one's vector ([dim] float32) or, with ``tokens``, its
+        TokenOutput (one row). Through the embedding cache; the misses are decoded (within the decoding memory
+        budget, off the event loop) and join micro-batches with other requests' queries."""
         encoder = self.require_encoder()
-        key = embedding_key(encoder.fingerprint, f"{modality}+tokens", content)
-        raw = await self.cache.get(key)
-        row = encoder.dim * 4
-        if raw is not None and len(raw) > row and len(raw) % row == 0:
-            self.metrics.cache.labels("embedding", "hit").inc()
-            both = np.frombuffer(raw, dtype=np.float32).reshape(-1, encoder.dim)
-            return TokenOutput(both[:1], [both[1:]])
-        self.metrics.cache.labels("embedding", "miss").inc()
-        out = await run_in_threadpool(encode)
-        if len(out.tokens[0]) == 0:
-            raise InvalidInput(f"the {modality} query has no tokens to match")
-        both = np.concatenate([out.embedding[:1], out.tokens[0]]).astype(np.float32)
-        await self.cache.set(key, both.tobytes(), self.settings.embedding_ttl_s)
-        return out
+        deadline = time.monotonic() + self.settings.request_timeout_s
+        kind = f"{modality}+tokens" if tokens else modality
+        keys = [embedding_key(encoder.fingerprint, kind, x.encode() if isinstance(x, str) else x) for x in inputs]
+        found: list = []
+        for key in keys:  # one at a time: a 256-text request must not open 256 Redis connections
+            found.append(self._from_cache(await self.cache.get(key), tokens))
+        misses = [i for i, v in enumerate(found) if v is None]
+        self.metrics.cache.labels("embedding", "hit").inc(len(inputs) - len(misses))
+        if not misses:
+            return found
+        self.metrics.cache.labels("embedding", "miss").inc(len(misses))
+        batcher = self.require_batcher()
+        if modality == "text":
+            fresh = await batcher.encode("text", tokens, [inputs[i] for i in misses], deadline)
+        else:
+            fresh = await all_of([self._decoded_encode(modality, inputs[i], tokens, deadline) for i in misses])
+        for i, value in zip(misses, fresh, strict=True):
+            if tokens and len(value.tokens[0]) == 0:
+                raise InvalidInput(f"the {modality} query has no tokens to match")
+            found[i] = value
+            await self.cache.set(keys[i], self._to_cache(value, tokens), self.settings.embedding_ttl_s)
+        return found
+
+    async def _decoded_encode(
+        self, modality: str, data: bytes, tokens: bool, deadline: float
+    ) -> np.ndarray | TokenOutput:
+        """Decode one file within the memory budget (reserved from its header), then encode it in a batch; its
+        decoded form's memory is held until it is encoded."""
+        encoder, batcher = self.require_encoder(), self.require_batcher()
+        cost = await run_in_threadpool(encoder.decode_cost, modality, data)
+        loop = asyncio.get_running_loop()
+        async with self.decode_budget.reserve(max(cost.peak, cost.kept), f"this {modality}") as reservation:
+            t0 = time.perf_counter()
+            decoded = await reservation.hold_while(loop.run_in_executor(None, encoder.decode, modality, data))
+            self.metrics.decode_seconds.labels(modality).observe(time.perf_counter() - t0)
+            reservation.shrink(cost.kept)
+            reservation.hand_over()  # the batcher gives it back once no queue or batch holds the decoded file
+            found = await batcher.encode(modality, tokens, [decoded], deadline, reservation.release)
+            return found[0]
+
+    def _from_cache(self, raw: bytes | None, tokens: bool) -> np.ndarray | TokenOutput | None:
+        """A cached vector, or for tokens float32 [1 + n, D]: the pooled vector, then the tokens."""
+        row = self.require_encoder().dim * 4
+        if raw is None:
+            return None
+        if not tokens:
+            return np.frombuffer(raw, dtype=np.float32) if len(raw) == row else None
+        if len(raw) <= row or len(raw) % row:
+            return None
+        both = np.frombuffer(raw, dtype=np.float32).reshape(-1, row // 4)
+        return TokenOutput(both[:1], [both[1:]])
+
+    @staticmethod
+    def _to_cache(value: np.ndarray | TokenOutput, tokens: bool) -> bytes:
+        if not tokens:
+            return value.astype(np.float32).tobytes()
+        return np.concatenate([value.embedding[:1], value.tokens[0]]).astype(np.float32).tobytes()
+
+    def require_batcher(self) -> MicroBatcher:
+        self.require_encoder()
+        if self.batcher is None:
+            raise NotReady("the encoder is still starting")
+        return self.batcher
 
     def given_vector(self, values: list[float]) -> np.ndarray:
         encoder = self.require_encoder()
@@ -245,3 +286,13 @@ def get_state(request: Request) -> ServiceState:
 
 def now_ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000, 3)
+
+
+async def all_of(coros: list[Coroutine]) -> list:
+    """Run concurrently and give the results in order; the first error cancels the others and is raised."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -303,3 +303,25 @@ def test_an_extreme_aspect_ratio_is_refused_before_resizing() -> None:
     """64000x1 is a small image, but scaling its short side to 224 would make it 224 x 14,336,000 pixels."""
     with pytest.raises(InvalidInput, match="resized image too large"):
         ImagePreprocessor(CLIP)([Image.new("RGB", (64000, 1))])
+
+
+def test_decode_cost_comes_from_the_header_and_refuses_what_decode_would() -> None:
+    """The cost of decoding, read from the header: per mode as Pillow stores it, plus a row pointer per row; what
+    resizing would make of a 1 x 64,000,000 picture is refused from a header-only file, so before any pixel."""
+    pre = ImagePreprocessor(CLIP)
+    with pytest.raises(InvalidInput, match="resized image too large"):
+        pre.decode_cost(png_header(1, 64_000_000))
+    with pytest.raises(InvalidInput, match="resized image too large"):
+        pre.decode(png_header(1, 64_000_000))  # from the header too, not after decoding 1.7 GB
+    with pytest.raises(InvalidInput, match="over the pixel limit of 64,000,000"):
+        pre.decode_cost(png_header(9000, 8000))
+    for data, says in ((b"", "empty"), (b"hello, this is text", "not an image")):
+        with pytest.raises(InvalidInput, match=says):
+            pre.decode_cost(data)
+    px = 8000 * 8000
+    bilevel = pre.decode_cost(encode(Image.new("1", (8000, 8000)), "PNG"))  # 8 KB of file
+    assert 6 * px <= bilevel.peak < 7 * px  # the file's image and its oriented copy (1 byte a pixel), then RGB (4)
+    assert 4 * px <= bilevel.kept < 5 * px  # the RGB image while it waits for the encoder
+    rgba = pre.decode_cost(encode(noise(400, 300, "RGBA"), "PNG"))
+    rgb = pre.decode_cost(encode(noise(400, 300), "PNG"))
+    assert rgba.peak > 2 * rgb.peak and rgba.kept == rgb.kept  # compositing onto white costs; the result is RGB
