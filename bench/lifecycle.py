@@ -9,8 +9,9 @@ Usage:
    xmodal-mini (``indexer.build.build_index``), then ``--add`` more items are added (``add_items``: encoded into a new
    segment, a new version published); the full rebuild of all of them is timed too. In-process, one loaded encoder.
 2. Segments: the rebuilt index's rows written again as one segment and as ``--segments`` segments (the real
-   segment writer, no encoding), with the same FAISS key, for Flat and HNSW32,Flat; single-query search (k=10) p50
-   and p99 over 500 queries (stored vectors of random rows), and the overlap of the two top 10s.
+   segment writer, no encoding; each segment's efSearch tuned to recall@10 0.95 by indexer.tuning), with the same
+   FAISS key, for Flat and HNSW32,Flat; single-query search p50 and p99 over 500 queries (stored vectors of random
+   rows), and the recall@10 of each against exact search (the query's own item left out).
 3. Load: a ``--load-items`` index served by ``xmodal serve`` (a subprocess, polling CURRENT every 0.5 s); a client
    process runs 8 threads of /v1/search for ``--load-seconds`` while this process publishes 5 adds, 2 deletes and a
    compaction. Reports requests, failures, any client that saw a version older than one it had seen, latency.
@@ -47,6 +48,7 @@ from indexer.lifecycle import compact, delete_items  # noqa: E402
 from indexer.publish import commit  # noqa: E402
 from indexer.search import LoadedIndex  # noqa: E402
 from indexer.segment_writer import RowRecord, write_segment  # noqa: E402
+from indexer.tuning import exact_topk  # noqa: E402
 from models.encoder import Encoder  # noqa: E402
 from models.files import staging_dir  # noqa: E402
 from models.registry import prepare  # noqa: E402
@@ -118,13 +120,14 @@ def rewrite(indexes: Path, source: LoadedIndex, name: str, parts: int, key: str)
     return LoadedIndex(indexes, name, use_gpu=False)
 
 
-def latency(index: LoadedIndex, queries: np.ndarray) -> tuple[np.ndarray, list[set[str]]]:
+def latency(index: LoadedIndex, queries: np.ndarray, own: list[str]) -> tuple[np.ndarray, list[set[str]]]:
+    """Milliseconds per single-query search (k=11), and each query's top 10 with its own item left out."""
     times, found = [], []
-    for q in queries:
+    for q, me in zip(queries, own, strict=True):
         t0 = time.perf_counter()
-        hits = index.search(q, 10)
+        hits = index.search(q, 11)
         times.append(time.perf_counter() - t0)
-        found.append({h.id for h in hits})
+        found.append(set([h.id for h in hits if h.id != me][:10]))
     return np.array(times) * 1000, found
 
 
@@ -133,18 +136,26 @@ def segments_section(indexes: Path, parts: int) -> list:
     rng = np.random.default_rng(0)
     rows = rng.choice(source.size, size=500, replace=False)
     queries = source.vectors(rows.tolist())
+    records = source.items.get(rows.tolist())
+    own = [records[r]["id"] for r in rows.tolist()]
+    every = source.vectors(list(range(source.size)))
+    ids = [r[1] for r in source.items.all_rows()]
+    top11 = exact_topk(queries, every, 11)
+    truth = [set([ids[j] for j in top if ids[j] != me][:10]) for top, me in zip(top11, own, strict=True)]
     out = []
     for key in ("Flat", "HNSW32,Flat"):
         tag = key.split(",")[0].lower()
         log(f"writing 1 and {parts} segments with {key} ...")
         one = rewrite(indexes, source, f"one-{tag}", 1, key)
         many = rewrite(indexes, source, f"many-{tag}", parts, key)
-        latency(one, queries[:50])  # warm up
-        latency(many, queries[:50])
-        t1, f1 = latency(one, queries)
-        tn, fn = latency(many, queries)
-        overlap = np.mean([len(a & b) / 10 for a, b in zip(f1, fn, strict=True)])
+        latency(one, queries[:50], own[:50])  # warm up
+        latency(many, queries[:50], own[:50])
+        t1, f1 = latency(one, queries, own)
+        tn, fn = latency(many, queries, own)
+        recall_1 = np.mean([len(a & b) / 10 for a, b in zip(f1, truth, strict=True)])
+        recall_n = np.mean([len(a & b) / 10 for a, b in zip(fn, truth, strict=True)])
         p50_1, p50_n = np.percentile(t1, 50), np.percentile(tn, 50)
+        params = lambda ix: sorted({str(v.data.manifest.faiss.params) for v in ix.segments})  # noqa: E731
         out.append(
             [
                 key,
@@ -154,7 +165,9 @@ def segments_section(indexes: Path, parts: int) -> list:
                 f"{p50_n:.2f}",
                 f"{np.percentile(tn, 99):.2f}",
                 f"{p50_n / p50_1:.2f}x",
-                f"{overlap:.3f}",
+                f"{recall_1:.3f}",
+                f"{recall_n:.3f}",
+                " ".join(params(one)) + " / " + " ".join(params(many)),
             ]
         )
     return out
@@ -316,7 +329,9 @@ def main() -> None:
                 "N seg p50 ms",
                 "N seg p99 ms",
                 "p50 ratio",
-                "overlap@10",
+                "1 seg recall@10",
+                "N seg recall@10",
+                "params (1 / N)",
             ],
             segment_rows,
         )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer import calibration, faiss_backend
+from indexer import calibration, faiss_backend, tuning
 from indexer.integrity import file_checksums
 from indexer.items import write_items
 from indexer.late.evaluate import measure_late
@@ -22,7 +22,7 @@ from models.errors import InvalidInput
 from models.files import atomic_write_json
 
 log = logging.getLogger(__name__)
-RECALL_SAMPLE = 256
+RECALL_SAMPLE = 256  # queries of the calibration statistics
 
 
 @dataclass
@@ -55,31 +55,6 @@ class LateBuild:
                 raise InvalidInput("--token-storage and --pool-factor shape the token store: add --late")
             return None
         return cls(storage=storage, nbits=nbits, pool_factor=pool_factor)
-
-
-def exact_topk(queries: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:
-    scores = queries @ vectors.T
-    k = min(k, vectors.shape[0])
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    order = np.take_along_axis(scores, top, axis=1).argsort(axis=1)[:, ::-1]
-    return np.take_along_axis(top, order, axis=1)
-
-
-def recall_hits(index, vectors: np.ndarray, k: int = 10, seed: int = 0) -> tuple[int, int, int]:  # noqa: ANN001
-    """(hits, queries, k) of ``index`` against exact inner-product search, a sample of the vectors as queries."""
-    rng = np.random.default_rng(seed)
-    n = vectors.shape[0]
-    sample = rng.choice(n, size=min(RECALL_SAMPLE, n), replace=False)
-    queries = vectors[sample]
-    k = min(k, n)
-    truth = exact_topk(queries, vectors, k)
-    _, found = index.search(queries, k)
-    return sum(len(set(t) & set(f)) for t, f in zip(truth, found, strict=True)), len(sample), k
-
-
-def combined_recall(parts: list[tuple[int, int, int]]) -> dict:
-    hits, queries = sum(p[0] for p in parts), sum(p[1] * p[2] for p in parts)
-    return {"value": hits / max(queries, 1), "k": max(p[2] for p in parts), "sample": sum(p[1] for p in parts)}
 
 
 def row_ranges(modalities: list[str]) -> dict[str, list[int]]:
@@ -134,19 +109,23 @@ def write_segment(
     use_gpu: bool = True,
     late: LateBuild | None = None,
     build: dict | None = None,
+    recall_target: float = tuning.RECALL_TARGET,
 ) -> SegmentManifest:
     """Write segment ``segment`` of ``index`` into ``folder`` (a staging folder: the caller renames it); rows
-    grouped by modality, ``vectors`` [R, D] in row order, with ``late`` each row's token vectors too."""
+    grouped by modality, ``vectors`` [R, D] in row order, with ``late`` each row's token vectors too. An approximate
+    FAISS index gets the cheapest search parameters that reach ``recall_target`` (indexer.tuning)."""
     t0 = time.perf_counter()
     ranges = row_ranges([r.modality for r in records])
     key = faiss_key or faiss_backend.default_key(max(e - s for s, e in ranges.values()))
-    params, built_on, recalls = faiss_backend.default_params(key), "cpu", []
-    files = {}
+    built_on, indexes = "cpu", {}
     for modality, (start, end) in ranges.items():
         part = np.ascontiguousarray(vectors[start:end])
         built, built_on = faiss_backend.build(part, key, use_gpu=use_gpu)
+        indexes[modality] = built, part
+    params, recall = tuning.tune(list(indexes.values()), faiss_backend.default_params(key), recall_target)
+    files = {}
+    for modality, (built, _) in indexes.items():
         faiss_backend.apply_params(built, params)
-        recalls.append(recall_hits(built, part))
         faiss_backend.write(built, folder / dense_file(modality))
         files[dense_file(modality)] = f"FAISS index of the {modality} rows' vectors; FAISS id i is the modality's row i"
     row_item = item_ordinals([r.id for r in records])
@@ -159,7 +138,7 @@ def write_segment(
         faiss=FaissInfo(key=key, params=params, built_on=built_on),
         counts={m: e - s for m, (s, e) in ranges.items()},
         rows=ranges,
-        recall_at_10=combined_recall(recalls),
+        recall_at_10=recall,
         calibration=calibration_stats(vectors, ranges),
         score_calibration=calibration.fit_dense(vectors, ranges, row_item, RECALL_SAMPLE),
         build=dict(build or {}),

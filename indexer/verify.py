@@ -9,7 +9,7 @@ from indexer import faiss_backend
 from indexer.integrity import check_segment_files, consistency_problems
 from indexer.items import ItemStore
 from indexer.layout import ITEMS, IndexDir, dense_file
-from indexer.segment_writer import combined_recall, recall_hits
+from indexer.tuning import combined_recall, recall_hits
 from models.errors import BundleError
 
 

@@ -21,7 +21,7 @@ from indexer.build import build_index
 from indexer.corpus import read_corpus
 from indexer.layout import IndexDir
 from indexer.search import LoadedIndex
-from indexer.segment_writer import exact_topk
+from indexer.tuning import exact_topk
 from models.encoder import Encoder
 from service.app import create_app
 from service.settings import Settings
