@@ -67,10 +67,12 @@ class LoadedIndex:
         expect_fingerprint: str | None = None,
         verify: bool = True,
         previous: LoadedIndex | None = None,
+        selectors: bool | None = None,
     ) -> None:
         """Load ``version`` (default: the published one) of index ``name``. BundleError (never a half-loaded
         index) when a file fails its checksum (with ``verify``), the files disagree with the manifest, or the
-        model is not ``expect_fingerprint``."""
+        model is not ``expect_fingerprint``. ``selectors``: how deleted rows are kept out of FAISS results
+        (indexer.segment_reader.SegmentView; default: by the segment's device)."""
         d = IndexDir(indexes_dir, name)
         self.name = name
         self.manifest: VersionManifest = d.manifest(version)
@@ -98,7 +100,7 @@ class LoadedIndex:
                     raise BundleError(f"index {name!r} version {self.version}: segment {ref.id} has another model")
                 if (data.tokens is None) != (self.manifest.tokens is None):
                     raise BundleError(f"index {name!r} version {self.version}: segment {ref.id} differs in tokens")
-                self.segments.append(SegmentView(data, ref, offset))
+                self.segments.append(SegmentView(data, ref, offset, selectors))
                 offset += ref.rows
         except BaseException:
             for data in opened:

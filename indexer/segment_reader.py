@@ -61,7 +61,9 @@ class Found:
 
 
 class SegmentView:
-    def __init__(self, data: SegmentData, ref: SegmentRef, offset: int) -> None:
+    def __init__(self, data: SegmentData, ref: SegmentRef, offset: int, selectors: bool | None = None) -> None:
+        """``selectors``: restrict FAISS to live rows with a bitmap selector (default: on the CPU; FAISS's GPU
+        indexes take no selectors, so there a search over-fetches by the deleted count and drops deleted rows)."""
         if ref.rows != data.manifest.size:
             raise BundleError(f"segment {ref.id} holds {data.manifest.size} rows, the version says {ref.rows}")
         self.data, self.offset = data, offset
@@ -72,7 +74,9 @@ class SegmentView:
         self.dead[tomb] = True
         self.dead.flags.writeable = False
         # built now, not on first use: FAISS holds raw pointers to the bitmap, which must outlive every search
-        self._selectors = {m: self._selector(m) for m in data.manifest.rows}
+        use = data.device == "cpu" if selectors is None else selectors
+        self._selectors = {m: self._selector(m) if use else None for m in data.manifest.rows}
+        self._dead_count = {m: int(self.dead[s:e].sum()) for m, (s, e) in data.manifest.rows.items()}
         self.live = {m: int(e - s - self.dead[s:e].sum()) for m, (s, e) in data.manifest.rows.items()}
         self.size = int(ref.rows - len(tomb))
         self._allowed: dict[tuple[str, ...], tuple[np.ndarray, int]] = {}
@@ -101,11 +105,17 @@ class SegmentView:
         start, _ = self.modality_rows(modality)
         fetch = min(fetch, self.live[modality])
         held = self._selectors[modality]
-        params = None if held is None else held[0]
         index = self.data.indexes[modality]
-        scores, ids = index.search(q, fetch) if params is None else index.search(q, fetch, params=params)
-        ids = ids[0]
-        return scores[0], np.where(ids >= 0, ids + start, -1)
+        if held is not None:
+            scores, ids = index.search(q, fetch, params=held[0])
+            return scores[0], np.where(ids[0] >= 0, ids[0] + start, -1)
+        dead = self._dead_count[modality]
+        scores, ids = index.search(q, fetch + dead)  # a deleted row takes at most one of the extra slots
+        rows = np.where(ids[0] >= 0, ids[0] + start, -1)
+        if dead:
+            keep = (rows < 0) | ~self.dead[np.maximum(rows, 0)]
+            return scores[0][keep][:fetch], rows[keep][:fetch]
+        return scores[0], rows
 
     def search_modality(self, q: np.ndarray, k: int, modality: str, matches) -> list[Found]:  # noqa: ANN001
         """Top k distinct items among one modality's live rows whose metadata ``matches``: over-fetch and widen

@@ -130,6 +130,12 @@ def test_deleted_items_are_never_returned(tmp_path: Path, encoder: Encoder, item
             assert not gone & {h.id for h in index.search_late(LateRequest(tokens.tokens[i], q, EXACT), 50, targets)}
         assert not gone & {h.id for h in index.search(q, 50, filter={"kind": kinds})}
     assert not set(index.items.sources(sorted(gone), ("image", "audio", "text")))
+    # the GPU path (no FAISS selectors there: over-fetch by the deleted count, drop deleted rows) gives the same
+    unselected = LoadedIndex(tmp_path, "t", use_gpu=False, selectors=False)
+    assert unselected.segments[0]._selectors == {m: None for m in unselected.modalities}
+    for q in vectors:
+        for target in index.modalities:
+            same_hits(unselected.search(q, 30, [target]), index.search(q, 30, [target]))
     with pytest.raises(InvalidInput, match="holds none"):
         delete_items(tmp_path, "t", ["no-such-id"])
     assert IndexDir(tmp_path, "t").current() == m.version  # nothing published for it
