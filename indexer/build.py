@@ -95,7 +95,8 @@ def add_items(
 ) -> VersionManifest:
     """Encode only ``items`` into a new segment and publish a version of the published one's segments plus it;
     an id the index already holds is an upsert (its old rows are tombstoned). Stored as the index stores tokens.
-    With ``max_segments``, a version left with more segments is compacted into one (and that one returned)."""
+    With ``max_segments``, a version left with more segments gets its small segments merged (indexer.lifecycle's
+    tiered compaction; that version is returned)."""
     target = IndexDir(indexes_dir, name)
     base = target.manifest()
     _check_model(name, base, encoder)
@@ -128,7 +129,7 @@ def add_items(
         from indexer.lifecycle import compact
 
         log.info("index %s has %d segments (more than %d): compacting", name, len(version.segments), max_segments)
-        version = compact(indexes_dir, name, use_gpu=use_gpu, keep_versions=keep_versions)
+        version = compact(indexes_dir, name, use_gpu=use_gpu, keep_versions=keep_versions, everything=False)
     return version
 
 

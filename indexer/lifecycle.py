@@ -52,18 +52,39 @@ def delete_items(
     return version, missing
 
 
-def compact(indexes_dir: Path, name: str, use_gpu: bool = True, keep_versions: int | None = None) -> VersionManifest:
-    """Merge every segment's live rows into one segment (deleted rows dropped) and publish it. Holds the writer
-    lock throughout, so no add or delete lands in between and is lost; they wait for it."""
+SMALL = 0.25  # a segment with fewer live rows than this share of the largest one is small
+DELETED = 0.2  # a segment with at least this share of its rows deleted is worth rewriting
+
+
+def small_segments(refs: list[SegmentRef]) -> list[SegmentRef]:
+    """What a tiered compaction merges: the small segments and those with many deletions (as Lucene's tiered merge
+    policy leaves large segments alone). Fewer than two of them and no deletions among them: every segment."""
+    live = {r.id: r.rows - len(r.tombstones) for r in refs}
+    largest = max(live.values())
+    chosen = [r for r in refs if live[r.id] < SMALL * largest or len(r.tombstones) >= DELETED * r.rows]
+    if len(chosen) < 2 and not any(r.tombstones for r in chosen):
+        return refs
+    return chosen
+
+
+def compact(
+    indexes_dir: Path, name: str, use_gpu: bool = True, keep_versions: int | None = None, everything: bool = True
+) -> VersionManifest:
+    """Merge segments' live rows into one segment (deleted rows dropped) and publish it: every segment, or with
+    ``everything=False`` the small ones and those with many deletions (:func:`small_segments`; what an add does past
+    ``max_segments``), the others kept as they are. Holds the writer lock throughout, so no add or delete lands in
+    between and is lost; they wait for it."""
     target = IndexDir(indexes_dir, name)
     t0 = time.perf_counter()
     with target.writing():
         base = target.manifest()
         if len(base.segments) == 1 and not base.segments[0].tombstones:
             raise InvalidInput(f"index {name!r} is one segment without deletions: nothing to compact")
+        merged = base.segments if everything else small_segments(base.segments)
+        kept = [r for r in base.segments if r not in merged]
         rows, vectors, tokens = [], [], []
         late = None
-        for ref in base.segments:
+        for ref in merged:
             seg = target.segment_manifest(ref.id)
             if seg.tokens:
                 late = LateBuild(**{k: seg.tokens[k] for k in ("storage", "nbits", "pool_factor") if k in seg.tokens})
@@ -84,11 +105,12 @@ def compact(indexes_dir: Path, name: str, use_gpu: bool = True, keep_versions: i
                 model=base.model,
                 use_gpu=use_gpu,
                 late=late,
-                build={"compacted": [r.id for r in base.segments]},
+                build={"compacted": [r.id for r in merged]},
             )
             build = {
-                "segments_merged": len(base.segments),
-                "rows_dropped": sum(len(r.tombstones) for r in base.segments),
+                "segments_merged": len(merged),
+                "segments_kept": len(kept),
+                "rows_dropped": sum(len(r.tombstones) for r in merged),
                 "rows": written.size,
                 "seconds": round(time.perf_counter() - t0, 3),
             }
@@ -96,7 +118,7 @@ def compact(indexes_dir: Path, name: str, use_gpu: bool = True, keep_versions: i
                 target,
                 "compact",
                 [(tmp, written)],
-                lambda current: [SegmentRef(id=segment, rows=written.size)],
+                lambda current: [*kept, SegmentRef(id=segment, rows=written.size)],
                 build=build,
                 keep_versions=keep_versions,
                 locked=True,

@@ -367,7 +367,8 @@ def index_add(
             max_segments=s.max_segments,
         )
     if m.operation == "compact":
-        console.print(f"more than XMODAL_MAX_SEGMENTS={s.max_segments} segments: compacted into one")
+        merged = m.build["segments_merged"]
+        console.print(f"more than XMODAL_MAX_SEGMENTS={s.max_segments} segments: {merged} small ones merged into one")
     else:
         console.print(f"{m.build['vectors']} vectors added, {m.build['replaced']} item(s) replaced")
     _changed(s, m)

@@ -72,7 +72,9 @@ class Settings(BaseSettings):
         "and the segments only they list",
     )
     max_segments: int = Field(
-        16, ge=1, description="an add that leaves a version with more segments than this compacts it into one"
+        16,
+        ge=1,
+        description="an add leaving a version with more segments than this merges its small ones (tiered compaction)",
     )
     verify_checksums: bool = Field(
         True, description="check every file of an index version against its manifest's sha256 before serving it"

@@ -250,3 +250,21 @@ def test_an_interrupted_add_resumes_from_its_checkpoints(tmp_path: Path, encoder
     m = add_items(indexes_dir=tmp_path, name="t", items=more, encoder=encoder, use_gpu=False, batch_size=4)
     assert m.build["resumed_vectors"] > 0 and m.build["encoded_vectors"] < m.build["vectors"]
     assert len(m.segments) == 2 and not list(IndexDir(tmp_path, "t").segments_dir.glob(".tmp-*"))
+
+
+def test_an_add_past_max_segments_merges_only_the_small_ones(tmp_path: Path, encoder: Encoder, items, queries) -> None:
+    base = build_index(indexes_dir=tmp_path, name="t", items=items[:120], encoder=encoder, use_gpu=False).manifest
+    big = base.segments[0].id
+    for start in (120, 130):
+        add_items(indexes_dir=tmp_path, name="t", items=items[start : start + 10], encoder=encoder, use_gpu=False)
+    before = LoadedIndex(tmp_path, "t", use_gpu=False)
+    m = add_items(indexes_dir=tmp_path, name="t", items=items[140:150], encoder=encoder, use_gpu=False, max_segments=3)
+    assert m.operation == "compact" and m.build["segments_merged"] == 3 and m.build["segments_kept"] == 1
+    assert [r.id for r in m.segments][0] == big and len(m.segments) == 2  # the large segment is left alone
+    after = LoadedIndex(tmp_path, "t", use_gpu=False)
+    build_index(indexes_dir=tmp_path, name="whole", items=items[:150], encoder=encoder, use_gpu=False)
+    whole = LoadedIndex(tmp_path, "whole", use_gpu=False)
+    assert after.size == whole.size == before.size + sum(len(it.modalities) for it in items[140:150])
+    for q in queries[0]:
+        for target in whole.modalities:
+            same_hits(after.search(q, 15, [target]), whole.search(q, 15, [target]))
