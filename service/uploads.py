@@ -17,6 +17,36 @@ from models.files import atomic_write_bytes
 from service.schemas import RequestBody
 
 MAX_ITEMS = 1000  # per request; the body limit bounds the media
+# What a file starts with -> the suffix it is saved under (the decoders and the media routes go by it).
+SIGNATURES = {
+    "image": [
+        (0, b"\x89PNG\r\n\x1a\n", ".png"),
+        (0, b"\xff\xd8\xff", ".jpg"),
+        (0, b"GIF8", ".gif"),
+        (8, b"WEBP", ".webp"),
+        (0, b"BM", ".bmp"),
+        (0, b"II*\x00", ".tif"),
+        (0, b"MM\x00*", ".tif"),
+    ],
+    "audio": [
+        (8, b"WAVE", ".wav"),
+        (0, b"fLaC", ".flac"),
+        (0, b"OggS", ".ogg"),
+        (0, b"ID3", ".mp3"),
+        (0, b"\xff\xfb", ".mp3"),
+        (0, b"\xff\xf3", ".mp3"),
+        (0, b"\xff\xf2", ".mp3"),
+    ],
+}
+
+
+def media_suffix(data: bytes, modality: str, field: str) -> str:
+    """The file suffix of an uploaded picture or sound, from its first bytes; InvalidInput for anything else."""
+    for offset, magic, suffix in SIGNATURES[modality]:
+        if data[offset : offset + len(magic)] == magic:
+            return suffix
+    kinds = sorted({suffix.lstrip(".") for _, _, suffix in SIGNATURES[modality]})
+    raise InvalidInput(f"{field} is not an {modality} file this service reads ({', '.join(kinds)})")
 
 
 class ItemIn(RequestBody):
@@ -48,8 +78,7 @@ def save_upload(media_root: Path, index: str, body: ItemsRequest, decode) -> Pat
     ids = [it.id for it in body.items]
     if len(set(ids)) != len(ids):
         raise InvalidInput("items: every id must appear once")
-    folder = media_root / check_name(index) / secrets.token_hex(8)
-    folder.mkdir(parents=True)
+    files: dict[str, bytes] = {}  # checked in full before anything is written: a refused request leaves nothing
     lines = []
     for i, item in enumerate(body.items):
         row: dict = {"id": item.id, "metadata": item.metadata}
@@ -58,12 +87,18 @@ def save_upload(media_root: Path, index: str, body: ItemsRequest, decode) -> Pat
         for modality in ("image", "audio"):
             value = getattr(item, modality)
             if value is not None:
-                name = f"{i:05d}.{modality}"
-                atomic_write_bytes(folder / name, decode(value, f"items[{i}].{modality}"))
+                field = f"items[{i}].{modality}"
+                data = decode(value, field)
+                name = f"{i:05d}{media_suffix(data, modality, field)}"
+                files[name] = data
                 row[modality] = name  # relative to the JSONL
         if len(row) == 2:
             raise InvalidInput(f"items[{i}] ({item.id!r}) has no text, image or audio")
         lines.append(json.dumps(row, ensure_ascii=False))
+    folder = media_root / check_name(index) / secrets.token_hex(8)
+    folder.mkdir(parents=True)
+    for name, data in files.items():
+        atomic_write_bytes(folder / name, data)
     path = folder / "items.jsonl"
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
     os.chmod(folder, 0o755)

@@ -3,6 +3,7 @@ SIGKILL mid-job), and without Redis in the service's background process; the adm
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -278,6 +279,16 @@ def test_a_versions_own_items_come_back_as_its_corpus(late_data: Path, media_cor
     assert all(Path(p).is_file() for it in again for p in (it.image, it.audio) if p is not None)
 
 
+def png_base64() -> str:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (40, 40), (220, 20, 20)).save(out, format="PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
 def search_ids(client: TestClient, text: str, k: int = 50, **body) -> list[str]:
     r = client.post("/v1/search", json={"index": "news", "query": {"text": text}, "k": k, **body})
     assert r.status_code == 200, r.text
@@ -308,6 +319,10 @@ def test_items_are_added_replaced_deleted_and_compacted_over_http(data: Path) ->
         assert r.status_code == 400 and "no text, image or audio" in r.text
         r = c.post("/v1/indexes/news/items", json={"items": [new, new]}, headers=ADMIN)
         assert r.status_code == 400 and "once" in r.text
+        fake = base64.b64encode(b"not a picture at all").decode()
+        r = c.post("/v1/indexes/news/items", json={"items": [new, {"id": "p", "image": fake}]}, headers=ADMIN)
+        assert r.status_code == 400 and "items[1].image is not an image file" in r.text
+        assert not (data / "media").exists()  # a refused request leaves nothing behind
 
         added = run_job(c, "POST", "/v1/indexes/news/items", {"items": [new]})
         assert added["kind"] == "add" and served_version(c, added["version"])
@@ -324,6 +339,16 @@ def test_items_are_added_replaced_deleted_and_compacted_over_http(data: Path) ->
         assert deleted["kind"] == "delete"
         assert not {*first_two, "giraffe"} & set(search_ids(c, "a football match", k=30))
         assert search_ids(c, "anything", filter={"topic": "zoo"}) == []
+
+        # an item with a picture: its file is kept, and the media routes show it
+        picture = {"id": "pic", "text": "a small red square", "image": "data:image/png;base64," + png_base64()}
+        run_job(c, "POST", "/v1/indexes/news/items", {"items": [picture]})
+        assert c.get("/v1/indexes/news/media", params={"id": "pic", "modality": "image"}).content[:4] == b"\x89PNG"
+        r = c.post("/v1/search", json={"index": "news", "query": {"text": "x"}, "k": 1, "filter": {"topic": "zoo"}})
+        assert r.status_code == 200
+        deleted_too = run_job(c, "DELETE", "/v1/indexes/news/items", {"ids": ["pic"]})
+        assert deleted_too["state"] == "succeeded"
+        assert c.get("/v1/indexes/news/media", params={"id": "pic", "modality": "image"}).status_code == 404
 
         compacted = run_job(c, "POST", "/v1/indexes/news/compact")
         manifest = IndexDir(data / "indexes", "news").manifest()
