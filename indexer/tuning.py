@@ -1,7 +1,8 @@
 """Recall of an approximate FAISS index against exact search, and its search parameters tuned to a recall target.
 
 Queries are a sample of the index's own vectors, each left out of its own answers (truth and found alike), so the
-measure behaves as for queries from outside the index rather than counting every query's own vector as a hit.
+measure behaves as for queries from outside the index rather than counting every query's own vector as a hit;
+ties in the exact scores are tolerated.
 Tuning walks a ladder of ``efSearch`` (HNSW) or ``nprobe`` (IVF) values, cheapest first, and keeps the first that
 reaches the target on every modality's index of a segment (the last one if none does; the manifest then says so).
 """
@@ -35,20 +36,23 @@ def sample_rows(n: int, seed: int = 0) -> np.ndarray:
 
 def recall_hits(index: Any, vectors: np.ndarray, k: int = 10, params: Any = None) -> tuple[int, int, int]:
     """(hits, queries, k) of ``index`` against exact inner-product search over ``vectors`` (its contents), a sample
-    of them as queries, each query's own row left out."""
+    of them as queries, each query's own row left out. Ties are tolerated (as faiss.contrib.evaluation does): a
+    found row is a hit when its exact score reaches the k-th best exact score, so an exact index scores 1.0 even
+    where duplicate vectors make the order of equals arbitrary."""
     n = vectors.shape[0]
     k = min(k, n - 1)
     if k < 1:
         return 0, 0, 0
     rows = sample_rows(n)
     queries = np.ascontiguousarray(vectors[rows])
-    truth = exact_topk(queries, vectors, k + 1)
+    scores = queries @ vectors.T
+    scores[np.arange(len(rows)), rows] = -np.inf  # not its own answer
+    kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1]
     _, found = index.search(queries, k + 1) if params is None else index.search(queries, k + 1, params=params)
     hits = 0
-    for row, t, f in zip(rows.tolist(), truth, found, strict=True):
-        want = [r for r in t.tolist() if r != row][:k]
-        got = [r for r in f.tolist() if r != row][:k]
-        hits += len(set(want) & set(got))
+    for i, (row, f) in enumerate(zip(rows.tolist(), found, strict=True)):
+        got = [r for r in f.tolist() if r != row and r >= 0][:k]
+        hits += int((scores[i, got] >= kth[i] - 1e-5).sum())
     return hits, len(rows), k
 
 
