@@ -346,26 +346,12 @@ def index_add(
 
     Example: xmodal index add docs --corpus more.jsonl
     """
-    from indexer.build import add_items
-    from indexer.corpus import read_corpus
-    from models.encoder import Encoder
+    from service.index_ops import add_corpus
 
     s = _settings()
-    items = read_corpus(corpus)
-    encoder = Encoder(s.model_dir, device=s.device, threads=s.threads)
     with _progress_bar("encoding") as bar:
-        task = bar.add_task("encode", total=len(items))
-        m = add_items(
-            indexes_dir=s.indexes_dir,
-            name=name,
-            items=items,
-            encoder=encoder,
-            batch_size=batch_size,
-            use_gpu=s.device != "cpu",
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
-            keep_versions=s.keep_versions,
-            max_segments=s.max_segments,
-        )
+        task = bar.add_task("encode", total=None)
+        m = add_corpus(s, name, corpus, lambda done, total: bar.update(task, completed=done, total=total), batch_size)
     if m.operation == "compact":
         merged = m.build["segments_merged"]
         console.print(f"more than XMODAL_MAX_SEGMENTS={s.max_segments} segments: {merged} small ones merged into one")
@@ -387,7 +373,7 @@ def index_delete(
 
     Example: xmodal index delete docs --ids gone.txt
     """
-    from indexer.lifecycle import delete_items
+    from service.index_ops import delete_ids
 
     wanted = list(id_ or [])
     if ids is not None:
@@ -395,7 +381,7 @@ def index_delete(
     if not wanted:
         raise InvalidInput("give --id ID (repeatable) or --ids FILE")
     s = _settings()
-    m, missing = delete_items(s.indexes_dir, name, wanted, keep_versions=s.keep_versions)
+    m, missing = delete_ids(s, name, wanted)
     console.print(f"{m.build['deleted']} item(s) deleted" + (f"; not in the index: {missing[:10]}" if missing else ""))
     _changed(s, m)
 
@@ -407,11 +393,11 @@ def index_compact(name: Annotated[str, typer.Argument(help="index name")]) -> No
 
     Example: xmodal index compact docs
     """
-    from indexer.lifecycle import compact
+    from service.index_ops import compact_index
 
     s = _settings()
     with console.status("compacting ..."):
-        m = compact(s.indexes_dir, name, use_gpu=s.device != "cpu", keep_versions=s.keep_versions)
+        m = compact_index(s, name)
     console.print(f"{m.build['segments_merged']} segments merged, {m.build['rows_dropped']} deleted rows dropped")
     _changed(s, m)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.errors import IndexNotFound, XmodalError
+from service import index_ops
 from service.job_store import FINISHED, JobStatus, JobStore, Progress, now_iso, update
 from service.settings import Settings
 
@@ -78,40 +79,16 @@ def rebuild(settings: Settings, name: str, request: dict, progress: Callable[[in
 
 
 def add(settings: Settings, name: str, request: dict, progress: Callable[[int, int], None]) -> str:
-    """Encode the posted items (saved by service.uploads) into a new segment (compacted past max_segments)."""
-    from indexer.build import add_items
-    from indexer.corpus import read_corpus
-    from models.encoder import Encoder
-
-    items = read_corpus(Path(request["corpus"]))
-    encoder = Encoder(settings.model_dir, device=settings.device, threads=settings.threads)
-    manifest = add_items(
-        indexes_dir=settings.indexes_dir,
-        name=name,
-        items=items,
-        encoder=encoder,
-        use_gpu=settings.device != "cpu",
-        progress=progress,
-        keep_versions=settings.keep_versions,
-        max_segments=settings.max_segments,
-    )
-    return _published(settings, name, manifest.version)
+    """Encode the posted items (saved by service.uploads) into a new segment."""
+    return _published(settings, name, index_ops.add_corpus(settings, name, Path(request["corpus"]), progress).version)
 
 
 def delete(settings: Settings, name: str, request: dict, progress: Callable[[int, int], None]) -> str:
-    from indexer.lifecycle import delete_items
-
-    manifest, _missing = delete_items(settings.indexes_dir, name, request["ids"], keep_versions=settings.keep_versions)
-    return _published(settings, name, manifest.version)
+    return _published(settings, name, index_ops.delete_ids(settings, name, request["ids"])[0].version)
 
 
 def compact(settings: Settings, name: str, request: dict, progress: Callable[[int, int], None]) -> str:
-    from indexer import lifecycle
-
-    manifest = lifecycle.compact(
-        settings.indexes_dir, name, use_gpu=settings.device != "cpu", keep_versions=settings.keep_versions
-    )
-    return _published(settings, name, manifest.version)
+    return _published(settings, name, index_ops.compact_index(settings, name).version)
 
 
 def _published(settings: Settings, name: str, version: str) -> str:
