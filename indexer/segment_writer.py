@@ -22,7 +22,7 @@ from models.errors import InvalidInput
 from models.files import atomic_write_json
 
 log = logging.getLogger(__name__)
-RECALL_SAMPLE = 256  # queries of the calibration statistics
+CALIBRATION_SAMPLE = 256  # queries of the calibration statistics and fits
 
 
 @dataclass
@@ -85,7 +85,7 @@ def calibration_stats(vectors: np.ndarray, ranges: dict[str, list[int]], seed: i
     rng = np.random.default_rng(seed)
     stats = {}
     for q, (qs, qe) in ranges.items():
-        sample = qs + rng.choice(qe - qs, size=min(RECALL_SAMPLE, qe - qs), replace=False)
+        sample = qs + rng.choice(qe - qs, size=min(CALIBRATION_SAMPLE, qe - qs), replace=False)
         for t, (ts, te) in ranges.items():
             scores = vectors[sample] @ vectors[ts:te].T
             k = min(11 if q == t else 10, te - ts)
@@ -140,7 +140,7 @@ def write_segment(
         rows=ranges,
         recall_at_10=recall,
         calibration=calibration_stats(vectors, ranges),
-        score_calibration=calibration.fit_dense(vectors, ranges, row_item, RECALL_SAMPLE),
+        score_calibration=calibration.fit_dense(vectors, ranges, row_item, CALIBRATION_SAMPLE),
         build=dict(build or {}),
         files=files,
         checksums={},
