@@ -178,3 +178,51 @@ def test_published_version_is_announced_to_running_replicas(
             time.sleep(0.05)
     redis_server.stop()
     assert announce(redis_server.url, "demo", new) is None  # Redis down: publishing still succeeds, no raise
+
+
+@pytest.mark.slow
+def test_redis_stopped_under_load_fails_no_request(served_data: Path, redis_server) -> None:
+    """8 clients searching over real HTTP (a mix of repeated and new queries) while Redis is stopped and started
+    again: not one request fails, and once Redis is back repeated queries are answered from it again."""
+    import threading
+
+    import httpx
+
+    from tests.conftest import ServerThread
+
+    settings = Settings(
+        data_dir=served_data,
+        reload_interval_s=0,
+        redis_url=redis_server.url,
+        breaker_failures=2,
+        breaker_cooldown_s=0.5,
+        redis_timeout_s=0.2,
+    )
+    texts = ["a storm at sea", "the chef bakes bread", "a goal in the match", "a rocket launch"]
+    outcomes: list[tuple[int, bool]] = []
+    stop = threading.Event()
+
+    def client(n: int) -> None:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            i = n
+            while not stop.is_set():
+                text = texts[i % len(texts)] if i % 2 else f"{texts[i % len(texts)]} {i}"  # repeated, and new
+                r = http.post("/v1/search", json={"index": "demo", "query": {"text": text}, "k": 5})
+                outcomes.append((r.status_code, r.status_code == 200 and r.json()["cached"]))
+                i += 8
+
+    with ServerThread(settings) as server:
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        redis_server.stop()  # mid-load
+        time.sleep(3)
+        during = len(outcomes)
+        redis_server.start()
+        time.sleep(4)
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert outcomes and all(status == 200 for status, _ in outcomes), sorted({s for s, _ in outcomes})
+    assert any(cached for _, cached in outcomes[:during]) and any(cached for _, cached in outcomes[during + 20 :])
