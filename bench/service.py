@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import table  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+from bench.lifecycle import free_port  # noqa: E402
 
 WORDS = [
     "red",
