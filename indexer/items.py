@@ -66,12 +66,7 @@ class ItemStore:
 
     def rows_of_ids(self, ids: list[str]) -> dict[int, str]:
         """Every row of each of ``ids`` (all its modalities): {row: id}; ids not in the store are absent."""
-        out: dict[int, str] = {}
-        for start in range(0, len(ids), CHUNK):
-            part = ids[start : start + CHUNK]
-            marks = ",".join("?" * len(part))
-            out.update(self._con.execute(f"SELECT row, id FROM items WHERE id IN ({marks})", part).fetchall())
-        return out
+        return {row: item_id for row, item_id, _, _ in self.lookup(ids)}
 
     def lookup(self, ids: list[str], modalities: tuple[str, ...] | None = None) -> list[tuple[int, str, str, str]]:
         """(row, id, modality, source) of every row of ``ids`` (of ``modalities`` only, when given)."""

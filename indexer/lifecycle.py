@@ -32,7 +32,9 @@ def delete_items(
         raise InvalidInput("give at least one id to delete")
     target = IndexDir(indexes_dir, name)
     wanted = set(ids)
-    found: set[str] = set()
+    missing: list[str] = []
+    build: dict = {"requested": len(wanted)}
+    t0 = time.perf_counter()
 
     def plan(current: VersionManifest | None) -> list[SegmentRef]:
         if current is None:
@@ -40,16 +42,12 @@ def delete_items(
         refs, hit = tombstoned(target, current.segments, wanted)
         if not hit:
             raise InvalidInput(f"index {name!r} holds none of the {len(wanted)} ids to delete")
-        found.update(hit)
+        missing.extend(sorted(wanted - hit))
+        # the counts go into the version file as it is written: a published version is never rewritten
+        build.update(deleted=len(hit), missing=len(missing), seconds=round(time.perf_counter() - t0, 3))
         return refs
 
-    build: dict = {"requested": len(wanted)}
-    t0 = time.perf_counter()
-    version = commit(target, "delete", [], plan, build=build, keep_versions=keep_versions)
-    missing = sorted(wanted - found)
-    version.build.update(deleted=len(found), missing=len(missing), seconds=round(time.perf_counter() - t0, 3))
-    target.write_version(version)  # the same file, now with the counts (CURRENT already names it)
-    return version, missing
+    return commit(target, "delete", [], plan, build=build, keep_versions=keep_versions), missing
 
 
 SMALL = 0.25  # a segment with fewer live rows than this share of the largest one is small

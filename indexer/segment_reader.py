@@ -77,7 +77,7 @@ class SegmentView:
         use = data.device == "cpu" if selectors is None else selectors
         self._selectors = {m: self._selector(m) if use else None for m in data.manifest.rows}
         self._dead_count = {m: int(self.dead[s:e].sum()) for m, (s, e) in data.manifest.rows.items()}
-        self.live = {m: int(e - s - self.dead[s:e].sum()) for m, (s, e) in data.manifest.rows.items()}
+        self.live = {m: data.manifest.counts[m] - self._dead_count[m] for m in data.manifest.rows}
         self.size = int(ref.rows - len(tomb))
         self._allowed: dict[tuple[str, ...], tuple[np.ndarray, int]] = {}
 
