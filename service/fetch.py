@@ -183,7 +183,7 @@ async def with_fetched_image(req: SearchRequest, state: ServiceState) -> SearchR
     """``req`` with its ``query.image_url`` replaced by the fetched file: from there on, a base64 image query (the
     same decoding, caches and errors). Fetches count as searches in flight (XMODAL_MAX_INFLIGHT, 429 beyond), so
     the memory they hold (up to XMODAL_MAX_BODY_BYTES each) is bounded too."""
-    async with state.admit():
+    async with state.admission.admit():
         data = await fetch_media(req.query.image_url or "", state.settings)
     query = req.query.model_copy(update={"image": base64.b64encode(data).decode(), "image_url": None})
     return req.model_copy(update={"query": query})

@@ -74,7 +74,7 @@ async def search(
     if req.query.image_url is not None:  # once the request is known good; then the path of a base64 image
         req = await with_fetched_image(req, state)
     encoder = state.require_encoder()
-    async with state.admit():
+    async with state.admission.admit():
         results, cached = await while_connected(request, answer(req, index, state))
     took = now_ms(t0)
     state.metrics.search_seconds.labels(str(cached).lower()).observe(took / 1000)
@@ -303,7 +303,7 @@ async def embeddings(req: EmbeddingsRequest, request: Request, state: ServiceSta
     else:
         items = [decode_base64(x, f"input[{i}]") for i, x in enumerate(inputs)]
         usage = 0
-    async with state.admit():  # the same query encoder as searches: cache, decoding budget, micro-batches
+    async with state.admission.admit():  # the same query encoder as searches: cache, decoding budget, micro-batches
         found = await while_connected(request, state.encode(modality, items, tokens=req.tokens))
     if req.tokens:
         vecs = np.stack([f.embedding[0] for f in found])

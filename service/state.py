@@ -7,10 +7,9 @@ a dict entry, so a request that already holds a LoadedIndex finishes on it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 
 import numpy as np
 from fastapi import Request
@@ -21,10 +20,11 @@ from indexer.layout import IndexDir, list_indexes
 from indexer.search import LoadedIndex
 from models.encoder import Encoder, TokenOutput
 from models.errors import IndexNotFound, InvalidInput, XmodalError
+from service.admission import Admission
 from service.batcher import SECONDS, BatchMetrics, MicroBatcher
 from service.budget import MB, MemoryBudget
 from service.cache import Cache, CircuitBreaker, LocalCache, RedisCache, embedding_key
-from service.errors import NotReady, Overloaded
+from service.errors import NotReady
 from service.media import MediaRenderer
 from service.settings import Settings
 
@@ -43,7 +43,6 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
         )
         self.cache = Counter("xmodal_cache_lookups", "cache lookups", ["kind", "outcome"], registry=self.registry)
-        self.inflight = Gauge("xmodal_search_inflight", "searches in progress", registry=self.registry)
         self.index_items = Gauge(
             "xmodal_index_items", "items in the loaded index version", ["index"], registry=self.registry
         )
@@ -75,14 +74,16 @@ class ServiceState:
         self.media = MediaRenderer(settings.media_cache_bytes)
         self.batcher: MicroBatcher | None = None
         self.decode_budget = MemoryBudget(settings.decode_memory_mb * MB, settings.decode_wait_s, self.metrics.registry)
-        self._inflight = 0
+        self.admission = Admission(settings.max_inflight, self.metrics.registry)
 
     # --- loading -------------------------------------------------------------------------------
     def load_model(self) -> None:
         try:
             self.encoder = Encoder(self.settings.model_dir, device=self.settings.device, threads=self.settings.threads)
             self.encoder.encode_text(["warm up"])  # first run allocates; keep it off the first request
-            self.batcher = MicroBatcher(self.encoder, self.settings, self.metrics.batch, lambda: self._inflight)
+            self.batcher = MicroBatcher(
+                self.encoder, self.settings, self.metrics.batch, lambda: self.admission.inflight
+            )
             self.model_error = None
         except XmodalError as exc:
             self.model_error = exc.message
@@ -166,19 +167,6 @@ class ServiceState:
                 raise NotReady(f"index {name!r} cannot be served: {self.index_errors[name]}")
             raise IndexNotFound(f"no index named {name!r}; available: {sorted(self.indexes)}")
         return loaded
-
-    @contextlib.asynccontextmanager
-    async def admit(self) -> AsyncIterator[None]:
-        """Bound concurrent searches: beyond ``max_inflight`` a request gets 429 rather than a long queue."""
-        if self._inflight >= self.settings.max_inflight:
-            raise Overloaded(f"more than {self.settings.max_inflight} searches in progress; retry shortly")
-        self._inflight += 1
-        self.metrics.inflight.inc()
-        try:
-            yield
-        finally:
-            self._inflight -= 1
-            self.metrics.inflight.dec()
 
     def _check_text(self, text: str) -> None:
         if len(text) > self.settings.max_text_chars:

@@ -209,10 +209,10 @@ def test_embeddings_with_token_vectors(client: TestClient, served_data: Path) ->
 def test_overload_is_429_with_retry_after(served_data: Path) -> None:
     with make_client(served_data, max_inflight=1) as c:
         state = c.app.state.xmodal
-        state._inflight = 1  # one search already running
+        state.admission.inflight = 1  # one search already running
         r = search(c, query={"text": "anything"})
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
-        state._inflight = 0
+        state.admission.inflight = 0
         assert search(c, query={"text": "anything"}).status_code == 200
 
 
