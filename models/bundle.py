@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from models.errors import BundleError, FingerprintMismatch, ModelNotFound
+from models.errors import BundleError, FingerprintMismatch, ModelNotFound, XmodalError
 from models.files import read_json, sha256_file
 
 FORMAT = "xmodal.model/1"
@@ -185,3 +185,16 @@ def list_bundles(models_dir: Path) -> list[ModelManifest]:
         if child.is_dir() and not child.name.startswith(".") and (child / MANIFEST).is_file():
             out.append(load_manifest(child))
     return out
+
+
+def find_bundle(models_dir: Path, name: str, fingerprint: str) -> Path:
+    """The bundle folder whose manifest has ``fingerprint``: the folder called ``name`` first, then any other.
+    ModelNotFound when none has it (a retrained bundle under the same name is another model)."""
+    others = sorted(p for p in models_dir.iterdir() if p.is_dir() and p.name != name) if models_dir.is_dir() else []
+    for folder in [models_dir / name, *others]:
+        try:
+            if load_manifest(folder).fingerprint == fingerprint:
+                return folder
+        except (XmodalError, OSError):
+            continue  # not a bundle, or a damaged one: not this model
+    raise ModelNotFound(f"no model bundle in {models_dir} has the fingerprint of {name} ({fingerprint[:12]})")

@@ -12,7 +12,7 @@ from service.auth import require_admin
 from service.job_queue import Jobs
 from service.job_store import JobStatus
 from service.jobs import RebuildRequest, check_request
-from service.routes import decode_base64
+from service.payloads import decode_base64
 from service.schemas import ErrorResponse
 from service.state import ServiceState, get_state
 from service.uploads import DeleteRequest, ItemsRequest, save_upload

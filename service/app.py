@@ -36,20 +36,24 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = ServiceState(settings)
         app.state.xmodal = state
-        app.state.jobs = make_jobs(settings, on_done=state.refresh_indexes)
-        await run_in_threadpool(state.load_model)
-        await run_in_threadpool(state.refresh_indexes)
+        registry = state.registry
+        app.state.jobs = make_jobs(settings, on_done=registry.refresh)
+        await run_in_threadpool(registry.load_models)
+        await run_in_threadpool(registry.refresh)
         tasks = []
         if settings.reload_interval_s > 0:
-            tasks.append(asyncio.create_task(state.watch_indexes()))
+            tasks.append(asyncio.create_task(registry.watch()))
         if settings.redis_url:
 
             async def swap(_announcement: dict) -> None:
-                await run_in_threadpool(state.refresh_indexes)
+                await run_in_threadpool(registry.refresh)
 
             tasks.append(asyncio.create_task(listen(settings.redis_url, swap)))
         log.info(
-            "xmodal ready: model=%s indexes=%s cache=%s", settings.model, sorted(state.indexes), state.cache.status()
+            "xmodal ready: models=%s indexes=%s cache=%s",
+            sorted(registry.model_ids().values()),
+            sorted(registry.indexes),
+            state.cache.status(),
         )
         restore_sigterm = drain.handle_sigterm()  # under `xmodal serve`: SIGTERM drains first
         try:

@@ -163,7 +163,7 @@ def pictures(state: ServiceState, index: LoadedIndex, ids: list[str]) -> dict[st
     item's `image_path`; none when the service does not serve media. Runs in a worker thread."""
     if not state.settings.serve_media or not ids:
         return {}
-    encoder = state.require_encoder()
+    encoder = state.registry.encoder_for(index)
     out = {}
     for item_id in ids:
         try:
@@ -192,7 +192,7 @@ async def served_search(req: SearchRequest, state: ServiceState) -> tuple[list[R
     meanwhile, so that rows are always read from the version that ranked them)."""
     for _ in range(2):
         response = await search(req, state)
-        index = state.index(req.index)
+        index = state.registry.index(req.index)
         if index.version == response.index_version:
             return response.results, index
     raise NotReady(f"index {req.index!r} was republished twice during this request; retry")
@@ -201,8 +201,8 @@ async def served_search(req: SearchRequest, state: ServiceState) -> tuple[list[R
 @post_route("/knn-service", KnnRequest, "clip-retrieval: nearest neighbours of a text, image or vector")
 async def knn_service(request: Request, state: ServiceState = Depends(get_state)) -> list[dict]:
     req = await read_body(request, KnnRequest)
-    name = req.indice_name or next(iter(sorted(state.indexes)), "")
-    state.index(name)  # an unknown index is a 404 before anything else
+    name = req.indice_name or next(iter(sorted(state.registry.indexes)), "")
+    state.registry.index(name)  # an unknown index is a 404 before anything else
     total = req.num_images if req.num_result_ids is None else req.num_result_ids
     k = min(total, state.settings.max_k)
     search_req = search_request(req, name, max(k, 1))
@@ -225,7 +225,7 @@ async def knn_service(request: Request, state: ServiceState = Depends(get_state)
 
 @router.get("/indices-list", response_model=list[str], summary="clip-retrieval: the names of the served indexes")
 async def indices_list(state: ServiceState = Depends(get_state)) -> list[str]:
-    return sorted(state.indexes)
+    return sorted(state.registry.indexes)
 
 
 @post_route("/metadata", MetadataRequest, "clip-retrieval: the metadata columns of int ids from /knn-service")
@@ -235,7 +235,7 @@ async def metadata(request: Request, state: ServiceState = Depends(get_state)) -
         return []  # as clip_back, before looking at the index
     if len(req.ids) > state.settings.max_k:
         raise InvalidInput(f"ids holds {len(req.ids)} ids; the limit is {state.settings.max_k}")
-    index = state.index(req.indice_name)
+    index = state.registry.index(req.indice_name)
     rows = served_rows(index, req.ids)
     found = await run_in_threadpool(index.items.get, sorted(set(rows)))
     ids = [found[row]["id"] for row in rows]

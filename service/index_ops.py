@@ -6,9 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from indexer.layout import VersionManifest
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from models.encoder import Encoder
 
 
 def add_corpus(
@@ -21,20 +25,37 @@ def add_corpus(
     """Encode a corpus's items into a new segment of ``name`` (upserts; tiered compaction past max_segments)."""
     from indexer.build import add_items
     from indexer.corpus import read_corpus
-    from models.encoder import Encoder
 
     items = read_corpus(corpus)
     return add_items(
         indexes_dir=settings.indexes_dir,
         name=name,
         items=items,
-        encoder=Encoder(settings.model_dir, device=settings.device, threads=settings.threads),
+        encoder=index_encoder(settings, name),
         batch_size=batch_size,
         use_gpu=settings.device != "cpu",
         progress=progress,
         keep_versions=settings.keep_versions,
         max_segments=settings.max_segments,
     )
+
+
+def index_encoder(settings: Settings, name: str, model: str | None = None) -> Encoder:
+    """The encoder of bundle ``model`` if given, else of the model ``name`` was built with (found among the bundles
+    by its fingerprint), so that a service serving several models adds to and rebuilds each index with its own;
+    XMODAL_MODEL for a new index."""
+    from indexer.layout import IndexDir
+    from models.bundle import find_bundle
+    from models.encoder import Encoder
+
+    index = IndexDir(settings.indexes_dir, name)
+    if model is not None:
+        return Encoder(settings.all_models_dir / model, device=settings.device, threads=settings.threads)
+    if not index.exists():
+        return Encoder(settings.model_dir, device=settings.device, threads=settings.threads)
+    ref = index.manifest().model
+    bundle = find_bundle(settings.all_models_dir, ref.name, ref.fingerprint)
+    return Encoder(bundle, device=settings.device, threads=settings.threads)
 
 
 def delete_ids(settings: Settings, name: str, ids: list[str]) -> tuple[VersionManifest, list[str]]:

@@ -30,6 +30,13 @@ class RebuildRequest(BaseModel):
     corpus: str | None = Field(None, description="a JSONL file or folder below the corpora root (relative or absolute)")
     from_: str | None = Field(None, alias="from", description='"current": re-encode the published version\'s items')
     late: bool | None = Field(None, description="store token vectors (default: as the published version does)")
+    model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="the model bundle to build with (default: the index's own model; XMODAL_MODEL for a new index)",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> RebuildRequest:
@@ -49,7 +56,6 @@ def rebuild(settings: Settings, name: str, request: dict, progress: Callable[[in
     from indexer.corpus import read_corpus
     from indexer.layout import IndexDir
     from indexer.reencode import items_of_version
-    from models.encoder import Encoder
     from service.corpora import check_media_under, resolve_corpus
 
     index = IndexDir(settings.indexes_dir, name)
@@ -63,7 +69,7 @@ def rebuild(settings: Settings, name: str, request: dict, progress: Callable[[in
         items = items_of_version(settings.indexes_dir, name)
     shape = late_of(current) if current is not None else None
     late = (shape or LateBuild()) if request.get("late", shape is not None) else None
-    encoder = Encoder(settings.model_dir, device=settings.device, threads=settings.threads)
+    encoder = index_ops.index_encoder(settings, name, request.get("model"))
     result = build_index(
         indexes_dir=settings.indexes_dir,
         name=name,
@@ -154,6 +160,7 @@ def run_local(settings_json: str, job_id: str) -> str:
 def check_request(settings: Settings, name: str, request: RebuildRequest) -> None:
     """Refuse what can be refused before queueing: a corpus outside the root, no published version to re-encode."""
     from indexer.layout import IndexDir, check_name
+    from models.bundle import load_manifest
     from service.corpora import resolve_corpus
 
     check_name(name)
@@ -163,3 +170,5 @@ def check_request(settings: Settings, name: str, request: RebuildRequest) -> Non
         raise IndexNotFound(
             f'index {name!r} has no published version to re-encode ("from": "current"); give a "corpus"'
         )
+    if request.model is not None:
+        load_manifest(settings.all_models_dir / request.model)  # ModelNotFound (404) before queueing

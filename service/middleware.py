@@ -90,6 +90,7 @@ class RequestId:
         # Not reset afterwards: each request runs in a task of its own, in a copy of the context, and the 500 handler
         # (outside this middleware, in Starlette's ServerErrorMiddleware) still logs under the request's id.
         request_id.set(rid)
+        scope.setdefault("state", {})["arrived"] = time.monotonic()  # deadlines count from here (state.deadline_of)
         t0, status = time.perf_counter(), 500
 
         async def tagged(message: Message) -> None:

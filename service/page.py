@@ -50,7 +50,7 @@ async def page() -> FileResponse:
 async def _media(state: ServiceState, name: str, item_id: str, modality: str) -> tuple[LoadedIndex, MediaFile]:
     if not state.settings.serve_media:
         raise MediaNotFound("this service does not serve media (XMODAL_SERVE_MEDIA=false)")
-    index = state.index(name)
+    index = state.registry.index(name)
     return index, await run_in_threadpool(find_media, index, item_id, modality)
 
 
@@ -72,7 +72,7 @@ async def _rendered(
     etag = f'{found.etag[:-1]}-{tag}"'
     if (hit := _not_modified(request, etag)) is not None:
         return hit
-    content, media_type = await run_in_threadpool(render, index, state.require_encoder(), found)
+    content, media_type = await run_in_threadpool(render, index, state.registry.encoder_for(index), found)
     return Response(content, media_type=media_type, headers=_headers(etag))
 
 

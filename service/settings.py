@@ -22,7 +22,12 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path("data"), description="holds models/ and indexes/")
     models_dir: Path | None = Field(None, description="model bundles; default <data_dir>/models")
-    model: str = Field(DEFAULT_MODEL, description="the model bundle the service loads")
+    model: str = Field(DEFAULT_MODEL, description="the default model: /v1/embeddings without `model` uses it")
+    models: str = Field(
+        "",
+        description="model bundles to load, comma-separated, the first being the default; these only (an index "
+        "built with another is refused). Unset: XMODAL_MODEL, plus every model a published index was built with",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = one per core")
 
@@ -147,6 +152,10 @@ class Settings(BaseSettings):
     def media_dir(self) -> Path:
         """Media of items added over HTTP (service.uploads): kept, the index's rows point at them."""
         return self.data_dir / "media"
+
+    @property
+    def model_list(self) -> list[str]:
+        return comma_list(self.models)
 
     @property
     def admin_key_list(self) -> list[str]:

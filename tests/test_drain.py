@@ -48,7 +48,7 @@ def wait_exit(proc, limit: float) -> float:
 
 
 def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(served_data: Path) -> None:
-    proc, base = start_serving(served_data, drain_s="30")
+    proc, base = start_serving(served_data, drain_s="30", request_timeout_s="60")  # a shared CI machine is slow
     try:
         with ThreadPoolExecutor(6) as pool:
             slow = [pool.submit(slow_search, base, 3.0) for _ in range(4)]

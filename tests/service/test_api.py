@@ -185,7 +185,9 @@ def test_embeddings_endpoint_is_openai_shaped(client: TestClient) -> None:
     b64 = client.post("/v1/embeddings", json={"input": "one", "encoding_format": "base64"}).json()
     decoded = np.frombuffer(base64.b64decode(b64["data"][0]["embedding"]), dtype=np.float32)
     assert np.allclose(decoded, v, atol=1e-6)
-    assert client.post("/v1/embeddings", json={"input": "x", "model": "other"}).status_code == 400
+    unknown = client.post("/v1/embeddings", json={"input": "x", "model": "other"})  # OpenAI: 404 model_not_found
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    assert unknown.json()["error"]["param"] == "model"
     assert client.post("/v1/embeddings", json={"input": []}).status_code == 400
 
 
@@ -236,7 +238,7 @@ def test_new_version_is_picked_up_and_old_results_are_not_served(
         assert search(c, **q).json()["cached"] is True
         items = read_jsonl(demo_corpus)[:100]
         build_index(indexes_dir=data / "indexes", name="demo", items=items, encoder=encoder, use_gpu=False)
-        c.app.state.xmodal.refresh_indexes()  # what the background watcher does every reload_interval_s
+        c.app.state.xmodal.registry.refresh()  # what the background watcher does every reload_interval_s
         v2 = search(c, **q).json()
         assert v2["index_version"] != v1["index_version"] and v2["cached"] is False
         assert c.get("/v1/indexes").json()["indexes"][0]["items"] == 100
@@ -254,14 +256,14 @@ def test_index_of_another_model_is_refused_and_old_version_kept(tmp_path: Path, 
         manifest["version"] = "other-model"
         (vdir / "other-model.json").write_text(json.dumps(manifest))
         (data / "indexes" / "demo" / "CURRENT").write_text("other-model\n")
-        c.app.state.xmodal.refresh_indexes()
+        c.app.state.xmodal.registry.refresh()
         r = search(c, query={"text": "a storm"})
         assert r.status_code == 200 and r.json()["index_version"] == good
         refused = c.get("/v1/indexes").json()["refused"]
-        assert "not the loaded model" in refused["demo"]
+        assert "has the fingerprint" in refused["demo"]
     with make_client(data) as fresh:  # a fresh service never loads it at all
         r = search(fresh, query={"text": "a storm"})
-        assert r.status_code == 503 and "not the loaded model" in r.json()["error"]["message"]
+        assert r.status_code == 503 and "has the fingerprint" in r.json()["error"]["message"]
 
 
 def test_body_that_is_not_a_json_object(client: TestClient) -> None:

@@ -60,7 +60,7 @@ def path_of(data: Path, version: str, name: str = "a") -> Path:
 
 def publish(c: TestClient, data: Path, version: str, name: str = "a") -> None:
     IndexDir(data / "indexes", name).publish(version)
-    c.app.state.xmodal.refresh_indexes()  # what the watcher and the Redis announcement do
+    c.app.state.xmodal.registry.refresh()  # what the watcher and the Redis announcement do
 
 
 def served(c: TestClient, name: str = "a") -> str:

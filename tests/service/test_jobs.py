@@ -300,7 +300,7 @@ def run_job(client: TestClient, method: str, path: str, body: dict | None = None
     assert r.status_code == 202, r.text
     done = wait_for(client, r.json()["id"], ("succeeded", "failed"))
     assert done["state"] == "succeeded", done
-    client.app.state.xmodal.refresh_indexes()  # what the watcher does (this app does not poll)
+    client.app.state.xmodal.registry.refresh()  # what the watcher does (this app does not poll)
     return done
 
 

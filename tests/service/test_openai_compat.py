@@ -83,7 +83,7 @@ def test_media_data_uris_are_embedded_as_media(client, encoder: Encoder, media_c
 
 
 def test_errors_reach_the_client_with_the_services_message(client) -> None:
-    with pytest.raises(openai.BadRequestError, match="is not loaded; this service runs"):
+    with pytest.raises(openai.NotFoundError, match="is not loaded; loaded: "):
         client.embeddings.create(model="text-embedding-3-small", input="a")
     with pytest.raises(openai.UnprocessableEntityError) as caught:
         client.embeddings.create(model=DEFAULT_MODEL, input="a", encoding_format="floats")

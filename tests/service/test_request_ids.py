@@ -68,8 +68,8 @@ def test_every_log_line_of_a_request_carries_its_id(tmp_path: Path, json_logs) -
     access = mine[1]
     assert (access["method"], access["path"], access["status"]) == ("POST", "/v1/search", 503)
     assert access["duration_ms"] >= 0 and access["ts"].endswith("+00:00")
-    startup = next(x for x in lines if x["logger"] == "service.state")  # outside a request: no id
-    assert "model not loaded" in startup["message"] and "request_id" not in startup
+    startup = next(x for x in lines if x["logger"] == "service.registry")  # outside a request: no id
+    assert "model absent not loaded" in startup["message"] and "request_id" not in startup
 
 
 def test_an_unhandled_error_answers_and_logs_under_the_id(served_data: Path, json_logs) -> None:

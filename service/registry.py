@@ -1,0 +1,208 @@
+"""The models and indexes the service holds, behind one lock.
+
+Each model is loaded once, by fingerprint: the ones configured (``XMODAL_MODELS``, else ``XMODAL_MODEL``) at start,
+and, unless ``XMODAL_MODELS`` lists the only ones to load, every model a published index was built with, found in
+the models folder by its fingerprint. An index is served with its own model only: a version whose model no bundle
+matches exactly is refused with the reason, and the version already loaded keeps serving.
+
+Index versions are swapped by replacing a dict entry, so a request that already holds a LoadedIndex finishes on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from starlette.concurrency import run_in_threadpool
+
+from indexer.layout import IndexDir, ModelRef, list_indexes
+from indexer.search import LoadedIndex
+from models.bundle import find_bundle
+from models.encoder import Encoder
+from models.errors import FingerprintMismatch, IndexNotFound, ModelNotFound, XmodalError
+from service.errors import NotReady
+from service.query_encoder import QueryEncoder
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Registry:
+    def __init__(
+        self,
+        settings: Settings,
+        make_queries: Callable[[Encoder], QueryEncoder],
+        on_index: Callable[[LoadedIndex], None] = lambda _index: None,
+    ) -> None:
+        self.settings = settings
+        self._make_queries = make_queries
+        self._on_index = on_index
+        self.models: dict[str, QueryEncoder] = {}  # by fingerprint
+        self.model_errors: dict[str, str] = {}  # configured bundle name -> why it is not loaded
+        self.indexes: dict[str, LoadedIndex] = {}
+        self.index_errors: dict[str, str] = {}
+        self.default: str | None = None  # the fingerprint of the first configured model, once loaded
+        self._lock = threading.RLock()  # the watcher, job completions and announcements all refresh
+
+    # --- loading -------------------------------------------------------------------------------
+    @property
+    def configured(self) -> list[str]:
+        return self.settings.model_list or [self.settings.model]
+
+    def load_models(self) -> None:
+        """Load the configured bundles; one that fails is listed with the reason (the others still load)."""
+        for name in self.configured:
+            try:
+                queries = self._load(self.settings.all_models_dir / name)
+                self.model_errors.pop(name, None)
+                if self.default is None:
+                    self.default = queries.fingerprint
+            except XmodalError as exc:
+                self.model_errors[name] = exc.message
+                log.error("model %s not loaded: %s", name, exc.message)
+
+    def _load(self, bundle_dir: Path) -> QueryEncoder:
+        with self._lock:
+            s = self.settings
+            encoder = Encoder(bundle_dir, device=s.device, threads=s.threads)
+            if encoder.fingerprint in self.models:
+                return self.models[encoder.fingerprint]
+            if "text" in encoder.modalities:
+                encoder.encode_text(["warm up"])  # the first run allocates; keep it off the first request
+            queries = self._make_queries(encoder)
+            self.models[encoder.fingerprint] = queries
+            log.info("model %s (%s) loaded from %s", encoder.name, encoder.fingerprint[:12], bundle_dir)
+            return queries
+
+    def _model_of(self, name: str, version: str, ref: ModelRef) -> QueryEncoder:
+        """The loaded model with exactly ``ref``'s fingerprint, loading its bundle when that is allowed."""
+        if ref.fingerprint in self.models:
+            return self.models[ref.fingerprint]
+        built = f"index {name!r} version {version} was built with model {ref.name} ({ref.fingerprint[:12]})"
+        if self.settings.model_list:
+            loaded = ", ".join(f"{q.name} ({q.fingerprint[:12]})" for q in self.models.values()) or "none"
+            raise FingerprintMismatch(f"{built}, which XMODAL_MODELS does not list; loaded: {loaded}")
+        return self._load(self._bundle_of(ref, built))
+
+    def _bundle_of(self, ref: ModelRef, built: str) -> Path:
+        try:
+            return find_bundle(self.settings.all_models_dir, ref.name, ref.fingerprint)
+        except ModelNotFound as exc:
+            raise ModelNotFound(
+                f"{built}; {exc.message}: prepare or export that model, or rebuild the index with a model this "
+                "service has"
+            ) from None
+
+    def refresh(self) -> None:
+        """Load indexes whose published version changed. A version that cannot be served (a damaged file, a model
+        no bundle matches, an unreadable manifest) is refused and listed with the reason, once in the log; the
+        version already loaded keeps serving; other indexes are not held up by it."""
+        with self._lock:
+            for name in list_indexes(self.settings.indexes_dir):
+                try:
+                    self._refresh_one(name)
+                except Exception as exc:  # noqa: BLE001 - whatever one index does, the others keep swapping
+                    message = exc.message if isinstance(exc, XmodalError) else f"{type(exc).__name__}: {exc}"
+                    if self.index_errors.get(name) != message:
+                        if isinstance(exc, XmodalError):
+                            log.error("index %s not loaded: %s", name, message)
+                        else:
+                            log.exception("index %s not loaded", name)
+                    self.index_errors[name] = message
+
+    def _refresh_one(self, name: str) -> None:
+        d = IndexDir(self.settings.indexes_dir, name)
+        version = d.current()
+        old = self.indexes.get(name)
+        if old is not None and old.version == version:
+            self.index_errors.pop(name, None)  # e.g. rolled back to the version being served
+            return
+        queries = self._model_of(name, version, d.manifest(version).model)
+        loaded = LoadedIndex(
+            self.settings.indexes_dir,
+            name,
+            version,
+            use_gpu=self.settings.device != "cpu",
+            expect_fingerprint=queries.fingerprint,
+            verify=self.settings.verify_checksums,
+            previous=old,  # its segments are immutable: the new version shares them, loaded and checked once
+        )
+        self.indexes[name] = loaded
+        self.index_errors.pop(name, None)
+        self._on_index(loaded)
+        log.info(
+            "serving index %s version %s (%d items, model %s)%s",
+            name,
+            loaded.version,
+            loaded.size,
+            queries.name,
+            f", replacing {old.version}" if old else "",
+        )
+
+    async def watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reload_interval_s)
+            try:
+                await run_in_threadpool(self.refresh)
+            except Exception:  # never let the watcher die
+                log.exception("index refresh failed")
+
+    def close(self) -> None:
+        for queries in self.models.values():
+            queries.close()
+        for index in self.indexes.values():
+            index.close()
+
+    # --- serving -------------------------------------------------------------------------------
+    def ready(self) -> bool:
+        """Every configured model is loaded and every published index has a version being served (a refused new
+        version while an older one serves is degraded, not unready)."""
+        return (
+            not self.model_errors
+            and self.default is not None
+            and all(name in self.indexes for name in self.index_errors)
+        )
+
+    def index(self, name: str) -> LoadedIndex:
+        loaded = self.indexes.get(name)
+        if loaded is None:
+            if name in self.index_errors:
+                raise NotReady(f"index {name!r} cannot be served: {self.index_errors[name]}")
+            if self.default is None and not self.indexes:
+                raise NotReady(f"the model is not loaded: {self.model_error or 'still starting'}")
+            raise IndexNotFound(f"no index named {name!r}; available: {sorted(self.indexes)}")
+        return loaded
+
+    def queries_for(self, index: LoadedIndex) -> QueryEncoder:
+        """The query encoder of the model ``index`` was built with (loaded before the index was)."""
+        return self.models[index.manifest.model.fingerprint]
+
+    def encoder_for(self, index: LoadedIndex) -> Encoder:
+        return self.queries_for(index).encoder
+
+    def model(self, wanted: str | None) -> QueryEncoder:
+        """A loaded model by its id (see ``model_ids``) or fingerprint; the default one for None."""
+        if wanted is None:
+            if self.default is None:
+                raise NotReady(f"the model is not loaded: {self.model_error or 'still starting'}")
+            return self.models[self.default]
+        ids = self.model_ids()
+        for fingerprint, queries in self.models.items():
+            if wanted in (ids[fingerprint], fingerprint):
+                return queries
+        if not self.models:
+            raise NotReady(f"model {wanted!r} is not loaded: {self.model_error or 'still starting'}")
+        raise ModelNotFound(f"model {wanted!r} is not loaded; loaded: {sorted(ids.values())}", param="model")
+
+    def model_ids(self) -> dict[str, str]:
+        """Each loaded model's public id: its name, or name@fingerprint-prefix where two share a name."""
+        names = [q.name for q in self.models.values()]
+        return {fp: q.name if names.count(q.name) == 1 else f"{q.name}@{fp[:12]}" for fp, q in self.models.items()}
+
+    @property
+    def model_error(self) -> str | None:
+        """Why a configured model is not loaded (the first such), for /readyz and 503 messages."""
+        return next(iter(self.model_errors.values()), None)

@@ -1,0 +1,142 @@
+"""Searches: the query dispatch (text, image, audio or a given vector; dense or late), the result cache and the
+search metrics. Each index is searched with the model it was built with (service.registry)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+from starlette.concurrency import run_in_threadpool
+
+from indexer.search import Hit, LateRequest, LoadedIndex
+from models.encoder import Encoder
+from models.errors import InvalidInput
+from service.cache import Cache, result_key
+from service.explain import describe
+from service.media import media_of
+from service.metrics import Metrics
+from service.payloads import decode_base64
+from service.query_encoder import QueryEncoder
+from service.registry import Registry
+from service.schemas import LateOptions, Result, SearchRequest, SearchResponse, TokenMatch
+from service.settings import Settings
+
+
+class SearchService:
+    def __init__(self, registry: Registry, cache: Cache, metrics: Metrics, settings: Settings) -> None:
+        self.registry = registry
+        self.cache = cache
+        self.metrics = metrics
+        self.settings = settings
+
+    def index_for(self, req: SearchRequest) -> LoadedIndex:
+        """The served index of ``req``, once ``req`` is known to be one it can answer (before any encoding)."""
+        index = self.registry.index(req.index)
+        if req.mode == "late":
+            index.require_tokens()
+            if req.query.embedding is not None:
+                raise InvalidInput(
+                    "`mode: late` needs a text, image or audio query: a raw embedding has no token vectors",
+                    param="query.embedding",
+                )
+        return index
+
+    async def search(self, req: SearchRequest, index: LoadedIndex, deadline: float, t0: float) -> SearchResponse:
+        """``req`` answered on ``index`` (from ``index_for``); ``deadline`` and ``t0`` are the request's."""
+        queries = self.registry.queries_for(index)
+        key = result_key(index.name, index.version, req.model_dump(mode="json"))
+        raw = await self.cache.get(key)
+        cached = raw is not None
+        self.metrics.cache.labels("result", "hit" if cached else "miss").inc()
+        if cached:
+            results = [Result(**r) for r in json.loads(raw)]
+        else:
+            if req.mode == "late":
+                results = await self._late(req, index, queries, deadline)
+            else:
+                results = await self._dense(req, index, queries, deadline)
+            payload = json.dumps([r.model_dump(exclude_none=True) for r in results]).encode()
+            await self.cache.set(key, payload, self.settings.result_ttl_s)
+        took = round((time.perf_counter() - t0) * 1000, 3)
+        self.metrics.search_seconds.labels(str(cached).lower()).observe(took / 1000)
+        return SearchResponse(
+            results=results,
+            index=index.name,
+            index_version=index.version,
+            model=queries.name,
+            mode=req.mode,
+            calibration=applied_calibration(req, index),
+            cached=cached,
+            took_ms=took,
+        )
+
+    async def _dense(
+        self, req: SearchRequest, index: LoadedIndex, queries: QueryEncoder, deadline: float
+    ) -> list[Result]:
+        q = req.query
+        if q.text is not None:
+            vec = await queries.vector("text", q.text, deadline)
+        elif q.image is not None:
+            vec = await queries.vector("image", decode_base64(q.image, "query.image"), deadline)
+        elif q.audio is not None:
+            vec = await queries.vector("audio", decode_base64(q.audio, "query.audio"), deadline)
+        else:
+            vec = queries.given_vector(q.embedding or [])
+        args = (vec, req.k, req.modalities, req.filter, q.modality, req.calibration)
+        hits, media = await run_in_threadpool(hits_and_media, index, index.search, *args)
+        return [result(h, media=media.get(h.id)) for h in hits]
+
+    async def _late(
+        self, req: SearchRequest, index: LoadedIndex, queries: QueryEncoder, deadline: float
+    ) -> list[Result]:
+        """Late interaction: the query's token vectors, MaxSim over the token store, explained on request."""
+        q = req.query
+        if q.text is not None:
+            out = await queries.tokens("text", q.text, deadline)
+        else:
+            modality = "image" if q.image is not None else "audio"
+            data = decode_base64(getattr(q, modality), f"query.{modality}")
+            out = await queries.tokens(modality, data, deadline)
+        options = req.late or LateOptions()
+        late = LateRequest(
+            out.tokens[0], out.embedding[0], options.params(), explain=options.explain, heatmap=options.heatmap
+        )
+        args = (late, req.k, req.modalities, req.filter, q.modality, req.calibration)
+        hits, media = await run_in_threadpool(hits_and_media, index, index.search_late, *args)
+        if not options.explain:
+            return [result(h, media=media.get(h.id)) for h in hits]
+        pooled = (index.manifest.tokens or {}).get("pool_factor", 1) > 1
+        matches = await run_in_threadpool(explained, hits, queries.encoder, q.text, pooled)  # tokenizes: off the loop
+        return [result(h, m, media.get(h.id)) for h, m in zip(hits, matches, strict=True)]
+
+
+def applied_calibration(req: SearchRequest, index: LoadedIndex) -> str | None:
+    """The calibration that mixes the request's target modalities (None when there is one list to rank)."""
+    targets = sorted(set(req.modalities or index.modalities))
+    if len(targets) < 2 or (req.mode == "late" and req.late is not None and req.late.scope == "all"):
+        return None
+    return index.fusion(req.calibration, req.query.modality, targets, req.mode).method
+
+
+def hits_and_media(index: LoadedIndex, search: Callable[..., list[Hit]], *args: object) -> tuple[list[Hit], dict]:
+    """A search and which of its items have media to show, in one trip to the thread pool."""
+    hits = search(*args)
+    return hits, media_of(index, [h.id for h in hits])
+
+
+def explained(hits: list[Hit], encoder: Encoder, query_text: str | None, pooled: bool) -> list[list[TokenMatch]]:
+    return [describe(h, encoder, query_text, pooled) for h in hits]
+
+
+def result(hit: Hit, matches: list[TokenMatch] | None = None, media: list[str] | None = None) -> Result:
+    return Result(
+        id=hit.id,
+        score=hit.score,
+        similarity=hit.similarity,
+        modality=hit.modality,
+        text=hit.text,
+        metadata=hit.metadata,
+        matches=matches,
+        media=media,
+    )
