@@ -18,6 +18,13 @@ class Metrics:
             registry=self.registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
         )
+        self.stage_seconds = Histogram(
+            "xmodal_search_stage_seconds",
+            "a search's stages: result cache lookup, dense FAISS search, late-interaction search and rerank",
+            ["stage", "index", "modality"],
+            registry=self.registry,
+            buckets=SECONDS,
+        )
         self.cache = Counter("xmodal_cache_lookups", "cache lookups", ["kind", "outcome"], registry=self.registry)
         self.index_items = Gauge(
             "xmodal_index_items", "items in the loaded index version", ["index"], registry=self.registry

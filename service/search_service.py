@@ -3,9 +3,10 @@ search metrics. Each index is searched with the model it was built with (service
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from starlette.concurrency import run_in_threadpool
 
@@ -46,7 +47,8 @@ class SearchService:
         """``req`` answered on ``index`` (from ``index_for``); ``deadline`` and ``t0`` are the request's."""
         queries = self.registry.queries_for(index)
         key = result_key(index.name, index.version, req.model_dump(mode="json"))
-        raw = await self.cache.get(key)
+        with self._stage("cache", index, req):
+            raw = await self.cache.get(key)
         cached = raw is not None
         self.metrics.cache.labels("result", "hit" if cached else "miss").inc()
         if cached:
@@ -84,7 +86,8 @@ class SearchService:
         else:
             vec = queries.given_vector(q.embedding or [])
         args = (vec, req.k, req.modalities, req.filter, q.modality, req.calibration)
-        hits, media = await run_in_threadpool(hits_and_media, index, index.search, *args)
+        with self._stage("dense", index, req):
+            hits, media = await run_in_threadpool(hits_and_media, index, index.search, *args)
         return [result(h, media=media.get(h.id)) for h in hits]
 
     async def _late(
@@ -103,12 +106,20 @@ class SearchService:
             out.tokens[0], out.embedding[0], options.params(), explain=options.explain, heatmap=options.heatmap
         )
         args = (late, req.k, req.modalities, req.filter, q.modality, req.calibration)
-        hits, media = await run_in_threadpool(hits_and_media, index, index.search_late, *args)
+        with self._stage("late", index, req):
+            hits, media = await run_in_threadpool(hits_and_media, index, index.search_late, *args)
         if not options.explain:
             return [result(h, media=media.get(h.id)) for h in hits]
         pooled = (index.manifest.tokens or {}).get("pool_factor", 1) > 1
         matches = await run_in_threadpool(explained, hits, queries.encoder, q.text, pooled)  # tokenizes: off the loop
         return [result(h, m, media.get(h.id)) for h, m in zip(hits, matches, strict=True)]
+
+    @contextlib.contextmanager
+    def _stage(self, stage: str, index: LoadedIndex, req: SearchRequest) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        modality = req.query.modality or "embedding"
+        self.metrics.stage_seconds.labels(stage, index.name, modality).observe(time.perf_counter() - t0)
 
 
 def applied_calibration(req: SearchRequest, index: LoadedIndex) -> str | None:
