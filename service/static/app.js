@@ -27,16 +27,33 @@ class ServiceError extends Error {
   }
 }
 
+// An API key (XMODAL_API_KEYS), typed once into the page: kept for this tab only (sessionStorage), sent as a bearer
+// token with every call. Media then load through fetch (an <img src> cannot carry a header) as blob URLs.
+const KEY_STORE = "xmodal.apiKey";
+const apiKey = () => sessionStorage.getItem(KEY_STORE) || "";
+const withKey = (options = {}) => {
+  const key = apiKey();
+  return key ? { ...options, headers: { ...(options.headers || {}), authorization: `Bearer ${key}` } } : options;
+};
+
+function askForKey(status) {
+  const row = $("key-row");
+  row.hidden = false;
+  $("api-key").setAttribute("aria-invalid", status === 403 ? "true" : "false");
+  $("api-key").focus();
+}
+
 async function call(path, options = {}) {
   let response;
   try {
-    response = await fetch(path, options);
+    response = await fetch(path, withKey(options));
   } catch (err) {
     throw new ServiceError(0, "unreachable", `the service did not answer (${err.message})`);
   }
   const body = await response.json().catch(() => null);
   if (!response.ok) {
     const error = body && body.error;
+    if (response.status === 401 || response.status === 403) askForKey(response.status);
     throw new ServiceError(response.status, error ? error.code : "error",
       error ? error.message : `HTTP ${response.status} ${response.statusText}`);
   }
@@ -45,6 +62,17 @@ async function call(path, options = {}) {
 
 const mediaUrl = (kind, index, id, extra = "") =>
   `/v1/indexes/${encodeURIComponent(index)}/${kind}?id=${encodeURIComponent(id)}${extra}`;
+
+// An <img>/<audio> for a media URL: the URL itself, or with an API key the file fetched with it as a blob URL.
+function mediaNode(tag, url, attrs) {
+  if (!apiKey()) return el(tag, { ...attrs, src: url });
+  const node = el(tag, attrs);
+  fetch(url, withKey())
+    .then((r) => (r.ok ? r.blob() : null))
+    .then((blob) => { if (blob) node.src = URL.createObjectURL(blob); })
+    .catch(() => {});
+  return node;
+}
 
 // --- indexes ----------------------------------------------------------------------------------------------------
 async function loadIndexes() {
@@ -185,7 +213,7 @@ async function runSearch({ push = true, like = null } = {}) {
   let queryText = null;
   try {
     if (like) {
-      const response = await fetch(mediaUrl("media", form.index, like.id, `&modality=${like.modality}`));
+      const response = await fetch(mediaUrl("media", form.index, like.id, `&modality=${like.modality}`), withKey());
       if (!response.ok) {
         const body = await response.json().catch(() => null);
         throw new ServiceError(response.status, "media", body && body.error ? body.error.message : `HTTP ${response.status}`);
@@ -248,15 +276,15 @@ function card(index, r, position) {
   const item = el("li", { class: `card ${r.modality}`, "data-id": r.id, "data-modality": r.modality });
   if (visualModality === "image") {
     item.append(el("div", { class: "visual picture" },
-      el("img", { src: mediaUrl("thumbnail", index, r.id, "&size=256"), alt: r.text || `image ${r.id}`, loading: "lazy", width: 256, height: 256 }),
+      mediaNode("img", mediaUrl("thumbnail", index, r.id, "&size=256"), { alt: r.text || `image ${r.id}`, loading: "lazy", width: 256, height: 256 }),
       el("div", { class: "heat", hidden: true }),
       el("div", { class: "spot", hidden: true })));
   } else if (visualModality === "audio") {
     item.append(el("div", { class: "visual sound" },
-      el("img", { src: mediaUrl("waveform", index, r.id), alt: `waveform of ${r.id}`, loading: "lazy", width: 480, height: 96 }),
+      mediaNode("img", mediaUrl("waveform", index, r.id), { alt: `waveform of ${r.id}`, loading: "lazy", width: 480, height: 96 }),
       el("div", { class: "heat", hidden: true }),
       el("div", { class: "spot", hidden: true })));
-    item.append(el("audio", { controls: true, preload: "none", src: mediaUrl("media", index, r.id, "&modality=audio"), "aria-label": `play ${r.id}` }));
+    item.append(mediaNode("audio", mediaUrl("media", index, r.id, "&modality=audio"), { controls: true, preload: "none", "aria-label": `play ${r.id}` }));
   }
   if (r.text) item.append(el("p", { class: "caption", text: r.text }));
   const modalityBadge = el("span", { class: `badge ${r.modality.replace("+", " ")}`, text: r.modality });
@@ -475,6 +503,20 @@ async function start() {
     runSearch();
   });
   $("index").addEventListener("change", () => chooseIndex($("index").value));
+  $("key-row").hidden = !apiKey();
+  $("api-key").value = apiKey();
+  $("key-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    sessionStorage.setItem(KEY_STORE, $("api-key").value.trim());
+    hideError();
+    try {
+      await loadIndexes();
+      chooseIndex($("index").value);
+      if ($("q").value.trim() || state.queryFile) await runSearch({ push: false });
+    } catch (err) {
+      showError(err.message, err.status);
+    }
+  });
   wireFileInput();
   window.addEventListener("popstate", () => {
     setQueryFile(null);

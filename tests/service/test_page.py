@@ -380,3 +380,33 @@ def test_desktop_and_phone_screenshots(browser, server, page) -> None:
         assert box["x"] >= 0 and box["x"] + box["width"] <= width[1] + 1, (element_id, box)
     assert cards(browser)[0].rect["width"] > 120
     screenshot(browser, "page-phone.png")
+
+
+def test_with_api_keys_the_page_asks_for_one_and_then_searches_and_shows_media(browser, late_data: Path) -> None:
+    """XMODAL_API_KEYS set: the page's first call is refused, the key field appears; a wrong key is 403 and marked;
+    the right one loads the indexes, runs the search and shows thumbnails fetched with the key (blob URLs)."""
+    with ServerThread(Settings(data_dir=late_data, reload_interval_s=0, api_keys="k-page-1")) as keyed:
+        browser.get(f"{keyed.url}/?q=two+red+circles&modalities=image")
+        wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+        assert "Error 401" in browser.find_element(By.ID, "error").text
+        key = browser.find_element(By.ID, "api-key")
+        assert key.is_displayed() and key.get_attribute("type") == "password"
+        key.send_keys("wrong", Keys.ENTER)
+        wait(browser, lambda d: "Error 403" in d.find_element(By.ID, "error").text)
+        assert key.get_attribute("aria-invalid") == "true"
+        key.clear()
+        before = searches(browser)
+        key.send_keys("k-page-1", Keys.ENTER)
+        search_done(browser, before)
+        assert browser.find_element(By.ID, "error").is_displayed() is False
+        assert len(cards(browser)) == 12
+        thumb = cards(browser)[0].find_element(By.CSS_SELECTOR, ".visual img")
+        wait(browser, lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", thumb))
+        assert thumb.get_attribute("src").startswith("blob:")
+        assert browser.execute_script("return arguments[0].naturalWidth", thumb) == 256
+        # the key stays for this tab: a reload searches at once
+        browser.refresh()
+        wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+        assert len(cards(browser)) == 12
+        browser.execute_script("sessionStorage.clear()")
+    browser.get_log("browser")  # the 401/403 this test asked for
