@@ -134,21 +134,22 @@ def add_items(
 
 
 def model_warnings(
-    name: str, built_with: str, served: str, previous: VersionManifest | None, encoder: Encoder
+    name: str, built_with: str, allowed: list[str], previous: VersionManifest | None, encoder: Encoder
 ) -> list[str]:
     """What an operator should hear after publishing a version built with model ``built_with`` where services
-    load ``served`` (XMODAL_MODEL), over ``previous``."""
+    load only the models ``allowed`` (XMODAL_MODELS; empty: each index's own), over ``previous``."""
     out = []
-    if built_with != served:
+    if allowed and built_with not in allowed:
         out.append(
-            f"built with model {built_with!r}, but services here load {served!r} (XMODAL_MODEL): they refuse this "
-            f"version and keep serving the one they have; serve it with XMODAL_MODEL={built_with}"
+            f"built with model {built_with!r}, which XMODAL_MODELS ({','.join(allowed)}) leaves out: services here "
+            f"refuse this version and keep serving the one they have; add {built_with} to XMODAL_MODELS"
         )
     if previous is not None and previous.model.fingerprint != encoder.fingerprint:
         out.append(
             f"the previous version {previous.version} was built with model {previous.model.name!r} "
-            f"({previous.model.fingerprint[:12]}); a service still running that model refuses this one; to roll "
-            f"back: xmodal index publish {name} {previous.version}"
+            f"({previous.model.fingerprint[:12]}); services now encode this index's queries with "
+            f"{encoder.name} ({encoder.fingerprint[:12]}), whose bundle each replica needs in its models folder; "
+            f"to roll back: xmodal index publish {name} {previous.version}"
         )
     return out
 

@@ -277,7 +277,7 @@ def index_build(
     s = _settings(model=model)
     items = read_corpus(corpus)
     encoder = Encoder(s.model_dir, device=s.device, threads=s.threads)
-    served_model = _settings().model  # what `xmodal serve` loads here (XMODAL_MODEL)
+    allowed = _settings().model_list  # XMODAL_MODELS: what `xmodal serve` here limits itself to
     before = IndexDir(s.indexes_dir, name)
     previous = before.manifest() if before.exists() else None
     with _progress_bar("encoding") as bar:
@@ -315,7 +315,7 @@ def index_build(
         )
     if publish:
         _announce(s, name, m.version)
-        for warning in model_warnings(name, s.model, served_model, previous, encoder):
+        for warning in model_warnings(name, s.model, allowed, previous, encoder):
             console.print(f"[yellow]warning[/]: {warning}")
     if m.build["failed"]:
         console.print(f"[yellow]{m.build['failed']} item(s) skipped[/] (could not be decoded):")

@@ -22,8 +22,8 @@ pytestmark = pytest.mark.slow
 XMODAL = [sys.executable, "-m", "service"]
 
 
-def cli(data: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("XMODAL_") and k != "REDIS_URL"}
+def cli(data: Path, *args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XMODAL_") and k != "REDIS_URL"} | (env or {})
     env["XMODAL_DATA_DIR"] = str(data)
     return subprocess.run([*XMODAL, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -80,11 +80,23 @@ def test_cli_build_info_verify_and_errors(data: Path, tmp_path: Path) -> None:
     missing = cli(data, "index", "info", "nope")
     assert missing.returncode == 1 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
 
-    # built with a model the service here does not load: published, and said so with the way back
-    other = cli(data, "index", "build", "--name", "aero", "--corpus", str(corpus), "--model", "all-minilm-l6-v2")
+    # rebuilt with another model, which XMODAL_MODELS leaves out: published, and said so with the way back
+    other = cli(
+        data,
+        "index",
+        "build",
+        "--name",
+        "aero",
+        "--corpus",
+        str(corpus),
+        "--model",
+        "all-minilm-l6-v2",
+        env={"XMODAL_MODELS": "xmodal-mini"},
+    )
     assert other.returncode == 0, other.stderr
     said = " ".join(other.stderr.split())
-    assert "services here load 'xmodal-mini'" in said and "XMODAL_MODEL=all-minilm-l6-v2" in said
+    assert "XMODAL_MODELS (xmodal-mini) leaves out" in said and "add all-minilm-l6-v2 to XMODAL_MODELS" in said
+    assert "services now encode this index's queries with all-minilm-l6-v2" in said
     assert f"xmodal index publish aero {info['version']}" not in said  # the previous version was the late one
     assert "to roll back: xmodal index publish aero" in said
     listed = cli(data, "index", "versions", "aero")
