@@ -131,3 +131,27 @@ def test_models_the_service_may_not_load_refuse_their_index(two_models: Path, tm
         ready = c.get("/readyz").json()
         assert ready["ready"] is False and "has the fingerprint" in ready["refused_indexes"]["pictures"]
         assert c.post("/v1/search", json={"index": "demo", "query": {"text": "a"}}).status_code == 200
+
+
+def test_adds_and_rebuilds_use_the_index_own_model(two_models: Path, tmp_path: Path) -> None:
+    """The default model is xmodal-mini, yet an add to (and a rebuild of) the tiny-CLIP index encodes with tiny CLIP,
+    found among the bundles by the index's fingerprint: with xmodal-mini the add would be refused."""
+    from service.index_ops import add_corpus
+    from service.jobs import rebuild
+
+    data = tmp_path / "data"
+    shutil.copytree(two_models, data)
+    settings = Settings(data_dir=data)
+    assert settings.model == DEFAULT_MODEL
+    picture = tmp_path / "new.png"
+    picture.write_bytes(png((200, 0, 200), 99))
+    corpus = tmp_path / "more.jsonl"
+    corpus.write_text(json.dumps({"id": "pic-new", "image": str(picture), "text": "a purple picture"}) + "\n")
+    added = add_corpus(settings, "pictures", corpus)
+    assert added.model.name == CLIP and added.counts["image"] == 13
+    rebuilt = rebuild(settings, "pictures", {"from": "current"}, lambda done, total: None)
+    with client(data) as c:
+        assert c.get("/v1/indexes/pictures").json()["version"] == rebuilt
+        query = {"image": base64.b64encode(picture.read_bytes()).decode()}
+        r = c.post("/v1/search", json={"index": "pictures", "query": query, "k": 1, "modalities": ["image"]})
+        assert r.status_code == 200 and r.json()["results"][0]["id"] == "pic-new" and r.json()["model"] == CLIP
