@@ -33,6 +33,7 @@ from service.explain import describe
 from service.fetch import with_fetched_image
 from service.media import media_of
 from service.schemas import (
+    MAX_K,
     ErrorResponse,
     LateOptions,
     RequestBody,
@@ -214,7 +215,7 @@ def result(hit: Hit, matches: list[TokenMatch] | None = None, media: list[str] |
 async def search_file(
     file: UploadFile = File(description="the query: an image or audio file"),
     index: str = Form(),
-    k: int = Form(10),
+    k: int = Form(10, ge=1, le=MAX_K, description="number of results (at most XMODAL_MAX_K)"),
     modalities: str | None = Form(None, description="comma-separated target modalities, e.g. `image,text`"),
     mode: str = Form("dense"),
     modality: str | None = Form(None, description="`image` or `audio`; default: from the file's type or name"),
@@ -432,7 +433,16 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: model loaded and warmed, indexes loaded")
+@router.get(
+    "/readyz",
+    summary="Readiness: model loaded and warmed, indexes loaded",
+    responses={
+        503: {
+            "description": "not ready: the same body, `ready` false (or, while shutting down, an error)",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+    },
+)
 async def readyz(state: ServiceState = Depends(get_state)) -> JSONResponse:
     enc = state.encoder
     body = {
