@@ -17,7 +17,9 @@ from service.schemas import ErrorResponse
 from service.state import ServiceState, get_state
 from service.uploads import DeleteRequest, ItemsRequest, save_upload
 
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 422, 503)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 415, 422, 503)}
+LOCATION = {"description": "the job's status: GET /v1/jobs/{id}", "required": True, "schema": {"type": "string"}}
+QUEUED = {202: {"description": "queued: the job's status", "headers": {"Location": LOCATION}}}
 router = APIRouter(dependencies=[Depends(require_admin)], responses=ERRORS, tags=["admin"])
 
 
@@ -29,6 +31,7 @@ def get_jobs(request: Request) -> Jobs:
     "/v1/indexes/{name}/rebuild",
     status_code=202,
     response_model=JobStatus,
+    responses=QUEUED,
     summary="Queue a full rebuild from a corpus below the corpora root, or from the published version's items",
 )
 async def rebuild(
@@ -51,6 +54,7 @@ def published(state: ServiceState, name: str) -> None:
     "/v1/indexes/{name}/items",
     status_code=202,
     response_model=JobStatus,
+    responses=QUEUED,
     summary="Queue an add of items (JSON, media as base64): a new segment; an id the index holds is replaced",
 )
 async def add_items(
@@ -65,6 +69,7 @@ async def add_items(
     "/v1/indexes/{name}/items",
     status_code=202,
     response_model=JobStatus,
+    responses=QUEUED,
     summary="Queue a delete of items by id: they are never returned once its version is published",
 )
 async def delete_items(
@@ -78,6 +83,7 @@ async def delete_items(
     "/v1/indexes/{name}/compact",
     status_code=202,
     response_model=JobStatus,
+    responses=QUEUED,
     summary="Queue a compaction: the segments merged into one, deleted rows dropped",
 )
 async def compact(name: str, state: ServiceState = Depends(get_state), jobs: Jobs = Depends(get_jobs)) -> JSONResponse:

@@ -20,6 +20,7 @@ from service.events import listen
 from service.job_queue import make_jobs
 from service.logs import configure_logging
 from service.middleware import BodyLimit, CountRequests, RequestId
+from service.openapi import document_service
 from service.page import mount_static
 from service.page import router as page_router
 from service.routes import router
@@ -97,6 +98,7 @@ def create_app(settings: Settings) -> FastAPI:
             expose_headers=["retry-after", "x-request-id"],
             max_age=600,
         )
+    document_service(app, settings)  # last: what the layers above answer, on the schema as the rest leaves it
     return app
 
 

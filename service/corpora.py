@@ -15,12 +15,16 @@ def resolve_corpus(root: Path, given: str) -> Path:
     if not given.strip() or "\0" in given:
         raise InvalidInput("corpus: give a path of a JSONL file or a folder below the corpora root")
     base = root.resolve()
-    path = (base / given).resolve()  # an absolute `given` replaces base
+    try:
+        path = (base / given).resolve()  # an absolute `given` replaces base
+        exists = path.exists()
+    except OSError as exc:  # a name longer than the file system takes, a loop of links
+        raise InvalidInput(f"corpus: not a path this system can open ({exc.strerror})") from None
     if not path.is_relative_to(base):
         raise InvalidInput(
             f"corpus {given!r} is outside the corpora root {base} (XMODAL_CORPORA_DIR); put the corpus there"
         )
-    if not path.exists():
+    if not exists:
         raise InvalidInput(f"corpus {given!r} does not exist below the corpora root {base}")
     return path
 

@@ -19,6 +19,7 @@ State = Literal["queued", "running", "succeeded", "failed"]
 FINISHED = ("succeeded", "failed")
 KEY_PREFIX = "xmodal:job:"
 LISTING = "xmodal:jobs"
+MAX_ID_CHARS = 64  # ids are uuid4 hex (32)
 
 
 class JobNotFound(NotFound):
@@ -99,8 +100,9 @@ class FileJobStore:
         self._dir = jobs_dir
 
     def _path(self, job_id: str) -> Path:
-        if not job_id.isalnum():  # ids are hex; anything else could name a path
-            raise JobNotFound(f"no job {job_id!r}")
+        # Ids are 32 hex digits: anything else could name a path, or be longer than a file name may be.
+        if not (job_id.isascii() and job_id.isalnum()) or len(job_id) > MAX_ID_CHARS:
+            raise JobNotFound(f"no job {job_id[:MAX_ID_CHARS]!r}")
         return self._dir / f"{job_id}.json"
 
     def put(self, status: JobStatus) -> None:

@@ -11,24 +11,37 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from models.errors import IndexNotFound, XmodalError
 from service import index_ops
 from service.job_store import FINISHED, JobStatus, JobStore, Progress, now_iso, update
+from service.schemas import RequestBody
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 0.5  # status writes while encoding, at most this often
 
 
-class RebuildRequest(BaseModel):
+def one_source_schema(schema: dict) -> None:
+    """Exactly one of `corpus` and `from`, as the JSON schema says it (a client never needs to send either as null)."""
+    schema["oneOf"] = [{"required": ["corpus"]}, {"required": ["from"]}]
+    for name in ("corpus", "from"):
+        prop = schema["properties"][name]
+        prop.pop("default", None)
+        prop.update(next(s for s in prop.pop("anyOf") if s.get("type") != "null"))
+
+
+class RebuildRequest(RequestBody):
     """Body of POST /v1/indexes/{name}/rebuild: exactly one of `corpus` and `from`."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True, json_schema_extra=one_source_schema)
     corpus: str | None = Field(None, description="a JSONL file or folder below the corpora root (relative or absolute)")
-    from_: str | None = Field(None, alias="from", description='"current": re-encode the published version\'s items')
+    from_: Literal["current"] | None = Field(
+        None, alias="from", description='"current": re-encode the published version\'s items'
+    )
     late: bool | None = Field(None, description="store token vectors (default: as the published version does)")
     model: str | None = Field(
         None,
@@ -42,8 +55,6 @@ class RebuildRequest(BaseModel):
     def _one_source(self) -> RebuildRequest:
         if (self.corpus is None) == (self.from_ is None):
             raise ValueError('give exactly one of "corpus" (a path below the corpora root) and "from": "current"')
-        if self.from_ is not None and self.from_ != "current":
-            raise ValueError(f'"from" must be "current", not {self.from_!r}')
         return self
 
     def spec(self) -> dict:

@@ -33,6 +33,24 @@ PAGE_HEADERS = {
 MEDIA_CACHE = "public, max-age=3600"
 THUMB_SIZES = (64, 128, 256, 512)
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 422, 503)}
+MEDIA_HEADERS = {  # sent with every file, rendering and 304
+    name: {"description": description, "required": True, "schema": {"type": "string"}}
+    for name, description in (
+        ("ETag", "the file's (or rendering's) tag, for If-None-Match"),
+        ("Cache-Control", MEDIA_CACHE),
+    )
+}
+
+
+def media_responses(*media_types: str) -> dict:
+    """A media route's answers: the file (one of ``media_types``), or 304 for an If-None-Match of its ETag."""
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    return {
+        **ERRORS,
+        200: {"content": dict.fromkeys(media_types, binary), "headers": MEDIA_HEADERS},
+        304: {"description": "Not Modified: If-None-Match named the current ETag", "headers": MEDIA_HEADERS},
+    }
+
 
 router = APIRouter()
 ItemId = Query(min_length=1, max_length=1024, description="the item's id in the index")
@@ -78,7 +96,7 @@ async def _rendered(
 
 @router.get(
     "/v1/indexes/{name}/media",
-    responses=ERRORS,
+    responses=media_responses("image/*", "audio/*"),
     summary="An item's own image or audio file (by item id)",
     response_class=FileResponse,
 )
@@ -105,7 +123,7 @@ def _thumb_size(size: int) -> int:
 
 @router.get(
     "/v1/indexes/{name}/thumbnail",
-    responses=ERRORS,
+    responses=media_responses("image/jpeg"),
     summary="A square JPEG of an item's image as the model sees it (its centre crop)",
     response_class=Response,
 )
@@ -113,7 +131,11 @@ async def thumbnail(
     request: Request,
     name: str,
     id: str = ItemId,
-    size: Annotated[int, Query(description="pixels a side: 64, 128, 256 or 512"), AfterValidator(_thumb_size)] = 256,
+    size: Annotated[
+        int,
+        Query(description="pixels a side", json_schema_extra={"enum": list(THUMB_SIZES)}),
+        AfterValidator(_thumb_size),
+    ] = 256,
     state: ServiceState = Depends(get_state),
 ) -> Response:
     def render(index: LoadedIndex, encoder: Encoder, found: MediaFile) -> tuple[bytes, str]:
@@ -124,7 +146,7 @@ async def thumbnail(
 
 @router.get(
     "/v1/indexes/{name}/waveform",
-    responses=ERRORS,
+    responses=media_responses("image/png"),
     summary="A PNG of an item's sound over the audio tower's clip window",
     response_class=Response,
 )

@@ -25,6 +25,7 @@ from service.errors import ClientGone, ResponseTooLarge
 from service.fetch import with_fetched_image
 from service.payloads import decode_base64, input_modality, upload_modality
 from service.schemas import (
+    MAX_K,
     ErrorResponse,
     RequestBody,
     SearchRequest,
@@ -91,7 +92,7 @@ async def disconnected(request: Request) -> None:
 async def search_file(
     file: UploadFile = File(description="the query: an image or audio file"),
     index: str = Form(),
-    k: int = Form(10),
+    k: int = Form(10, ge=1, le=MAX_K, description="number of results (at most XMODAL_MAX_K)"),
     modalities: str | None = Form(None, description="comma-separated target modalities, e.g. `image,text`"),
     mode: str = Form("dense"),
     modality: str | None = Form(None, description="`image` or `audio`; default: from the file's type or name"),
@@ -271,7 +272,16 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: model loaded and warmed, indexes loaded")
+@router.get(
+    "/readyz",
+    summary="Readiness: model loaded and warmed, indexes loaded",
+    responses={
+        503: {
+            "description": "not ready: the same body, `ready` false (or, while shutting down, an error)",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+    },
+)
 async def readyz(state: ServiceState = Depends(get_state)) -> JSONResponse:
     registry = state.registry
     ids = registry.model_ids()

@@ -48,8 +48,24 @@ class RequestBody(BaseModel):
 QUERY_FIELDS = ("text", "image", "audio", "embedding", "image_url")
 
 
+def one_field_schema(schema: dict[str, Any]) -> None:
+    """The JSON schema of a model that takes exactly one of its fields: one property (minProperties = maxProperties
+    = 1), not null. The model itself also takes its other fields as null (counted as absent); a client never needs
+    to send them, so the schema leaves that out and generated clients and test data send one field."""
+    for prop in schema.get("properties", {}).values():
+        prop.pop("default", None)
+        branches = [s for s in prop.pop("anyOf", []) if s.get("type") != "null"]
+        if len(branches) == 1:
+            prop.update(branches[0])
+        elif branches:
+            prop["anyOf"] = branches
+    schema["minProperties"] = schema["maxProperties"] = 1
+
+
 class Query(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Exactly one of `text`, `image`, `audio`, `embedding` and `image_url`."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=one_field_schema)
     text: str | None = Field(None, description="a text query")
     image: str | None = Field(None, description="an image file, base64 or as a data URI (data:image/png;base64,...)")
     audio: str | None = Field(None, description="an audio file (WAV, FLAC, OGG, MP3), base64 or as a data URI")

@@ -127,6 +127,19 @@ def test_json_that_no_request_means_is_a_4xx_not_a_500(client: TestClient, raw: 
     assert bad.status_code == 422 and "input[1]" in bad.json()["error"]["message"]
 
 
+def test_the_schema_says_k_is_1_to_this_services_max_k(client: TestClient) -> None:
+    """Above XMODAL_MAX_K is a 422 as below 1 is, on the JSON search and the upload alike; the schema says so (it
+    said 10,000, the absolute bound, and nothing at all for the upload's form field)."""
+    schema = create_app(Settings(max_k=50)).openapi()
+    form = schema["paths"]["/v1/search/file"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    for ref in (form["$ref"], "#/components/schemas/SearchRequest"):
+        k = schema["components"]["schemas"][ref.rsplit("/", 1)[-1]]["properties"]["k"]
+        assert (k["minimum"], k["maximum"]) == (1, 50)
+    for k in (0, 1001):  # this client's service: the default XMODAL_MAX_K, 1000
+        r = client.post("/v1/search/file", files={"file": ("q.png", b"\x89PNG")}, data={"index": "demo", "k": str(k)})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "k", r.text
+
+
 def test_non_finite_embedding_is_rejected(client: TestClient) -> None:
     raw = '{"index": "demo", "query": {"embedding": [' + ",".join(["1e400"] * 384) + "]}}"
     r = client.post("/v1/search", content=raw, headers={"content-type": "application/json"})

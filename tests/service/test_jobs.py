@@ -126,6 +126,22 @@ def test_admin_routes_need_the_key_and_keep_to_the_corpora_root(data: Path, tmp_
         assert r.status_code == 403 and "XMODAL_ADMIN_KEYS" in r.json()["error"]["message"]
 
 
+def test_admin_input_the_file_system_cannot_take_is_a_4xx_not_a_500(tmp_path: Path) -> None:
+    """Found by tests/service/test_openapi_fuzz.py: a corpus path or a job id longer than a file name may be, or a
+    lone surrogate that no path can be encoded from, reached the file system and came back as 500s."""
+    (tmp_path / "corpora").mkdir()
+    with app_client(tmp_path) as c:  # no model needed: nothing here gets as far as a job
+        raw = b'{"corpus": "\\ud800.jsonl"}'  # valid JSON, not Unicode
+        r = c.post("/v1/indexes/news/rebuild", content=raw, headers={**ADMIN, "content-type": "application/json"})
+        assert r.status_code == 422 and "surrogate" in r.json()["error"]["message"], r.text
+        r = c.post("/v1/indexes/news/rebuild", json={"corpus": "x" * 5000 + ".jsonl"}, headers=ADMIN)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_input", r.text
+        r = c.get(f"/v1/jobs/{'0' * 300}", headers=ADMIN)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found", r.text
+        r = c.post("/v1/indexes/news/rebuild", json={"from": "previous"}, headers=ADMIN)
+        assert r.status_code == 422 and r.json()["error"]["param"] == "from", r.text
+
+
 @pytest.mark.slow
 def test_rebuild_jobs_without_redis_run_in_a_background_process(data: Path) -> None:
     before = IndexDir(data / "indexes", "news").current()
