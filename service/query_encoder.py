@@ -77,7 +77,8 @@ class QueryEncoder:
         vec = np.asarray(values, dtype=np.float32)
         if vec.shape != (self.dim,):
             raise InvalidInput(f"query.embedding has {vec.size} values; model {self.name} has {self.dim}")
-        norm = float(np.linalg.norm(vec))
+        with np.errstate(over="ignore", invalid="ignore"):  # 1e308 values: an infinite norm, refused below
+            norm = float(np.linalg.norm(vec))
         if not np.isfinite(norm) or norm == 0.0:
             raise InvalidInput("query.embedding must be finite and non-zero")
         return vec / norm  # cosine similarity: unit query

@@ -109,7 +109,7 @@ def server(served_data: Path, late_data: Path, media_corpus: Path, tmp_path_fact
     SERVED["images"] = [base64.b64encode((media / r["image"]).read_bytes()).decode() for r in pictures]
     SERVED["sounds"] = [base64.b64encode((media / r["audio"]).read_bytes()).decode() for r in sounds]
     for s in serve(fuzz_settings(data_dir=data, models_dir=served_data / "models")):
-        SERVED["dim"] = [s.server.config.app.state.xmodal.encoder.dim]
+        SERVED["dim"] = [s.server.config.app.state.xmodal.registry.model(None).dim]
         yield s
 
 
