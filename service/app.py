@@ -20,6 +20,7 @@ from service.events import listen
 from service.job_queue import make_jobs
 from service.logs import configure_logging
 from service.middleware import BodyLimit, CountRequests, RequestId
+from service.openai_compat import router as openai_router
 from service.openapi import document_service
 from service.page import mount_static
 from service.page import router as page_router
@@ -76,6 +77,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(openai_router)
     app.include_router(admin_router)
     app.include_router(page_router)
     app.include_router(clip_router)
