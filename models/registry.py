@@ -92,11 +92,11 @@ def export_checkpoint(source: Path | str, models_dir: Path, name: str, arch: str
 
         return export_sentence_transformers(source, models_dir, name)
     if arch in ("clip", "siglip"):
-        from models.export_clip import export_clip
+        from models.export import export_clip
 
         return export_clip(source, models_dir, name, arch=arch)
     if arch == "clap":
-        from models.export_clap import export_clap
+        from models.export import export_clap
 
         return export_clap(source, models_dir, name)
     raise InvalidInput(f"--arch must be one of {', '.join(ARCHS)}, not {arch!r}")
