@@ -21,6 +21,7 @@ from models.export.base import (
 from models.export.clap import export_clap
 from models.export.clip import export_clip
 from models.export.sentence_transformers import export_sentence_transformers
+from models.export.wordllama import export_wordllama
 
 __all__ = [
     "MAX_ABS",
@@ -34,5 +35,6 @@ __all__ = [
     "export_onnx",
     "export_sentence_transformers",
     "export_towers",
+    "export_wordllama",
     "finish_bundle",
 ]
