@@ -121,3 +121,16 @@ def test_texts_files_and_refusals(tmp_path: Path, models: Path) -> None:
         align(models, TEXT_MODEL, WORDLLAMA_MODEL, texts_path=corpus)
     with pytest.raises(InvalidInput, match="heldout"):
         align(models, TEXT_MODEL, WORDLLAMA_MODEL, heldout=1.5)
+
+
+def test_pairs_refine_the_fit_and_change_the_data_hash(tmp_path: Path, models: Path) -> None:
+    corpus, pairs = tmp_path / "corpus.jsonl", tmp_path / "pairs.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"text": t}) + "\n" for t in OTHER_TEXTS * 2 + [f"item {i}" for i in range(20)])
+    )
+    pairs.write_text("".join(json.dumps({"text": t}) + "\n" for t in OTHER_TEXTS[:5]))
+    plain = align(models, TEXT_MODEL, WORDLLAMA_MODEL, name="plain", texts_path=corpus)
+    refined = align(models, TEXT_MODEL, WORDLLAMA_MODEL, name="refined", texts_path=corpus, pairs_path=pairs)
+    assert plain.fit["counts"] == {"texts": 32} and plain.fit["rows"] == 32
+    assert refined.fit["counts"] == {"texts": 32, "pair_texts": 5} and refined.fit["rows"] == 32 + 5 * 4
+    assert refined.fit["data_sha256"] != plain.fit["data_sha256"] and refined.fingerprint != plain.fingerprint
