@@ -41,7 +41,7 @@ from models.adapter import (
 )
 from models.encoder import Encoder
 from models.errors import InvalidInput, MissingDependency
-from models.files import atomic_write_json, replace_dir, sha256_file, staging_dir
+from models.files import atomic_write_json, jsonl_rows, replace_dir, sha256_file, staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +84,8 @@ def sample(texts: list[str], limit: int | None, seed: int = 0) -> list[str]:
 def read_texts(path: Path) -> list[str]:
     """JSONL, one ``{"text": ...}``, ``{"captions": [...]}`` (a corpus of captioned items) or JSON string per line;
     blank lines skipped, duplicates dropped."""
-    if not path.is_file():
-        raise InvalidInput(f"no texts file at {path}")
     texts: dict[str, None] = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InvalidInput(f"{path}:{n}: not JSON ({exc.msg})") from exc
+    for n, row in jsonl_rows(path, "texts file"):
         found = ([row["text"]] if "text" in row else row.get("captions")) if isinstance(row, dict) else [row]
         if not isinstance(found, list) or not all(isinstance(t, str) for t in found):
             raise InvalidInput(
@@ -105,13 +97,8 @@ def read_texts(path: Path) -> list[str]:
 
 def read_pairs(path: Path) -> list[dict[str, Any]]:
     """JSONL ``{"text": ..., "image"/"audio": path relative to the file}`` → rows with absolute media paths."""
-    if not path.is_file():
-        raise InvalidInput(f"no pairs file at {path}")
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for n, row in jsonl_rows(path, "pairs file"):
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
             raise InvalidInput(f'{path}:{n}: a pair is {{"text": "...", "image" or "audio": "relative/path"}}')
         rows.append({k: (str((path.parent / v).resolve()) if k in ("image", "audio") else v) for k, v in row.items()})

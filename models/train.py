@@ -12,7 +12,6 @@ sees in training exactly what it sees when serving. Needs torch (the ``export`` 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -31,7 +30,7 @@ from models.bundle import AudioPreprocessing, ImagePreprocessing, ModelManifest,
 from models.encoder import Encoder
 from models.errors import InvalidInput
 from models.export.base import TowerExport, export_towers, finish_bundle
-from models.files import sha256_file, staging_dir
+from models.files import jsonl_rows, sha256_file, staging_dir
 from models.mini.towers import AudioTower, ImageTower
 
 log = logging.getLogger(__name__)
@@ -338,16 +337,8 @@ def write_bundle(
 # --- a user's own pairs ---------------------------------------------------------------------------------------------
 def read_pairs(path: Path, modality: str) -> list[tuple[str, Path]]:
     """JSONL lines ``{"text": ..., "<modality>": path relative to the file}`` → (caption, absolute path)."""
-    if not path.is_file():
-        raise InvalidInput(f"no pairs file at {path}")
     pairs = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InvalidInput(f"{path}:{n}: not JSON ({exc.msg})") from exc
+    for n, row in jsonl_rows(path, "pairs file"):
         text, media = (row.get("text"), row.get(modality)) if isinstance(row, dict) else (None, None)
         if not isinstance(text, str) or not text.strip() or not isinstance(media, str):
             raise InvalidInput(f'{path}:{n}: a pair is {{"text": "...", "{modality}": "relative/path"}}')
