@@ -18,8 +18,9 @@ weights) comes from ``models.registry.prepare``. Exports are not timed as result
   needs). Its tokenizer is a byte-level BPE trained here on the COCO captions (no RoBERTa vocabulary can be
   downloaded): captions come out about as wide as with CLIP's real BPE (19 tokens per padded batch of 32).
 
-1. Towers: torch eager = the exporters' own wrapper modules (``export_clip._text_tower`` / ``_image_tower``,
-   ``export_clap._text_tower`` / ``_audio_tower``, ``export._text_wrapper``) around the loaded transformers model,
+1. Towers: torch eager = the exporters' own wrapper modules (``export.clip._text_tower`` / ``_image_tower``,
+   ``export.clap._text_tower`` / ``_audio_tower``, ``export.sentence_transformers._text_wrapper``) around the loaded
+   transformers model,
    under ``torch.inference_mode()``; ONNX Runtime = the ``Encoder``'s session for that tower, ``session.run`` only,
    all three outputs (the same work as the torch module). Both get the same preprocessed arrays (real COCO captions
    and photos, real spoken digits where ``../shared/data`` has them) and the same thread count (all usable cores).
@@ -199,7 +200,7 @@ def torch_modules(run: ModelRun, checkpoint: Path | None) -> tuple[Any, dict[str
     import transformers
 
     if run.family == "minilm":
-        from models.export import _read_st_config, _text_wrapper
+        from models.export.sentence_transformers import _read_st_config, _text_wrapper
         from models.registry import _minilm_source
 
         source = _minilm_source()
@@ -207,12 +208,12 @@ def torch_modules(run: ModelRun, checkpoint: Path | None) -> tuple[Any, dict[str
         model = transformers.AutoModel.from_pretrained(str(source)).eval()
         return model, {"text": _text_wrapper(torch, model, pooling)}
     if run.family == "clip":
-        from models.export_clip import _image_tower, _text_tower
+        from models.export.clip import _image_tower, _text_tower
 
         model = transformers.CLIPModel.from_pretrained(str(checkpoint)).eval()
         pad_id = load_manifest(run.bundle).towers["text"].preprocessing.pad_id
         return model, {"text": _text_tower(torch, model, "clip", pad_id), "image": _image_tower(torch, model, "clip")}
-    from models.export_clap import _audio_tower, _text_tower
+    from models.export.clap import _audio_tower, _text_tower
 
     model = transformers.ClapModel.from_pretrained(str(checkpoint)).eval()
     return model, {"text": _text_tower(torch, model), "audio": _audio_tower(torch, model, False)}
@@ -239,7 +240,7 @@ def tower_setups(encoder: Encoder, tower: str, size: str, captions: list[str]) -
         if paths:
             items = [pre.decode(p) for p in paths]
         else:
-            from models.export_clap import parity_waveforms
+            from models.export.clap import parity_waveforms
 
             items = parity_waveforms(pre.config.sample_rate, pre.config.clip_seconds, need)
     names = encoder.manifest.towers[tower].inputs

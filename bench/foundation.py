@@ -494,7 +494,8 @@ def bench_towers(data_dir: Path, sentences: list[str], threads: int, repeats: in
     import torch
     import transformers
 
-    from models.export import OUTPUTS, TEXT_INPUTS, _read_st_config, _text_wrapper
+    from models.export.base import OUTPUTS
+    from models.export.sentence_transformers import TEXT_INPUTS, _read_st_config, _text_wrapper
     from models.registry import _minilm_source
     from models.text import TextPreprocessor
 
@@ -547,7 +548,8 @@ def bench_towers(data_dir: Path, sentences: list[str], threads: int, repeats: in
         f"to its longest sentence, {np.mean([b['input_ids'].shape[1] for b in setups[32]]):.1f} tokens wide on "
         f"average; real tokens fill {100 * real / padded:.0f}% of the padded positions) and 32 of them one at a "
         "time (batch 1). torch eager = the exporter's wrapper module "
-        f"(`models.export._text_wrapper` over transformers `AutoModel`) under `torch.inference_mode()`; "
+        "(`models.export.sentence_transformers._text_wrapper` over transformers `AutoModel`) under "
+        "`torch.inference_mode()`; "
         f"ONNX Runtime = the `Encoder`'s session (graph optimisation level {ort_opts.graph_optimization_level.name}), "
         f"asked for the same three outputs. Threads: torch.get_num_threads()={torch.get_num_threads()}, "
         f"ORT intra_op_num_threads={ort_opts.intra_op_num_threads}; the `threads=0` row is the service default "

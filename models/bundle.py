@@ -7,15 +7,17 @@ index bundles record, so an index is never searched with vectors from another mo
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from models.errors import BundleError, FingerprintMismatch, ModelNotFound, XmodalError
-from models.files import read_json, sha256_file
+from models.files import atomic_write_json, read_json, replace_dir, sha256_file
 
 FORMAT = "xmodal.model/1"
 DEFAULT_MODEL = "xmodal-mini"  # the bundle `xmodal models prepare` makes and the service loads by default (models/mini)
@@ -149,6 +151,40 @@ def compute_fingerprint(bundle_dir: Path, towers: dict[str, Tower]) -> str:
         for rel in (tower.onnx, *tower.preprocessing.files):
             sha256_file(bundle_dir / rel, h)
     return h.hexdigest()
+
+
+def copy_tower(source_bundle: Path, tower: Tower, dest: Path) -> None:
+    """A tower's ONNX file and preprocessing files (tokenizer) from ``source_bundle`` into folder ``dest``."""
+    for rel in (tower.onnx, *tower.preprocessing.files):
+        shutil.copyfile(source_bundle / rel, dest / rel)
+
+
+def publish_bundle(
+    tmp: Path,
+    models_dir: Path,
+    *,
+    name: str,
+    version: str,
+    dim: int,
+    towers: dict[str, Tower],
+    source: dict,
+    parity: dict,
+) -> ModelManifest:
+    """The last step of every bundle writer: fingerprint the towers staged in ``tmp``, write the manifest, and move
+    the folder into ``<models_dir>/<name>`` atomically. No torch (the exporters add their versions to ``source``)."""
+    manifest = ModelManifest(
+        name=name,
+        version=version,
+        fingerprint=compute_fingerprint(tmp, towers),
+        dim=dim,
+        towers=towers,
+        source=source,
+        parity=parity,
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    atomic_write_json(tmp / MANIFEST, manifest.model_dump())
+    replace_dir(tmp, models_dir / name)
+    return manifest
 
 
 def load_manifest(bundle_dir: Path) -> ModelManifest:

@@ -46,6 +46,12 @@ class FingerprintMismatch(BundleError):
     code = "fingerprint_mismatch"
 
 
+class AdapterMismatch(FingerprintMismatch):
+    """An adapter bundle does not map between the two models asked for (its from/to fingerprints differ)."""
+
+    code = "adapter_mismatch"
+
+
 class MissingDependency(XmodalError):
     """An optional dependency (ONNX Runtime, FAISS, torch) is not installed; the message names the fix."""
 

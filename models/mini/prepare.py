@@ -4,13 +4,11 @@ this only copies files, checks them against ``recipe.json`` and writes the finge
 
 from __future__ import annotations
 
-import datetime as dt
-import shutil
 from pathlib import Path
 
-from models.bundle import MANIFEST, ModelManifest, Tower, compute_fingerprint, verify_bundle
+from models.bundle import ModelManifest, Tower, copy_tower, publish_bundle, verify_bundle
 from models.errors import BundleError
-from models.files import atomic_write_json, read_json, replace_dir, sha256_file, staging_dir
+from models.files import read_json, sha256_file, staging_dir
 
 MINI_MODEL = "xmodal-mini"
 TEXT_MODEL = "all-minilm-l6-v2"  # the frozen text tower the image and audio towers were trained against
@@ -41,14 +39,14 @@ def build_mini(models_dir: Path, text_bundle: Path, name: str = MINI_MODEL, weig
     towers: dict[str, Tower] = {"text": text}
     towers.update({m: Tower.model_validate(recipe["towers"][m]) for m in MEDIA})
     with staging_dir(models_dir, name) as tmp:
-        for rel in (text.onnx, *text.preprocessing.files):
-            shutil.copyfile(text_bundle / rel, tmp / rel)
+        copy_tower(text_bundle, text, tmp)
         for m in MEDIA:
-            shutil.copyfile(weights / towers[m].onnx, tmp / towers[m].onnx)
-        manifest = ModelManifest(
+            copy_tower(weights, towers[m], tmp)
+        publish_bundle(
+            tmp,
+            models_dir,
             name=name,
             version=str(recipe.get("version", "1")),
-            fingerprint=compute_fingerprint(tmp, towers),
             dim=text_manifest.dim,
             towers=towers,
             source={
@@ -61,8 +59,5 @@ def build_mini(models_dir: Path, text_bundle: Path, name: str = MINI_MODEL, weig
                 "heldout_metrics": recipe.get("metrics", {}),
             },
             parity={"text": text_manifest.parity.get("text", {}), **recipe.get("parity", {})},
-            created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         )
-        atomic_write_json(tmp / MANIFEST, manifest.model_dump())
-        replace_dir(tmp, models_dir / name)
     return verify_bundle(models_dir / name)

@@ -27,7 +27,7 @@ from models.encoder import Encoder
 from models.files import atomic_write_json, sha256_file
 from models.mini import data
 from models.mini.prepare import MINI_MODEL, RECIPE, TEXT_MODEL, WEIGHTS
-from models.mini.train import (
+from models.train import (
     AUDIO_PREPROCESSING,
     IMAGE_PREPROCESSING,
     Progress,
@@ -38,7 +38,6 @@ from models.mini.train import (
     group_ids,
     media_inputs,
     retrieval_metrics,
-    tower_entry,
     train_tower,
 )
 
@@ -152,12 +151,12 @@ def run_recipe(
         for modality in ("image", "audio"):
             tick = (lambda s, t, loss, m=modality: progress(m, s, t, loss)) if progress else None
             trained = train_modality(modality, text_encoder, seed, SIZES[modality], progress=tick)
-            onnx = f"{modality}.onnx"
-            recipe["parity"][modality] = export_tower(
-                trained["module"], modality, out / onnx, trained["heldout_inputs"]
-            )
             config = IMAGE_PREPROCESSING if modality == "image" else AUDIO_PREPROCESSING
-            recipe["towers"][modality] = tower_entry(modality, onnx, config).model_dump()
+            tower, recipe["parity"][modality] = export_tower(
+                trained["module"], modality, out, trained["heldout_inputs"], config
+            )
+            onnx = tower.onnx
+            recipe["towers"][modality] = tower.model_dump()
             recipe["files"][onnx] = {"sha256": sha256_file(out / onnx), "bytes": (out / onnx).stat().st_size}
             recipe["metrics"][modality] = trained["metrics"]
             recipe["training"][modality] = {k: trained[k] for k in ("config", "sizes", "history", "seconds", "steps")}

@@ -114,16 +114,17 @@ def test_parity_check_rejects_a_graph_that_differs(models_dir: Path) -> None:
     """Parity compares against the torch module: a torch model with one changed weight must be refused."""
     from transformers import AutoModel
 
-    from models.export import _text_wrapper, check_parity
-    from models.text import TextPreprocessor
+    from models.bundle import load_manifest
+    from models.export.base import check_tower_parity, text_feeds
+    from models.export.sentence_transformers import TEXT_INPUTS, _text_wrapper
 
     model = AutoModel.from_pretrained(str(_minilm_source())).eval()
     with torch.no_grad():
         model.encoder.layer[0].attention.self.query.weight.mul_(1.5)
     bundle = models_dir / TEXT_MODEL
-    pre = TextPreprocessor(bundle / "tokenizer.json", 256)
+    feeds = text_feeds(bundle, load_manifest(bundle).towers["text"].preprocessing, TEXT_INPUTS)
     with pytest.raises(ParityError, match="no bundle written"):
-        check_parity(torch, _text_wrapper(torch, model, "mean"), bundle / "text.onnx", pre)
+        check_tower_parity(torch, _text_wrapper(torch, model, "mean"), bundle / "text.onnx", feeds, "text", [2, 8])
 
 
 def test_damaged_bundle_is_rebuilt_by_prepare(models_dir: Path, tmp_path: Path) -> None:

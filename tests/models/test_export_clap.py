@@ -48,7 +48,7 @@ def _unit(x: torch.Tensor) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def unfused(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path, Path, object]:
-    from models.export_clap import export_clap
+    from models.export.clap import export_clap
 
     folder = tmp_path_factory.mktemp("clap-ckpt")
     model = make_clap_checkpoint(folder, fusion=False)
@@ -60,15 +60,17 @@ def unfused(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path, Pat
 @pytest.fixture(scope="module")
 def fused(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path, Path, dict, list[str], object]:
     """The fused audio tower alone (the text tower is the unfused test's): export_clap's audio steps."""
-    from models.export_clap import _audio_preprocessing, _export_audio, _load_model
+    from models.export.base import export_towers
+    from models.export.clap import _audio_export, _audio_preprocessing, _load_model
 
     folder = tmp_path_factory.mktemp("clap-fused-ckpt")
     model = make_clap_checkpoint(folder, fusion=True)
     pre, note = _audio_preprocessing(folder, fusion=True)
     assert note is None
     path = tmp_path_factory.mktemp("bundle") / "audio.onnx"
-    parity, inputs = _export_audio(torch, _load_model(transformers, folder), path, pre, folder)
-    return model, folder, path, parity, inputs, pre
+    spec = _audio_export(torch, _load_model(transformers, folder), pre, folder)
+    _, parity, _ = export_towers(torch, path.parent, [spec])
+    return model, folder, path, parity["audio"], spec.inputs, pre
 
 
 def test_manifest_and_fingerprint(unfused) -> None:
@@ -170,7 +172,7 @@ def test_fused_audio_tower_takes_is_longer(fused) -> None:
 
 def test_parity_check_rejects_a_different_model(unfused) -> None:
     from models.export import check_tower_parity as _tower_parity
-    from models.export_clap import _audio_feeds, _audio_tower
+    from models.export.clap import _audio_feeds, _audio_tower
 
     model, _, bundle, manifest = unfused
     changed = copy.deepcopy(model)
@@ -182,7 +184,7 @@ def test_parity_check_rejects_a_different_model(unfused) -> None:
 
 
 def test_not_a_clap_checkpoint_is_refused(tmp_path: Path) -> None:
-    from models.export_clap import export_clap
+    from models.export.clap import export_clap
 
     with pytest.raises(ExportError, match="no config.json"):
         export_clap(tmp_path, tmp_path / "out", "x")
@@ -194,7 +196,7 @@ def test_not_a_clap_checkpoint_is_refused(tmp_path: Path) -> None:
 
 def test_truncation_follows_the_model(tmp_path: Path) -> None:
     """An unfused model takes one mel channel: a config asking for fusion's four is overridden, and said so."""
-    from models.export_clap import _audio_preprocessing
+    from models.export.clap import _audio_preprocessing
 
     config = {"feature_extractor_type": "ClapFeatureExtractor", "feature_size": 64, "truncation": "fusion"}
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))

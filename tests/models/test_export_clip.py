@@ -57,7 +57,7 @@ def models_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def exported(request: pytest.FixtureRequest, models_out: Path) -> dict:
     """arch -> (checkpoint, bundle folder, manifest, torch model); each exported once per module, on first use."""
-    from models.export_clip import export_clip
+    from models.export.clip import export_clip
 
     cache: dict = {}
 
@@ -201,7 +201,7 @@ def test_image_tower_matches_get_image_features(arch: str, exported) -> None:
 
 # --- refusals ---------------------------------------------------------------------------------------------------
 def test_other_model_types_and_wrong_arch_are_refused(tmp_path: Path, clip_checkpoint: Path) -> None:
-    from models.export_clip import export_clip
+    from models.export.clip import export_clip
 
     out = tmp_path / "models"
     bert = tmp_path / "bert"
@@ -222,19 +222,20 @@ def test_a_graph_that_differs_from_torch_is_refused_and_nothing_is_written(
     tmp_path: Path, clip_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """After the text graph is exported, a torch weight changes: parity must catch it, and no bundle appears."""
-    import models.export_clip as ec
+    import models.export.base as eb
+    from models.export.clip import export_clip
 
-    real_export = ec.export_onnx
+    real_export = eb.export_onnx
 
     def export_then_change_the_model(torch_, module, path, *args, **kwargs):
         real_export(torch_, module, path, *args, **kwargs)
         with torch.no_grad():
             module.model.text_model.final_layer_norm.bias.add_(1.0)  # (a uniform scale would normalise away)
 
-    monkeypatch.setattr(ec, "export_onnx", export_then_change_the_model)
+    monkeypatch.setattr(eb, "export_onnx", export_then_change_the_model)
     out = tmp_path / "models"
     with pytest.raises(ParityError, match="text tower.*no bundle written") as info:
-        ec.export_clip(clip_checkpoint, out, "broken")
+        export_clip(clip_checkpoint, out, "broken")
     assert info.value.details["min_cosine"] < 0.9999 or info.value.details["max_abs_diff"] > 1e-4
     assert list(out.iterdir()) == []  # neither the bundle nor a staging folder
 
@@ -244,7 +245,7 @@ def test_a_checkpoint_without_tokenizer_json_gets_one_from_its_vocab_and_merges(
 ) -> None:
     from tokenizers import Tokenizer
 
-    from models.export import write_tokenizer as _write_tokenizer
+    from models.export.base import write_tokenizer as _write_tokenizer
 
     slow = tmp_path / "slow"
     slow.mkdir()

@@ -39,7 +39,7 @@ def png(colour: tuple[int, int, int], seed: int) -> bytes:
 @pytest.fixture(scope="module")
 def two_models(tmp_path_factory: pytest.TempPathFactory, served_data: Path) -> Path:
     """served_data (xmodal-mini, index `demo`) plus a tiny CLIP bundle and an index `pictures` built with it."""
-    from models.export_clip import export_clip
+    from models.export.clip import export_clip
 
     root = tmp_path_factory.mktemp("two-models")
     data = root / "data"

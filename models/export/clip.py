@@ -56,28 +56,26 @@ from typing import Any
 
 import numpy as np
 
-from models.bundle import ImagePreprocessing, ModelManifest, TextPreprocessing, Tower
+from models.bundle import ImagePreprocessing, ModelManifest, TextPreprocessing
 from models.errors import ExportError
-from models.export import (
-    OUTPUTS,
-    PARITY_TEXTS,
+from models.export.base import (
+    TowerExport,
     _import_torch,
-    check_tower_parity,
-    export_onnx,
-    finish_bundle,
-    tokenizer_setting,
+    declared_max_length,
+    export_bundle,
+    pad_id_of,
+    text_tower,
+    tower_module,
+    tower_outputs,
     write_tokenizer,
 )
-from models.files import staging_dir
 from models.image import image_config_from_hf
-from models.text import TextPreprocessor
 
 log = logging.getLogger(__name__)
 
 ARCHS = {"clip": "CLIPModel", "siglip": "SiglipModel"}
 TEXT_INPUTS = {"clip": ["input_ids", "attention_mask"], "siglip": ["input_ids"]}
 IMAGE_INPUTS = ["pixel_values"]
-TEXT_TRACE = (2, 8)  # the export trace's (batch, length); parity uses other shapes
 IMAGE_TRACE_BATCH = 2
 PARITY_IMAGE_BATCHES = (1, 3, 5)
 # One text longer than any model's positions: truncated to max_length, so the longest shape is exercised.
@@ -116,10 +114,8 @@ def _text_preprocessing(source: Path, tokenizer_file: Path, arch: str, text_conf
 
     tok = Tokenizer.from_file(str(tokenizer_file))
     positions = int(text_config.max_position_embeddings)
-    declared = tokenizer_setting(source, "model_max_length")
-    max_length = min(positions, int(declared)) if isinstance(declared, int | float) and declared < 1e6 else positions
-    pad_token = tokenizer_setting(source, "pad_token")
-    pad_id = tok.token_to_id(pad_token) if isinstance(pad_token, str) else None
+    max_length = min(positions, declared_max_length(source) or positions)
+    pad_id = pad_id_of(source, tok)
     if pad_id is None:
         pad_id = text_config.pad_token_id
         if arch == "siglip" or pad_id is None:  # SigLIP pads every text: the pad id must be the tokenizer's
@@ -142,35 +138,21 @@ def _text_preprocessing(source: Path, tokenizer_file: Path, arch: str, text_conf
 
 
 def _text_tower(torch: Any, model: Any, arch: str, pad_id: int) -> Any:
-    F = torch.nn.functional
-
     if arch == "clip":
 
-        class ClipTextTower(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = model
+        def clip_forward(self, input_ids, attention_mask):  # noqa: ANN001
+            out = self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+            tokens = self.model.text_projection(out.last_hidden_state)
+            return tower_outputs(torch, out.pooler_output, tokens, attention_mask)
 
-            def forward(self, input_ids, attention_mask):  # noqa: ANN001
-                out = self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
-                tokens = self.model.text_projection(out.last_hidden_state)
-                mask = attention_mask.to(torch.int32)
-                return F.normalize(out.pooler_output, dim=-1), F.normalize(tokens, dim=-1), mask
+        return tower_module(torch, "ClipTextTower", clip_forward, model=model)
 
-        return ClipTextTower().eval()
+    def siglip_forward(self, input_ids):  # noqa: ANN001
+        out = self.model.get_text_features(input_ids=input_ids)  # no mask: trained attending to padding
+        tokens = self.model.text_model.head(out.last_hidden_state)
+        return tower_outputs(torch, out.pooler_output, tokens, input_ids != pad_id)
 
-    class SiglipTextTower(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids):  # noqa: ANN001
-            out = self.model.get_text_features(input_ids=input_ids)  # no mask: trained attending to padding
-            tokens = self.model.text_model.head(out.last_hidden_state)
-            mask = (input_ids != pad_id).to(torch.int32)
-            return F.normalize(out.pooler_output, dim=-1), F.normalize(tokens, dim=-1), mask
-
-    return SiglipTextTower().eval()
+    return tower_module(torch, "SiglipTextTower", siglip_forward, model=model)
 
 
 def _siglip_patch_head(torch: Any, head: Any, x: Any) -> Any:
@@ -184,40 +166,20 @@ def _siglip_patch_head(torch: Any, head: Any, x: Any) -> Any:
 
 
 def _image_tower(torch: Any, model: Any, arch: str) -> Any:
-    F = torch.nn.functional
+    def forward(self, pixel_values):  # noqa: ANN001
+        out = self.model.get_image_features(pixel_values=pixel_values)
+        vision = self.model.vision_model
+        if arch == "clip":  # last_hidden_state is before post_layernorm; drop CLS (it is the embedding)
+            tokens = self.model.visual_projection(vision.post_layernorm(out.last_hidden_state[:, 1:]))
+        else:  # last_hidden_state is after post_layernorm
+            tokens = _siglip_patch_head(torch, vision.head, out.last_hidden_state)
+        mask = torch.ones_like(tokens[..., 0], dtype=torch.int32)
+        return tower_outputs(torch, out.pooler_output, tokens, mask)
 
-    class ImageTower(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, pixel_values):  # noqa: ANN001
-            out = self.model.get_image_features(pixel_values=pixel_values)
-            vision = self.model.vision_model
-            if arch == "clip":  # last_hidden_state is before post_layernorm; drop CLS (it is the embedding)
-                tokens = self.model.visual_projection(vision.post_layernorm(out.last_hidden_state[:, 1:]))
-            else:  # last_hidden_state is after post_layernorm
-                tokens = _siglip_patch_head(torch, vision.head, out.last_hidden_state)
-            mask = torch.ones_like(tokens[..., 0], dtype=torch.int32)
-            return F.normalize(out.pooler_output, dim=-1), F.normalize(tokens, dim=-1), mask
-
-    return ImageTower().eval()
+    return tower_module(torch, "ImageTower", forward, model=model)
 
 
 # --- parity -----------------------------------------------------------------------------------------------------
-
-
-def _text_feeds(bundle_dir: Path, pre: TextPreprocessing) -> list[dict[str, np.ndarray]]:
-    """The bundle's own preprocessing on batches unlike the trace, plus (for fixed-length padding) the same
-    texts padded per batch, so the graph's dynamic length is exercised too."""
-    texts = [*PARITY_TEXTS, PARITY_LONG_TEXT]
-    batches = (texts, texts[1:2], texts[:3])
-    own = TextPreprocessor.from_config(bundle_dir, pre)
-    feeds = [own(b) for b in batches]
-    if pre.pad_to_max_length:
-        ragged = TextPreprocessor(bundle_dir / pre.tokenizer, pre.max_length, False, pre.pad_id)
-        feeds += [ragged(texts[:5]), ragged(texts[1:3])]
-    return feeds
 
 
 def _image_feeds(size: int) -> list[dict[str, np.ndarray]]:
@@ -262,78 +224,39 @@ def export_clip(
     if image_pre.output_size != image_size:
         raise ExportError(f"the image processor makes {image_pre.output_size}px images, the model takes {image_size}px")
 
-    with staging_dir(models_dir, name) as tmp:
+    def towers(tmp: Path) -> list[TowerExport]:
         write_tokenizer(source, tmp / "tokenizer.json")
         text_pre = _text_preprocessing(source, tmp / "tokenizer.json", arch, text_config)
-        text_module = _text_tower(torch, model, arch, text_pre.pad_id)
-        image_module = _image_tower(torch, model, arch)
-        parity = {
-            "text": _export_text(torch, text_module, tmp, arch, text_pre, text_config),
-            "image": _export_image(torch, image_module, tmp, image_size),
-        }
-        towers = {
-            "text": Tower(
-                onnx="text.onnx", inputs=TEXT_INPUTS[arch], outputs=OUTPUTS, emits_tokens=True, preprocessing=text_pre
-            ),
-            "image": Tower(
-                onnx="image.onnx", inputs=IMAGE_INPUTS, outputs=OUTPUTS, emits_tokens=True, preprocessing=image_pre
-            ),
-        }
-        with torch.inference_mode():  # the joint space's width, as the graphs really emit it
-            dims = {
-                "text": int(text_module(*_text_example(torch, arch, text_config))[0].shape[-1]),
-                "image": int(image_module(_image_example(torch, image_size))[0].shape[-1]),
-            }
-        if dims["text"] != dims["image"]:
-            raise ExportError(f"text and image embeddings differ in width: {dims}")
-        manifest = finish_bundle(
+        text = text_tower(
+            torch,
+            _text_tower(torch, model, arch, text_pre.pad_id),
             tmp,
-            models_dir,
-            name=name,
-            version=version,
-            dim=dims["text"],
-            towers=towers,
-            source={
-                "kind": f"hf-{arch}",
-                "class": ARCHS[arch],
-                "path": str(source),
-                "image_tokens": "patch tokens, no CLS" if arch == "clip" else "patches through the MAP head",
-                "text_attention_mask": arch == "clip",
-            },
-            parity=parity,
+            text_pre,
+            TEXT_INPUTS[arch],
+            int(text_config.vocab_size),
+            max_length=int(text_config.max_position_embeddings),  # torch.export needs the positions' bound
+            long_text=PARITY_LONG_TEXT,
         )
-    log.info("exported %s (%s) to %s (parity: %s)", source, arch, models_dir / name, parity)
-    return manifest
+        image = TowerExport(
+            modality="image",
+            module=_image_tower(torch, model, arch),
+            example=(_image_example(torch, image_size),),
+            inputs=IMAGE_INPUTS,
+            dynamic={"pixel_values": {0: torch.export.Dim("batch")}},
+            feeds=_image_feeds(image_size),
+            preprocessing=image_pre,
+        )
+        return [text, image]
 
-
-def _text_example(torch: Any, arch: str, text_config: Any) -> tuple:
-    """Fixed ids (so a checkpoint exports to the same bytes) inside the vocabulary, one padded row."""
-    batch, length = TEXT_TRACE
-    ids = torch.arange(3, 3 + batch * length).remainder(int(text_config.vocab_size)).reshape(batch, length)
-    if arch == "siglip":
-        return (ids,)
-    mask = torch.ones(batch, length, dtype=torch.int64)
-    mask[1, length // 2 :] = 0
-    return ids, mask
+    source_info = {
+        "kind": f"hf-{arch}",
+        "class": ARCHS[arch],
+        "path": str(source),
+        "image_tokens": "patch tokens, no CLS" if arch == "clip" else "patches through the MAP head",
+        "text_attention_mask": arch == "clip",
+    }
+    return export_bundle(torch, models_dir, name, version, towers, source_info)
 
 
 def _image_example(torch: Any, size: int) -> Any:
     return torch.linspace(-2, 2, IMAGE_TRACE_BATCH * 3 * size * size).reshape(IMAGE_TRACE_BATCH, 3, size, size)
-
-
-def _export_text(torch: Any, module: Any, tmp: Path, arch: str, pre: TextPreprocessing, text_config: Any) -> dict:
-    names = TEXT_INPUTS[arch]
-    # torch.export needs the bound the position embeddings put on the length.
-    batch = torch.export.Dim("batch")
-    seq = torch.export.Dim("sequence", max=int(text_config.max_position_embeddings))
-    example = _text_example(torch, arch, text_config)
-    export_onnx(torch, module, tmp / "text.onnx", example, names, {n: {0: batch, 1: seq} for n in names})
-    return check_tower_parity(torch, module, tmp / "text.onnx", _text_feeds(tmp, pre), "text", list(TEXT_TRACE))
-
-
-def _export_image(torch: Any, module: Any, tmp: Path, size: int) -> dict:
-    example = (_image_example(torch, size),)
-    dyn = {"pixel_values": {0: torch.export.Dim("batch")}}
-    export_onnx(torch, module, tmp / "image.onnx", example, IMAGE_INPUTS, dyn)
-    trace = [IMAGE_TRACE_BATCH, 3, size, size]
-    return check_tower_parity(torch, module, tmp / "image.onnx", _image_feeds(size), "image", trace)

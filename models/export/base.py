@@ -1,34 +1,36 @@
-"""Export a torch checkpoint to an xmodal model bundle (ONNX), with a parity check against torch.
+"""What every exporter shares: one tower = a torch module exported to ONNX and checked against torch
+(``TowerExport`` / ``export_towers``), the text-tower plumbing of the Hugging Face exporters, and the bundle's
+last step (``finish_bundle``).
 
 Needs the ``export`` extra (torch, transformers, onnx). Uses the dynamo exporter: with torch 2.13 and
 transformers 5 the legacy TorchScript exporter produced BERT graphs that were silently wrong.
-A bundle is only written when the ONNX graph reproduces the torch model on shapes it was not traced on.
+A bundle is only written when every ONNX graph reproduces the torch model on shapes it was not traced on.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import io
 import json
 import logging
 import os
 import shutil
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from models.bundle import MANIFEST, ModelManifest, TextPreprocessing, Tower, compute_fingerprint
+from models.bundle import ModelManifest, Preprocessing, TextPreprocessing, Tower, publish_bundle
 from models.errors import ExportError, MissingDependency, ParityError
-from models.files import atomic_write_json, replace_dir, staging_dir
+from models.files import staging_dir
 from models.runtime import create_session, import_onnxruntime
 from models.text import TextPreprocessor
 
 log = logging.getLogger(__name__)
 
-TEXT_INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
 OUTPUTS = ["embedding", "tokens", "token_mask"]
 # Parity: every row's cosine to the torch output, and the largest element difference.
 MIN_COSINE = 0.9999
@@ -54,56 +56,6 @@ def _import_torch() -> tuple[Any, Any]:
     return torch, transformers
 
 
-def _read_st_config(source: Path) -> tuple[str, bool, int]:
-    """(pooling, normalize, max_length) from a sentence-transformers checkpoint folder."""
-    modules = json.loads((source / "modules.json").read_text())
-    pooling, normalize = "mean", False
-    for mod in modules:
-        kind = mod["type"].rsplit(".", 1)[-1]
-        if kind == "Pooling":
-            cfg = json.loads((source / mod["path"] / "config.json").read_text())
-            if cfg.get("pooling_mode_cls_token"):
-                pooling = "cls"
-            elif cfg.get("pooling_mode_mean_tokens"):
-                pooling = "mean"
-            else:
-                raise ExportError(f"unsupported pooling in {source}: {cfg}")
-        elif kind == "Normalize":
-            normalize = True
-        elif kind not in ("Transformer",):
-            raise ExportError(f"unsupported sentence-transformers module {mod['type']} in {source}")
-    max_length = 512
-    st_cfg = source / "sentence_bert_config.json"
-    if st_cfg.is_file():
-        max_length = int(json.loads(st_cfg.read_text()).get("max_seq_length", max_length))
-    return pooling, normalize, max_length
-
-
-def _text_wrapper(torch: Any, encoder: Any, pooling: str) -> Any:
-    F = torch.nn.functional
-
-    class SentenceTower(torch.nn.Module):
-        """Transformer → pooled, L2-normalised sentence vector, plus L2-normalised token vectors."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.encoder = encoder
-
-        def forward(self, input_ids, attention_mask, token_type_ids):  # noqa: ANN001
-            hidden = self.encoder(
-                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-            ).last_hidden_state
-            if pooling == "cls":
-                pooled = hidden[:, 0]
-            else:
-                m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-            # The cosine model is normalised either way; the manifest promises unit vectors.
-            return F.normalize(pooled, dim=-1), F.normalize(hidden, dim=-1), attention_mask.to(torch.int32)
-
-    return SentenceTower().eval()
-
-
 def _rename_outputs(model_proto: Any, wanted: list[str]) -> None:
     """Give the graph outputs their contract names. The exporter may already use such a name for an
     internal value (aten::embedding is called "embedding"; a constant-folded one becomes an initializer
@@ -118,16 +70,6 @@ def _rename_outputs(model_proto: Any, wanted: list[str]) -> None:
         node.output[:] = [mapping.get(v, v) for v in node.output]
     for value in (*graph.output, *graph.initializer, *graph.value_info):
         value.name = mapping.get(value.name, value.name)
-
-
-def _export_graph(torch: Any, module: Any, path: Path) -> None:
-    example = (
-        torch.arange(1000, 1016).reshape(2, 8),  # fixed, so the same checkpoint exports to the same bytes
-        torch.ones(2, 8, dtype=torch.int64),
-        torch.zeros(2, 8, dtype=torch.int64),
-    )
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    export_onnx(torch, module, path, example, TEXT_INPUTS, {name: {0: batch, 1: seq} for name in TEXT_INPUTS})
 
 
 def export_onnx(
@@ -262,12 +204,6 @@ def check_tower_parity(
     return report
 
 
-def check_parity(torch: Any, module: Any, onnx_path: Path, pre: TextPreprocessor) -> dict:
-    """Sentence tower: torch vs ONNX on texts of other batch sizes and lengths than the trace."""
-    feeds = [pre(texts) for texts in (PARITY_TEXTS, PARITY_TEXTS[1:2], PARITY_TEXTS[:3])]
-    return check_tower_parity(torch, module, onnx_path, feeds, "text", [2, 8])
-
-
 def write_tokenizer(source: Path, dest: Path) -> None:
     """``tokenizer.json`` into the bundle: copied when the checkpoint has one, else the fast backend's."""
     if (source / "tokenizer.json").is_file():
@@ -299,75 +235,174 @@ def tokenizer_setting(source: Path, key: str) -> Any:
     return None
 
 
-def finish_bundle(
+# --- one tower, several towers ---------------------------------------------------------------------------------
+
+
+def tower_module(torch: Any, name: str, forward: Callable, **children: Any) -> Any:
+    """An eval-mode torch module called ``name`` that holds ``children`` (the checkpoint's model, ...) as submodules
+    and runs ``forward(self, *inputs)``, whose parameter names are the graph's input names (torch.export keys the
+    dynamic shapes on them)."""
+    module = type(name, (torch.nn.Module,), {"forward": forward})()
+    for key, child in children.items():
+        setattr(module, key, child)
+    return module.eval()
+
+
+def tower_outputs(torch: Any, embedding: Any, tokens: Any, mask: Any) -> tuple:
+    """The contract's outputs: ``embedding`` and ``tokens`` L2-normalised, ``token_mask`` int32."""
+    normalize = torch.nn.functional.normalize
+    return normalize(embedding, dim=-1), normalize(tokens, dim=-1), mask.to(torch.int32)
+
+
+@dataclass
+class TowerExport:
+    """One tower to export: ``module`` (outputs ``embedding``, ``tokens``, ``token_mask``) traced on ``example``
+    (tensors in ``inputs`` order) with ``dynamic`` axes ({input: {axis: torch.export.Dim}}), then checked against
+    torch on ``feeds`` (numpy dicts of other shapes than the trace). ``context`` wraps the export only (a traceable
+    stand-in for a module part); parity always runs against the unmodified module."""
+
+    modality: str
+    module: Any
+    example: tuple
+    inputs: list[str]
+    dynamic: dict
+    feeds: list[dict[str, np.ndarray]]
+    preprocessing: Preprocessing
+    emits_tokens: bool = True
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    trace_shape: list[int] = field(default_factory=list)
+
+    @property
+    def onnx(self) -> str:
+        return f"{self.modality}.onnx"
+
+
+def export_towers(torch: Any, tmp: Path, specs: list[TowerExport]) -> tuple[dict[str, Tower], dict, int]:
+    """Export and parity-check every tower into staging folder ``tmp``: (manifest towers, parity reports, the joint
+    embedding width). Raises ParityError on a mismatch and ExportError when the towers' widths differ."""
+    towers, parity, dims = {}, {}, {}
+    for spec in specs:
+        with spec.context():
+            export_onnx(torch, spec.module, tmp / spec.onnx, spec.example, spec.inputs, spec.dynamic)
+        trace = spec.trace_shape or list(spec.example[0].shape)
+        parity[spec.modality] = check_tower_parity(
+            torch, spec.module, tmp / spec.onnx, spec.feeds, spec.modality, trace
+        )
+        towers[spec.modality] = Tower(
+            onnx=spec.onnx,
+            inputs=spec.inputs,
+            outputs=OUTPUTS,
+            emits_tokens=spec.emits_tokens,
+            preprocessing=spec.preprocessing,
+        )
+        with torch.inference_mode():  # the joint space's width, as the graph really emits it
+            dims[spec.modality] = int(spec.module(*spec.example)[0].shape[-1])
+    if len(set(dims.values())) != 1:
+        raise ExportError(f"the towers' embeddings differ in width: {dims}")
+    return towers, parity, next(iter(dims.values()))
+
+
+# --- text towers of Hugging Face checkpoints ---------------------------------------------------------------------
+
+
+TEXT_TRACE = (2, 8)  # the text trace's (batch, length); parity uses other shapes
+
+
+def text_example(torch: Any, vocab_size: int, inputs: list[str]) -> tuple:
+    """Fixed ids (so a checkpoint exports to the same bytes) inside the vocabulary, one padded row; one tensor per
+    name in ``inputs`` (input_ids, then attention_mask / token_type_ids where the graph takes them)."""
+    batch, length = TEXT_TRACE
+    ids = torch.arange(3, 3 + batch * length).remainder(vocab_size).reshape(batch, length)
+    mask = torch.ones(batch, length, dtype=torch.int64)
+    mask[1, length // 2 :] = 0
+    by_name = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    return tuple(by_name[n] for n in inputs)
+
+
+def text_feeds(bundle_dir: Path, pre: TextPreprocessing, inputs: list[str], long_text: str | None = None) -> list[dict]:
+    """The bundle's own preprocessing on batches unlike the trace (one text truncated to max_length when
+    ``long_text``), plus (for fixed-length padding) the same texts padded per batch, so the graph's dynamic length
+    is exercised too."""
+    texts = [*PARITY_TEXTS, *([long_text] if long_text else [])]
+    own = TextPreprocessor.from_config(bundle_dir, pre)
+    feeds = [own(b) for b in (texts, texts[1:2], texts[:3])]
+    if pre.pad_to_max_length:
+        ragged = TextPreprocessor(bundle_dir / pre.tokenizer, pre.max_length, False, pre.pad_id)
+        feeds += [ragged(texts[:5]), ragged(texts[1:3])]
+    return [{n: a for n, a in feed.items() if n in inputs} for feed in feeds]
+
+
+def text_tower(
+    torch: Any,
+    module: Any,
     tmp: Path,
+    pre: TextPreprocessing,
+    inputs: list[str],
+    vocab_size: int,
+    max_length: int | None = None,
+    long_text: str | None = None,
+    example: tuple | None = None,
+) -> TowerExport:
+    """A text tower traced with dynamic batch and length (bounded by ``max_length``, the position embeddings'), on
+    ``example`` (default ``text_example``), checked on the bundle's own tokenizer output (the tokenizer must already
+    be in ``tmp``)."""
+    batch = torch.export.Dim("batch")
+    seq = torch.export.Dim("sequence", max=max_length) if max_length else torch.export.Dim("sequence")
+    return TowerExport(
+        modality="text",
+        module=module,
+        example=example or text_example(torch, vocab_size, inputs),
+        inputs=inputs,
+        dynamic={n: {0: batch, 1: seq} for n in inputs},
+        feeds=text_feeds(tmp, pre, inputs, long_text),
+        preprocessing=pre,
+        trace_shape=list(TEXT_TRACE),
+    )
+
+
+def pad_id_of(source: Path, tokenizer: Any) -> int | None:
+    """The checkpoint tokenizer's pad token id (tokenizer_config.json / special_tokens_map.json), or None."""
+    pad_token = tokenizer_setting(source, "pad_token")
+    return tokenizer.token_to_id(pad_token) if isinstance(pad_token, str) else None
+
+
+def declared_max_length(source: Path) -> int | None:
+    """The tokenizer's ``model_max_length`` when it is a real limit (transformers writes 1e30 for "none")."""
+    declared = tokenizer_setting(source, "model_max_length")
+    return int(declared) if isinstance(declared, int | float) and 0 < declared < 1e6 else None
+
+
+# --- the bundle -------------------------------------------------------------------------------------------------
+
+
+def finish_bundle(tmp: Path, models_dir: Path, *, source: dict, **fields: Any) -> ModelManifest:
+    """The last step of every export: ``publish_bundle`` (``fields``: name, version, dim, towers, parity) with the
+    torch and transformers versions that made the graphs recorded in ``source``."""
+    torch, transformers = _import_torch()
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    return publish_bundle(tmp, models_dir, source={**source, **versions}, **fields)
+
+
+def export_bundle(
+    torch: Any,
     models_dir: Path,
-    *,
     name: str,
     version: str,
-    dim: int,
-    towers: dict[str, Tower],
+    towers: Callable[[Path], list[TowerExport]],
     source: dict,
-    parity: dict,
+    reference: Callable[[Path], dict[str, dict]] | None = None,
 ) -> ModelManifest:
-    """The last step of every export: fingerprint the staged files, write the manifest (with the torch and
-    transformers versions that made the graphs), and move the bundle into place."""
-    torch, transformers = _import_torch()
-    manifest = ModelManifest(
-        name=name,
-        version=version,
-        fingerprint=compute_fingerprint(tmp, towers),
-        dim=dim,
-        towers=towers,
-        source={**source, "torch": torch.__version__, "transformers": transformers.__version__},
-        parity=parity,
-        created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    )
-    atomic_write_json(tmp / MANIFEST, manifest.model_dump())
-    replace_dir(tmp, models_dir / name)
-    return manifest
-
-
-def export_sentence_transformers(source: Path, models_dir: Path, name: str, version: str = "1") -> ModelManifest:
-    """Export a sentence-transformers checkpoint folder as a text-only bundle ``<models_dir>/<name>``."""
-    torch, transformers = _import_torch()
-    source = Path(source)
-    if not (source / "modules.json").is_file():
-        raise ExportError(f"{source} is not a sentence-transformers checkpoint (no modules.json)")
-    if not (source / "tokenizer.json").is_file():
-        raise ExportError(f"{source} has no tokenizer.json (a fast tokenizer is required)")
-    pooling, _normalize, max_length = _read_st_config(source)
-    encoder = transformers.AutoModel.from_pretrained(str(source)).eval()
-    module = _text_wrapper(torch, encoder, pooling)
-    dim = int(encoder.config.hidden_size)
-
+    """An export once the checkpoint is loaded: in a staging folder, ``towers(tmp)`` writes what the towers need
+    there (the tokenizer) and says which towers to export; each is exported and checked against torch; then
+    ``reference(tmp)``, where given, checks the staged bundle against the model's own library ({tower: report}, kept
+    as the tower's parity ``reference``; it raises ParityError on a mismatch). The bundle is published (atomically)
+    only when every check passes."""
     with staging_dir(models_dir, name) as tmp:
-        shutil.copyfile(source / "tokenizer.json", tmp / "tokenizer.json")
-        _export_graph(torch, module, tmp / "text.onnx")
-        pre = TextPreprocessor(tmp / "tokenizer.json", max_length)
-        parity = check_parity(torch, module, tmp / "text.onnx", pre)
-        towers = {
-            "text": Tower(
-                onnx="text.onnx",
-                inputs=TEXT_INPUTS,
-                outputs=OUTPUTS,
-                emits_tokens=True,
-                preprocessing=TextPreprocessing(tokenizer="tokenizer.json", max_length=max_length),
-            )
-        }
+        entries, parity, dim = export_towers(torch, tmp, towers(tmp))
+        for tower, report in (reference(tmp) if reference else {}).items():
+            parity[tower]["reference"] = report
         manifest = finish_bundle(
-            tmp,
-            models_dir,
-            name=name,
-            version=version,
-            dim=dim,
-            towers=towers,
-            source={
-                "kind": "sentence-transformers",
-                "path": str(source),
-                "pooling": pooling,
-            },
-            parity={"text": parity},
+            tmp, models_dir, name=name, version=version, dim=dim, towers=entries, source=source, parity=parity
         )
-    log.info("exported %s to %s (parity: %s)", source, models_dir / name, parity)
+    log.info("exported %s to %s (parity: %s)", source.get("path", source.get("kind")), models_dir / name, parity)
     return manifest

@@ -19,7 +19,7 @@ Decisions, and why:
   The projection was trained only on pooler outputs (tanh-bounded); raw hidden states come out of a LayerNorm with
   another scale and offset, so they would land off the joint space. With the whole head applied per position, a
   token is "the embedding the text would have if pooled at this position", and ``<s>`` reproduces the embedding
-  (as CLIP's EOS token does in ``models.export_clip``). ``<s>`` and ``</s>`` stay real tokens (mask = attention mask).
+  (as CLIP's EOS token does in ``models.export.clip``). ``<s>`` and ``</s>`` stay real tokens (mask = attention mask).
 - Audio tokens are time steps. HTSAT ends in a [C, F', T'] map (``last_hidden_state``: F' frequency rows, T' time
   steps in time order after its "group 2D CNN" regrouping of the 4 time chunks); the embedding is
   ``audio_projection(mean over all F' x T' positions)``. Averaging over F' first gives T' vectors whose mean is that
@@ -43,8 +43,8 @@ Decisions, and why:
 
 Parity is part of the export: torch and ONNX Runtime on other batch sizes (and, for text, other lengths with padding
 inside batches, and a text truncated to the longest length) than the traces; every row's cosine >= 0.9999 and every
-element within 1e-4 (``models.export.MIN_COSINE`` / ``MAX_ABS``) for the embedding and for the real tokens, the token
-mask exactly. Otherwise ParityError and no bundle.
+element within 1e-4 (``models.export.base.MIN_COSINE`` / ``MAX_ABS``) for the embedding and for the real tokens, the
+token mask exactly. Otherwise ParityError and no bundle.
 """
 
 from __future__ import annotations
@@ -58,25 +58,23 @@ from typing import Any
 
 import numpy as np
 
-from models.bundle import AudioPreprocessing, ModelManifest, TextPreprocessing, Tower
+from models.bundle import AudioPreprocessing, ModelManifest, TextPreprocessing
 from models.errors import ExportError, XmodalError
-from models.export import (
-    OUTPUTS,
-    PARITY_TEXTS,
+from models.export.base import (
+    TowerExport,
     _import_torch,
-    check_tower_parity,
-    export_onnx,
-    finish_bundle,
-    tokenizer_setting,
+    declared_max_length,
+    export_bundle,
+    pad_id_of,
+    text_tower,
+    tower_module,
+    tower_outputs,
     write_tokenizer,
 )
-from models.files import staging_dir
-from models.text import TextPreprocessor
 
 log = logging.getLogger(__name__)
 
 TEXT_INPUTS = ["input_ids", "attention_mask"]
-TEXT_TRACE = (2, 8)  # the text trace's (batch, length); parity uses other shapes
 AUDIO_TRACE_BATCH = 2
 PARITY_AUDIO_BATCHES = (1, 3, 5)
 # Longer than any model's positions once tokenised: truncated to max_length, so the longest shape is exercised.
@@ -130,12 +128,8 @@ def _text_preprocessing(source: Path, tokenizer_file: Path, text_config: Any) ->
 
     tok = Tokenizer.from_file(str(tokenizer_file))
     config_pad = int(text_config.pad_token_id if text_config.pad_token_id is not None else 1)
-    max_length = int(text_config.max_position_embeddings) - config_pad - 1
-    declared = tokenizer_setting(source, "model_max_length")
-    if isinstance(declared, int | float) and 0 < declared < max_length:
-        max_length = int(declared)
-    pad_token = tokenizer_setting(source, "pad_token")
-    pad_id = tok.token_to_id(pad_token) if isinstance(pad_token, str) else None
+    max_length = min(int(text_config.max_position_embeddings) - config_pad - 1, declared_max_length(source) or 1 << 30)
+    pad_id = pad_id_of(source, tok)
     if pad_id is None and tok.padding:
         pad_id = tok.padding.get("pad_id")
     if pad_id is None:
@@ -149,54 +143,34 @@ def _text_preprocessing(source: Path, tokenizer_file: Path, text_config: Any) ->
 
 
 def _text_tower(torch: Any, model: Any) -> Any:
-    F = torch.nn.functional
+    def forward(self, input_ids, attention_mask):  # noqa: ANN001
+        out = self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+        pooler = self.model.text_model.pooler  # the head get_text_features applies to <s>, here to every token
+        tokens = self.model.text_projection(pooler.activation(pooler.dense(out.last_hidden_state)))
+        return tower_outputs(torch, out.pooler_output, tokens, attention_mask)
 
-    class ClapTextTower(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, attention_mask):  # noqa: ANN001
-            out = self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
-            pooler = self.model.text_model.pooler  # the head get_text_features applies to <s>, here to every token
-            tokens = self.model.text_projection(pooler.activation(pooler.dense(out.last_hidden_state)))
-            mask = attention_mask.to(torch.int32)
-            return F.normalize(out.pooler_output, dim=-1), F.normalize(tokens, dim=-1), mask
-
-    return ClapTextTower().eval()
+    return tower_module(torch, "ClapTextTower", forward, model=model)
 
 
 def _audio_tower(torch: Any, model: Any, fusion: bool) -> Any:
-    F = torch.nn.functional
-
     def outputs(out: Any) -> tuple:
         # last_hidden_state: [B, C, F', T'] (time in order); mean over F' then project each time step.
         steps = out.last_hidden_state.mean(dim=2).transpose(1, 2)
         tokens = model.audio_projection(steps)
         mask = torch.ones(tokens.shape[:2], dtype=torch.int32, device=tokens.device)
-        return F.normalize(out.pooler_output, dim=-1), F.normalize(tokens, dim=-1), mask
+        return tower_outputs(torch, out.pooler_output, tokens, mask)
 
     if fusion:
 
-        class ClapFusedAudioTower(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = model
+        def fused_forward(self, input_features, is_longer):  # noqa: ANN001
+            return outputs(self.model.get_audio_features(input_features=input_features, is_longer=is_longer))
 
-            def forward(self, input_features, is_longer):  # noqa: ANN001
-                return outputs(self.model.get_audio_features(input_features=input_features, is_longer=is_longer))
+        return tower_module(torch, "ClapFusedAudioTower", fused_forward, model=model)
 
-        return ClapFusedAudioTower().eval()
+    def forward(self, input_features):  # noqa: ANN001
+        return outputs(self.model.get_audio_features(input_features=input_features))
 
-    class ClapAudioTower(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_features):  # noqa: ANN001
-            return outputs(self.model.get_audio_features(input_features=input_features))
-
-    return ClapAudioTower().eval()
+    return tower_module(torch, "ClapAudioTower", forward, model=model)
 
 
 def _masked_fusion_patch_embed(torch: Any, inner: Any) -> Any:
@@ -249,12 +223,6 @@ def _exportable(torch: Any, model: Any, fusion: bool) -> Iterator[None]:
 
 
 # --- parity --------------------------------------------------------------------------------------------------------
-
-
-def _text_feeds(bundle_dir: Path, pre: TextPreprocessing) -> list[dict[str, np.ndarray]]:
-    texts = [*PARITY_TEXTS, PARITY_LONG_TEXT]
-    own = TextPreprocessor.from_config(bundle_dir, pre)
-    return [{n: a for n, a in own(b).items() if n in TEXT_INPUTS} for b in (texts, texts[1:2], texts[:3])]
 
 
 def parity_waveforms(sample_rate: int, clip_seconds: float, n: int, seed: int = 0) -> list[np.ndarray]:
@@ -328,15 +296,6 @@ def _check_audio_shapes(source: Path, pre: AudioPreprocessing, audio_config: Any
     return (4 if audio_config.enable_fusion else 1), frames
 
 
-def _text_example(torch: Any, vocab_size: int) -> tuple:
-    """Fixed ids (so a checkpoint exports to the same bytes) inside the vocabulary, one padded row."""
-    batch, length = TEXT_TRACE
-    ids = torch.arange(3, 3 + batch * length).remainder(vocab_size).reshape(batch, length)
-    mask = torch.ones(batch, length, dtype=torch.int64)
-    mask[1, length // 2 :] = 0
-    return ids, mask
-
-
 def _audio_example(torch: Any, channels: int, frames: int, n_mels: int, fusion: bool) -> tuple:
     """Fixed features in the log-mel range (dB), and for fused models one longer clip and one not."""
     n = AUDIO_TRACE_BATCH * channels * frames * n_mels
@@ -346,34 +305,24 @@ def _audio_example(torch: Any, channels: int, frames: int, n_mels: int, fusion: 
     return features, torch.tensor([[True], [False]])
 
 
-def _export_text(torch: Any, module: Any, tmp: Path, pre: TextPreprocessing, vocab_size: int) -> dict:
-    batch = torch.export.Dim("batch")
-    seq = torch.export.Dim("sequence", max=pre.max_length)  # the position embeddings bound the length
-    export_onnx(
-        torch,
-        module,
-        tmp / "text.onnx",
-        _text_example(torch, vocab_size),
-        TEXT_INPUTS,
-        {n: {0: batch, 1: seq} for n in TEXT_INPUTS},
-    )
-    return check_tower_parity(torch, module, tmp / "text.onnx", _text_feeds(tmp, pre), "text", list(TEXT_TRACE))
-
-
-def _export_audio(torch: Any, model: Any, path: Path, pre: AudioPreprocessing, source: Path) -> tuple[dict, list]:
-    """The audio graph at ``path`` and its parity report; returns (report, input names)."""
+def _audio_export(torch: Any, model: Any, pre: AudioPreprocessing, source: Path) -> TowerExport:
+    """The audio tower to export: traced with a traceable fusion branch (fused models), checked against the
+    unmodified transformers model (with ``is_longer`` both ways)."""
     audio_config = model.config.audio_config
     fusion = bool(audio_config.enable_fusion)
     channels, frames = _check_audio_shapes(source, pre, audio_config)
-    module = _audio_tower(torch, model, fusion)
     names = ["input_features", "is_longer"] if fusion else ["input_features"]
-    example = _audio_example(torch, channels, frames, pre.n_mels, fusion)
     batch = torch.export.Dim("batch")
-    with _exportable(torch, model, fusion):
-        export_onnx(torch, module, path, example, names, {n: {0: batch} for n in names})
-    # Against the unmodified transformers model (the original patch embedding is back).
-    trace = [AUDIO_TRACE_BATCH, channels, frames, pre.n_mels]
-    return check_tower_parity(torch, module, path, _audio_feeds(pre, fusion), "audio", trace), names
+    return TowerExport(
+        modality="audio",
+        module=_audio_tower(torch, model, fusion),
+        example=_audio_example(torch, channels, frames, pre.n_mels, fusion),
+        inputs=names,
+        dynamic={n: {0: batch} for n in names},
+        feeds=_audio_feeds(pre, fusion),
+        preprocessing=pre,
+        context=lambda: _exportable(torch, model, fusion),
+    )
 
 
 def export_clap(source: Path, models_dir: Path, name: str, version: str = "1") -> ModelManifest:
@@ -391,43 +340,28 @@ def export_clap(source: Path, models_dir: Path, name: str, version: str = "1") -
     model = _load_model(transformers, source)
     text_config = model.config.text_config
 
-    with staging_dir(models_dir, name) as tmp:
+    def towers(tmp: Path) -> list[TowerExport]:
         write_tokenizer(source, tmp / "tokenizer.json")
         text_pre = _text_preprocessing(source, tmp / "tokenizer.json", text_config)
-        text_module = _text_tower(torch, model)
-        text_parity = _export_text(torch, text_module, tmp, text_pre, int(text_config.vocab_size))
-        audio_parity, audio_inputs = _export_audio(torch, model, tmp / "audio.onnx", audio_pre, source)
-        towers = {
-            "text": Tower(
-                onnx="text.onnx", inputs=TEXT_INPUTS, outputs=OUTPUTS, emits_tokens=True, preprocessing=text_pre
-            ),
-            "audio": Tower(
-                onnx="audio.onnx", inputs=audio_inputs, outputs=OUTPUTS, emits_tokens=True, preprocessing=audio_pre
-            ),
-        }
-        dim = int(model.config.projection_dim)
-        if (
-            int(model.text_projection.linear2.out_features) != dim
-            or int(model.audio_projection.linear2.out_features) != dim
-        ):
-            raise ExportError(f"{source}: the text and audio projections do not both give {dim}-d vectors")
-        manifest = finish_bundle(
+        text = text_tower(
+            torch,
+            _text_tower(torch, model),
             tmp,
-            models_dir,
-            name=name,
-            version=version,
-            dim=dim,
-            towers=towers,
-            source={
-                "kind": "hf-clap",
-                "class": "ClapModel",
-                "path": str(source),
-                "fusion": fusion,
-                "text_tokens": "every position through the pooler head (dense + tanh) and text_projection",
-                "audio_tokens": "HTSAT final map: time steps (frequency rows averaged) through audio_projection",
-                **({"truncation_override": truncation_note} if truncation_note else {}),
-            },
-            parity={"text": text_parity, "audio": audio_parity},
+            text_pre,
+            TEXT_INPUTS,
+            int(text_config.vocab_size),
+            max_length=text_pre.max_length,  # the position embeddings bound the length
+            long_text=PARITY_LONG_TEXT,
         )
-    log.info("exported %s (CLAP) to %s (parity: %s)", source, models_dir / name, manifest.parity)
-    return manifest
+        return [text, _audio_export(torch, model, audio_pre, source)]
+
+    source_info = {
+        "kind": "hf-clap",
+        "class": "ClapModel",
+        "path": str(source),
+        "fusion": fusion,
+        "text_tokens": "every position through the pooler head (dense + tanh) and text_projection",
+        "audio_tokens": "HTSAT final map: time steps (frequency rows averaged) through audio_projection",
+        **({"truncation_override": truncation_note} if truncation_note else {}),
+    }
+    return export_bundle(torch, models_dir, name, version, towers, source_info)

@@ -1,4 +1,5 @@
-"""Train an image or audio tower onto a frozen text tower (LiT), with FILIP's token-wise loss, and export it.
+"""Train an image or audio tower onto a frozen text tower (LiT), with FILIP's token-wise loss, and export it: the
+trainer behind ``xmodal models train --pairs`` and the xmodal-mini recipe (``models.mini.recipe``).
 
 The text tower's pooled vectors and contextual token vectors are the targets: they are computed once with the ONNX
 text tower (``encode_captions``), never trained. The loss is InfoNCE in both directions on the pooled vectors plus
@@ -11,7 +12,6 @@ sees in training exactly what it sees when serving. Needs torch (the ``export`` 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -26,11 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.bundle import AudioPreprocessing, ImagePreprocessing, ModelManifest, Tower, load_manifest
+from models.bundle import AudioPreprocessing, ImagePreprocessing, ModelManifest, Tower, copy_tower, load_manifest
 from models.encoder import Encoder
 from models.errors import InvalidInput
-from models.export import OUTPUTS, check_tower_parity, export_onnx, finish_bundle
-from models.files import sha256_file, staging_dir
+from models.export.base import TowerExport, export_towers, finish_bundle
+from models.files import jsonl_rows, sha256_file, staging_dir
 from models.mini.towers import AudioTower, ImageTower
 
 log = logging.getLogger(__name__)
@@ -276,24 +276,29 @@ def group_ids(keys: Sequence[str]) -> np.ndarray:
 
 
 # --- export ---------------------------------------------------------------------------------------------------------
-def export_tower(module: Any, modality: str, path: Path, inputs: np.ndarray) -> dict:
-    """Dynamo-export the tower with a dynamic batch, then check ONNX vs torch on batch sizes other than the trace's
-    (5, 1, 3 against 2). Raises ParityError on a mismatch."""
+def export_tower(
+    module: Any, modality: str, folder: Path, inputs: np.ndarray, config: ImagePreprocessing | AudioPreprocessing
+) -> tuple[Tower, dict]:
+    """Dynamo-export the tower to ``<folder>/<modality>.onnx`` with a dynamic batch, then check ONNX vs torch on
+    batch sizes other than the trace's (5, 1, 3 against 2): (manifest entry, parity). Raises ParityError."""
     module.eval()
-    name = module.input_names[0]
-    example = (torch.from_numpy(np.ascontiguousarray(inputs[:2], dtype=np.float32)),)
-    export_onnx(torch, module, path, example, [name], {name: {0: torch.export.Dim("batch")}})
-    feeds = [{name: np.ascontiguousarray(inputs[a:b], dtype=np.float32)} for a, b in ((0, 5), (5, 6), (6, 9))]
-    return check_tower_parity(torch, module, path, feeds, modality, list(example[0].shape))
+    name = tower_input(modality)
+    spec = TowerExport(
+        modality=modality,
+        module=module,
+        example=(torch.from_numpy(np.ascontiguousarray(inputs[:2], dtype=np.float32)),),
+        inputs=[name],
+        dynamic={name: {0: torch.export.Dim("batch")}},
+        feeds=[{name: np.ascontiguousarray(inputs[a:b], dtype=np.float32)} for a, b in ((0, 5), (5, 6), (6, 9))],
+        preprocessing=config,
+    )
+    towers, parity, _ = export_towers(torch, folder, [spec])
+    return towers[modality], parity[modality]
 
 
 def tower_input(modality: str) -> str:
     """The one input of a trained tower: what the runtime's preprocessor of that modality produces."""
     return "pixel_values" if modality == "image" else "input_features"
-
-
-def tower_entry(modality: str, onnx: str, config: ImagePreprocessing | AudioPreprocessing) -> Tower:
-    return Tower(onnx=onnx, inputs=[tower_input(modality)], outputs=OUTPUTS, emits_tokens=True, preprocessing=config)
 
 
 def write_bundle(
@@ -312,8 +317,7 @@ def write_bundle(
     if text is None or not text.emits_tokens:
         raise InvalidInput(f"{text_bundle.name} has no text tower with token vectors to train against")
     with staging_dir(models_dir, name) as tmp:
-        for rel in (text.onnx, *text.preprocessing.files):
-            shutil.copyfile(text_bundle / rel, tmp / rel)
+        copy_tower(text_bundle, text, tmp)
         towers = {"text": text}
         for modality, (onnx_path, tower) in media.items():
             shutil.copyfile(onnx_path, tmp / tower.onnx)
@@ -333,16 +337,8 @@ def write_bundle(
 # --- a user's own pairs ---------------------------------------------------------------------------------------------
 def read_pairs(path: Path, modality: str) -> list[tuple[str, Path]]:
     """JSONL lines ``{"text": ..., "<modality>": path relative to the file}`` → (caption, absolute path)."""
-    if not path.is_file():
-        raise InvalidInput(f"no pairs file at {path}")
     pairs = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InvalidInput(f"{path}:{n}: not JSON ({exc.msg})") from exc
+    for n, row in jsonl_rows(path, "pairs file"):
         text, media = (row.get("text"), row.get(modality)) if isinstance(row, dict) else (None, None)
         if not isinstance(text, str) or not text.strip() or not isinstance(media, str):
             raise InvalidInput(f'{path}:{n}: a pair is {{"text": "...", "{modality}": "relative/path"}}')
@@ -382,13 +378,12 @@ def train_from_pairs(
     work = models_dir / f".{name}.train"
     work.mkdir(parents=True, exist_ok=True)
     try:
-        onnx_path = work / f"{modality}.onnx"
-        parity = export_tower(result.module, modality, onnx_path, inputs)
+        tower, parity = export_tower(result.module, modality, work, inputs, pre_config)
         manifest = write_bundle(
             models_dir,
             name,
             models_dir / base_model,
-            {modality: (onnx_path, tower_entry(modality, f"{modality}.onnx", pre_config))},
+            {modality: (work / tower.onnx, tower)},
             source={
                 "kind": "xmodal-train",
                 "pairs": str(pairs_path),
