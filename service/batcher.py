@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.concurrency import run_in_threadpool
 
 from models.encoder import Encoder, TokenOutput
+from service.admission import charge
 from service.errors import DeadlineExceeded, NotReady, Overloaded
 from service.settings import Settings
 
@@ -245,6 +246,7 @@ class MicroBatcher:
         try:
             costs = await self.costs(modality, items)
             futures = lane.submit(items, costs, deadline, on_leave)
+            charge(len(items))  # the request's work, for admission
         except BaseException:
             for _ in items:
                 if on_leave is not None:

@@ -74,7 +74,7 @@ class ServiceState:
         self.media = MediaRenderer(settings.media_cache_bytes)
         self.batcher: MicroBatcher | None = None
         self.decode_budget = MemoryBudget(settings.decode_memory_mb * MB, settings.decode_wait_s, self.metrics.registry)
-        self.admission = Admission(settings.max_inflight, self.metrics.registry)
+        self.admission = Admission.from_settings(settings, self.metrics.registry)
 
     # --- loading -------------------------------------------------------------------------------
     def load_model(self) -> None:
