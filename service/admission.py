@@ -15,12 +15,15 @@ How (Little's law for the limit, CoDel's idea of a standing queue to tell overlo
   ``WINDOW_S`` and smoothed. It is what the service sustains now, on this machine, for this mix of requests; it
   falls when the encoder is slow or stuck (nothing finishes while requests are in flight).
 - A new request's expected wait: W = work in flight / X (what is ahead of it, at the rate it leaves).
-- While W is under the target (``XMODAL_QUEUE_TARGET_MS``, 50 ms), or above it for less than ``STANDING_S`` (a
+- While W is under the target (``XMODAL_QUEUE_TARGET_MS``, 100 ms), or above it for less than ``STANDING_S`` (a
   burst that drains), requests are let in while the work in flight is under what drains in ``BURST`` x the target
-  (X x 250 ms at the default): a burst gets in whole, and even its last request waits no longer than that.
-- Once W has stayed above the target for ``STANDING_S`` (a standing queue: sustained overload, or a stuck encoder),
-  the bound becomes X x target: admitted requests wait about the target, the others get 429 at once. This lasts
-  until no request has been refused for ``QUIET_S`` and W is under the target (the load fits again).
+  (X x 150 ms at the default), or under one full encoder batch (``XMODAL_BATCH_MAX``, 32) when that is more: a
+  burst gets in whole, and even its last request waits little longer than that. (A throughput measured at low
+  concurrency underestimates what batching does with a burst: the batch keeps an idle service from refusing one.)
+- Once W, averaged over ``STANDING_S`` (the work in flight dips each time a batch finishes), is above the target
+  (a standing queue: sustained overload, or a stuck encoder), the bound becomes X x target: admitted requests wait
+  about the target, the others get 429 at once. This lasts until no request has been refused for ``QUIET_S`` and
+  the last interval's W was under the target (the load fits again).
 - Whatever the bound, ``XMODAL_MIN_INFLIGHT`` requests in flight are never refused for their wait (heavy requests,
   a slow or stuck encoder still get work), and never more than ``XMODAL_MAX_INFLIGHT`` are in flight (the hard
   ceiling). Before any throughput is measured, and with ``XMODAL_QUEUE_TARGET_MS=0``, the ceiling is the limit
@@ -62,8 +65,8 @@ log = logging.getLogger(__name__)
 
 WINDOW_S = 0.25  # throughput sampling period
 SMOOTHING = 0.4  # weight of the newest window's throughput
-STANDING_S = 0.2  # the expected wait above the target this long: a standing queue, not a burst
-BURST = 5  # a burst is let in up to what drains in BURST x the target (250 ms at the default)
+STANDING_S = 0.1  # the expected wait above the target this long: a standing queue, not a burst (CoDel: 100 ms)
+BURST = 1.5  # a burst is let in up to what drains in BURST x the target (150 ms at the default)
 QUIET_S = 1.0  # no refusal for this long (and no standing queue): bursts are let in again
 SUMMARY_S = 10.0  # while refusing, one log line this often (not one per refusal)
 RETRY_MS = (1000, 3001)  # the delay a refused client is asked to wait, drawn uniformly (ms)
@@ -96,9 +99,10 @@ def charge(queries: int) -> None:
     in the work in flight, and once the request is done, in the throughput."""
     ticket = _ticket.get()
     if ticket is not None and ticket.started is not None and ticket.admission is not None:
-        before = ticket.work
+        admission, before = ticket.admission, ticket.work
+        admission._tick(admission.clock())  # the work so far counted at its old value
         ticket.queries += queries
-        ticket.admission.work += ticket.work - before
+        admission.work += ticket.work - before
 
 
 class Admission:
@@ -106,14 +110,16 @@ class Admission:
         self,
         max_inflight: int,
         registry: CollectorRegistry,
-        queue_target_s: float = 0.05,
+        queue_target_s: float = 0.1,
         min_inflight: int = 8,
+        burst_min: int = 32,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
         self.max_inflight = max_inflight
         self.queue_target_s = queue_target_s  # 0: a fixed limit
         self.min_inflight = min(min_inflight, max_inflight)
+        self.burst_min = burst_min  # a burst of this much work is always let in (outside a standing queue)
         self.clock, self.rng = clock, rng or random.Random()
         self.inflight = 0  # requests
         self.work = 0  # their work (Ticket.work summed)
@@ -121,7 +127,8 @@ class Admission:
         self.shedding = False  # a standing queue was seen: the bound is X x target
         now = clock()
         self._window_start, self._done, self._busy, self._busy_since = now, 0, 0.0, now
-        self._above_since: float | None = None  # since when W has been above the target
+        self._interval_start, self._area, self._area_at = now, 0.0, now  # work x time over this STANDING_S
+        self._standing = False  # the last interval's W was above the target
         self._last_shed = -math.inf
         self._summary_at, self._shed_since_summary = now, 0
         self._gauge = Gauge("xmodal_search_inflight", "searches in progress", registry=registry)
@@ -141,12 +148,14 @@ class Admission:
 
     @classmethod
     def from_settings(cls, settings: Settings, registry: CollectorRegistry) -> Admission:
-        """From XMODAL_MAX_INFLIGHT, XMODAL_QUEUE_TARGET_MS and XMODAL_MIN_INFLIGHT."""
+        """From XMODAL_MAX_INFLIGHT, XMODAL_QUEUE_TARGET_MS and XMODAL_MIN_INFLIGHT; a burst of one full encoder
+        batch (XMODAL_BATCH_MAX) is always let in."""
         return cls(
             settings.max_inflight,
             registry,
             queue_target_s=settings.queue_target_ms / 1000,
             min_inflight=settings.min_inflight,
+            burst_min=settings.batch_max,
         )
 
     # --- the bound ------------------------------------------------------------------------------------------------
@@ -163,7 +172,7 @@ class Admission:
     def _bound(self) -> int:
         if not self.adaptive or self.throughput is None:
             return self.max_inflight
-        return self._drains_in(1 if self.shedding else BURST)
+        return self._drains_in(1) if self.shedding else max(self.burst_min, self._drains_in(BURST))
 
     def _drains_in(self, targets: float) -> int:
         """The work that drains in ``targets`` x the target at the throughput measured (at least 1)."""
@@ -188,21 +197,24 @@ class Admission:
             self._window_start, self._done, self._busy, self._busy_since = now, 0, 0.0, now
         if not self.adaptive or self.throughput is None:  # a fixed limit: throughput is only shown
             return
-        if self.inflight <= self.min_inflight or self.work <= self._drains_in(1):  # W within the target
-            self._above_since = None
-        elif self._above_since is None:
-            self._above_since = now
-        elif not self.shedding and now - self._above_since >= STANDING_S:
-            self.shedding, self._last_shed = True, now
-            log.warning(
-                "admission: a standing queue (%d requests, %d queries in flight; %.0f queries/s): admitting "
-                "what drains in %g ms",
-                self.inflight,
-                self.work,
-                self.throughput,
-                self.queue_target_s * 1000,
-            )
-        if self.shedding and self._above_since is None and now - self._last_shed >= QUIET_S:
+        # W over the last STANDING_S: the work in flight averaged over time (not as it is now: it dips each time a
+        # batch finishes), over throughput. Above the target a whole interval: a standing queue.
+        self._area += self.work * (now - self._area_at)
+        self._area_at = now
+        if now - self._interval_start >= STANDING_S:
+            average = self._area / (now - self._interval_start)
+            self._standing = self.inflight > self.min_inflight and average > self.throughput * self.queue_target_s
+            self._interval_start, self._area = now, 0.0
+            if self._standing and not self.shedding:
+                self.shedding, self._last_shed = True, now
+                log.warning(
+                    "admission: a standing queue (%.0f queries in flight on average; %.0f queries/s): admitting "
+                    "what drains in %g ms",
+                    average,
+                    self.throughput,
+                    self.queue_target_s * 1000,
+                )
+        if self.shedding and not self._standing and now - self._last_shed >= QUIET_S:
             self.shedding = False
             log.info("admission: no request refused for %g s: bursts are let in again", QUIET_S)
         if self._shed_since_summary and now - self._summary_at >= SUMMARY_S:
@@ -237,6 +249,7 @@ class Admission:
 
     def release(self, ticket: Ticket) -> None:
         now = self.clock()
+        self._tick(now)
         self.inflight -= 1
         self.work -= ticket.work
         self._gauge.dec()
@@ -245,7 +258,6 @@ class Admission:
             self._busy += now - self._busy_since
         self._seconds.observe(now - (ticket.started or now))
         ticket.admission = None  # later charges (none expected) count nowhere
-        self._tick(now)
 
     def refusal(self, stage: str) -> tuple[str, dict, dict[str, str]]:
         """Count a refusal: (message, details, headers) of its 429, with a retry delay drawn to spread retries."""

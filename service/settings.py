@@ -50,7 +50,7 @@ class Settings(BaseSettings):
         64, ge=1, description="the hard ceiling: searches and embeddings in flight at once, 429 beyond, whatever load"
     )
     queue_target_ms: float = Field(
-        50.0,
+        100.0,
         ge=0,
         description="the wait an admitted request may expect: once a standing queue is seen, requests beyond "
         "measured throughput x this are refused at once (429); 0 = a fixed limit of XMODAL_MAX_INFLIGHT",

@@ -199,7 +199,7 @@ def hold(a: Admission, n: int) -> Iterator[Ticket]:
 
 
 def test_the_limit_follows_throughput_sheds_a_standing_queue_and_recovers(clock: Clock) -> None:
-    a = admission(clock, queue_target_s=0.05, min_inflight=4)
+    a = admission(clock, queue_target_s=0.05, min_inflight=4, burst_min=8)
     assert a.bound == 64  # nothing measured yet: the ceiling
     serve(a, clock, per_s=200, seconds=1)
     assert a.throughput == pytest.approx(200, rel=0.05)
@@ -221,8 +221,15 @@ def test_the_limit_follows_throughput_sheds_a_standing_queue_and_recovers(clock:
     assert not a.shedding and a.bound >= 4 * BURST  # bursts are let in again
 
 
+def test_an_idle_service_lets_in_a_burst_of_one_batch(clock: Clock) -> None:
+    """A throughput measured one request at a time says little of what batching does with a burst."""
+    a = admission(clock, queue_target_s=0.05, min_inflight=2, burst_min=32)
+    serve(a, clock, per_s=100, seconds=1)  # one at a time: 100/s, so 150 ms hold 15
+    assert len(list(hold(a, 64))) == 32
+
+
 def test_under_overload_the_bound_is_throughput_times_the_target(clock: Clock) -> None:
-    a = admission(clock, queue_target_s=0.05, min_inflight=2)
+    a = admission(clock, queue_target_s=0.05, min_inflight=2, burst_min=8)
     serve(a, clock, per_s=400, seconds=1)
     held = list(hold(a, 64))
     for _ in range(40):  # 2 s of 8x overload: every 50 ms the 20 oldest in flight finish, arrivals fill the places
@@ -237,7 +244,7 @@ def test_under_overload_the_bound_is_throughput_times_the_target(clock: Clock) -
 
 
 def test_work_counts_queries_not_requests(clock: Clock) -> None:
-    a = admission(clock, queue_target_s=0.05, min_inflight=2)
+    a = admission(clock, queue_target_s=0.05, min_inflight=2, burst_min=8)
     serve(a, clock, per_s=200, seconds=1)
 
     async def heavy() -> None:
@@ -248,7 +255,7 @@ def test_work_counts_queries_not_requests(clock: Clock) -> None:
                 assert a.inflight == 1
             light = Ticket()
             assert a.try_acquire(light)  # under min_inflight: a search still gets in
-            assert a.full()  # but 101 queries in flight drain in 0.5 s: beyond the 250 ms of a burst
+            assert a.full()  # but 101 queries in flight drain in 0.5 s: beyond the 150 ms of a burst
             a.release(light)
             clock.now += 0.25
 
