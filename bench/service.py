@@ -32,8 +32,8 @@ run: on a shared machine, read the figures with them).
    before, its peak (VmHWM, reset before each row, and VmRSS polled every 2 ms) and after, and the answers by
    status. Target: no request raises RSS by more than 512 MB (alone: its own rise; 16 at once: their rise / 16).
 
-Prints markdown tables (progress on stderr). About 7 minutes at the defaults on 2 cores, 1.5 of them preparing
-the data folder.
+Prints markdown tables (progress on stderr). About 5 minutes at the defaults on 2 cores, and 2 more to prepare the
+data folder (none with ``--data`` of an earlier run).
 """
 
 from __future__ import annotations
