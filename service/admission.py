@@ -195,6 +195,15 @@ class Admission:
                 x = self.throughput
                 self.throughput = sample if x is None else SMOOTHING * sample + (1 - SMOOTHING) * x
             self._window_start, self._done, self._busy, self._busy_since = now, 0, 0.0, now
+        if self._shed_since_summary and now - self._summary_at >= SUMMARY_S:
+            log.warning(
+                "admission: %d requests refused (429) in the last %.0f s (%d in flight, %.0f queries/s)",
+                self._shed_since_summary,
+                now - self._summary_at,
+                self.inflight,
+                self.throughput or 0.0,
+            )
+            self._summary_at, self._shed_since_summary = now, 0
         if not self.adaptive or self.throughput is None:  # a fixed limit: throughput is only shown
             return
         # W over the last STANDING_S: the work in flight averaged over time (not as it is now: it dips each time a
@@ -217,15 +226,6 @@ class Admission:
         if self.shedding and not self._standing and now - self._last_shed >= QUIET_S:
             self.shedding = False
             log.info("admission: no request refused for %g s: bursts are let in again", QUIET_S)
-        if self._shed_since_summary and now - self._summary_at >= SUMMARY_S:
-            log.warning(
-                "admission: %d requests refused (429) in the last %.0f s (%d in flight, %.0f queries/s)",
-                self._shed_since_summary,
-                now - self._summary_at,
-                self.inflight,
-                self.throughput,
-            )
-            self._summary_at, self._shed_since_summary = now, 0
 
     # --- admitting ------------------------------------------------------------------------------------------------
     def full(self) -> bool:

@@ -265,7 +265,9 @@ def test_work_counts_queries_not_requests(clock: Clock) -> None:
     assert a.throughput > 200  # the 100 queries count in what was finished
 
 
-def test_retry_delays_are_spread_and_a_fixed_limit_is_the_ceiling(clock: Clock) -> None:
+def test_retry_delays_are_spread_and_a_fixed_limit_is_the_ceiling(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
     a = admission(clock, max_inflight=3, queue_target_s=0)
     delays = []
     for _ in range(200):
@@ -278,3 +280,6 @@ def test_retry_delays_are_spread_and_a_fixed_limit_is_the_ceiling(clock: Clock) 
     serve(a, clock, per_s=1000, seconds=1)
     assert a.throughput == pytest.approx(1000, rel=0.05)  # measured and shown, but the limit stays fixed
     assert len(list(hold(a, 10))) == 3 and a.bound == 3 and a.full()
+    clock.now += 11
+    a.full()
+    assert "200 requests refused (429) in the last 12 s" in caplog.text  # a count, not a line per refusal
