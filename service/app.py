@@ -12,6 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
 
 from service.admin_routes import router as admin_router
+from service.admission import AdmissionGate
 from service.auth import ApiKeyGate, document_api_keys
 from service.clip_compat import router as clip_router
 from service.drain import Drain, DrainGate
@@ -39,6 +40,7 @@ def create_app(settings: Settings) -> FastAPI:
         state = ServiceState(settings)
         app.state.xmodal = state
         registry = state.registry
+        app.state.admission = state.admission  # for AdmissionGate
         app.state.jobs = make_jobs(settings, on_done=registry.refresh)
         await run_in_threadpool(registry.load_models)
         await run_in_threadpool(registry.refresh)
@@ -85,6 +87,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.state.drain = drain
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(AdmissionGate)  # inside the key check: a request without a key is not admitted
     if settings.api_key_list:  # XMODAL_API_KEYS: before any body is read
         app.add_middleware(ApiKeyGate, keys=settings.api_key_list, admin_keys=settings.admin_key_list)
         document_api_keys(app)
@@ -97,7 +100,7 @@ def create_app(settings: Settings) -> FastAPI:
             allow_origins=settings.cors_origin_list,
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["authorization", "content-type", "x-api-key", "x-request-id"],
-            expose_headers=["retry-after", "x-request-id"],
+            expose_headers=["retry-after", "retry-after-ms", "x-request-id"],
             max_age=600,
         )
     document_service(app, settings)  # last: what the layers above answer, on the schema as the rest leaves it

@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.concurrency import run_in_threadpool
 
 from models.encoder import Encoder, TokenOutput
+from service.admission import charge
 from service.errors import DeadlineExceeded, NotReady, Overloaded
 from service.settings import Settings
 
@@ -70,6 +71,7 @@ class Query:
     queued: float = field(default_factory=time.monotonic)
 
     def leave(self) -> None:
+        self.item = None  # the queue and the batch hold it no more: a decoded file is freed with its last holder
         if self.on_leave is not None:
             self.on_leave()
             self.on_leave = None
@@ -121,6 +123,7 @@ class Lane:
                 batch = await self.next_batch()
                 if batch:
                     await self.encode(batch)
+                del batch  # not kept while the next batch forms: its decoded files' memory is lent again
             except asyncio.CancelledError:
                 raise
             except Exception:  # never let the lane die: its queue would fill and stay full
@@ -200,6 +203,7 @@ class Lane:
                 else:
                     query.future.set_result(result)
         finally:  # whatever happened above, no request waits for a batch that is over
+            items.clear()  # before leave() lends their memory again
             for query in batch:
                 query.leave()
                 if not query.future.done():
@@ -245,6 +249,7 @@ class MicroBatcher:
         try:
             costs = await self.costs(modality, items)
             futures = lane.submit(items, costs, deadline, on_leave)
+            charge(len(items))  # the request's work, for admission
         except BaseException:
             for _ in items:
                 if on_leave is not None:

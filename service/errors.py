@@ -24,17 +24,32 @@ log = logging.getLogger(__name__)
 
 
 class Overloaded(XmodalError):
+    """429 with Retry-After (whole seconds); with ``retry_after_ms``, also Retry-After-Ms, and Retry-After rounded
+    from it (at least 1)."""
+
     code = "overloaded"
 
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(message, retry_after_s=retry_after_s)
-        self.retry_after_s = retry_after_s
+    def __init__(self, message: str, retry_after_s: int = 1, retry_after_ms: int | None = None, **details) -> None:
+        if retry_after_ms is not None:
+            retry_after_s = max(1, round(retry_after_ms / 1000))
+            details["retry_after_ms"] = retry_after_ms
+        super().__init__(message, retry_after_s=retry_after_s, **details)
+        self.retry_after_s, self.retry_after_ms = retry_after_s, retry_after_ms
 
 
 class DeadlineExceeded(Overloaded):
     """The request waited for the encoder past XMODAL_REQUEST_TIMEOUT_S: dropped unencoded (503, Retry-After)."""
 
     code = "deadline_exceeded"
+
+
+class OverloadedWhileReading(StarletteHTTPException):
+    """Overloaded, raised while the request's body is read (service.admission): FastAPI lets only HTTP exceptions
+    through from there (others become a 400). Answered as Overloaded: 429, its details and Retry-After headers."""
+
+    def __init__(self, message: str, details: dict, headers: dict[str, str]) -> None:
+        super().__init__(429, message, headers=headers)
+        self.details = details
 
 
 class NotReady(XmodalError):
@@ -96,6 +111,7 @@ HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large",
+    429: "overloaded",
 }
 
 
@@ -142,6 +158,8 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = None
         if isinstance(exc, Overloaded):
             headers = {"Retry-After": str(exc.retry_after_s)}
+            if exc.retry_after_ms is not None:
+                headers["Retry-After-Ms"] = str(exc.retry_after_ms)
         elif isinstance(exc, Unauthorized):
             headers = {"WWW-Authenticate": "Bearer"}
         return error_response(status, exc.code, exc.message, exc.details, headers)
@@ -163,7 +181,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = HTTP_CODES.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
+        details = getattr(exc, "details", None)
+        return error_response(exc.status_code, code, str(exc.detail), details, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(_req: Request, exc: Exception) -> JSONResponse:

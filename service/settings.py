@@ -51,7 +51,21 @@ class Settings(BaseSettings):
     max_response_floats: int = Field(
         2_000_000, ge=1024, description="floats one /v1/embeddings answer may hold (token vectors count); more is 413"
     )
-    max_inflight: int = Field(64, ge=1, description="concurrent searches before 429")
+    max_inflight: int = Field(
+        64, ge=1, description="the hard ceiling: searches and embeddings in flight at once, 429 beyond, whatever load"
+    )
+    queue_target_ms: float = Field(
+        100.0,
+        ge=0,
+        description="the wait an admitted request may expect: once a standing queue is seen, requests beyond "
+        "measured throughput x this are refused at once (429); 0 = a fixed limit of XMODAL_MAX_INFLIGHT",
+    )
+    min_inflight: int = Field(
+        8,
+        ge=1,
+        description="the adaptive limit never goes below this: so many requests in flight are never refused for "
+        "their wait (heavy requests, a slow or stuck encoder still get work)",
+    )
     request_timeout_s: float = Field(
         10.0, gt=0, description="how long a query may wait for decoding memory and the encoder, then 503"
     )

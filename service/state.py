@@ -40,7 +40,7 @@ class ServiceState:
         self.cache: Cache = make_cache(settings)
         self.metrics = Metrics()
         self.media = MediaRenderer(settings.media_cache_bytes)
-        self.admission = Admission(settings.max_inflight, self.metrics.registry)
+        self.admission = Admission.from_settings(settings, self.metrics.registry)
         self.decode_budget = MemoryBudget(settings.decode_memory_mb * MB, settings.decode_wait_s, self.metrics.registry)
         self.registry = Registry(settings, self._query_encoder, on_index=self._index_loaded)
         self.search = SearchService(self.registry, self.cache, self.metrics, settings)

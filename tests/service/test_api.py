@@ -228,7 +228,10 @@ def test_overload_is_429_with_retry_after(served_data: Path) -> None:
         state = c.app.state.xmodal
         state.admission.inflight = 1  # one search already running
         r = search(c, query={"text": "anything"})
-        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        # a delay drawn in 1-3 s (retries spread out), in ms and rounded to whole seconds
+        ms = int(r.headers["retry-after-ms"])
+        assert r.status_code == 429 and 1000 <= ms <= 3000 and r.headers["retry-after"] == str(max(1, round(ms / 1000)))
+        assert r.json()["error"]["code"] == "overloaded" and r.json()["error"]["details"]["retry_after_ms"] == ms
         state.admission.inflight = 0
         assert search(c, query={"text": "anything"}).status_code == 200
 
