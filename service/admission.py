@@ -26,8 +26,9 @@ How (Little's law for the limit, CoDel's idea of a standing queue to tell overlo
   the last interval's W was under the target (the load fits again).
 - Whatever the bound, ``XMODAL_MIN_INFLIGHT`` requests in flight are never refused for their wait (heavy requests,
   a slow or stuck encoder still get work), and never more than ``XMODAL_MAX_INFLIGHT`` are in flight (the hard
-  ceiling). Before any throughput is measured, and with ``XMODAL_QUEUE_TARGET_MS=0``, the ceiling is the limit
-  (the latter: a fixed limit, as before issue 14).
+  ceiling). Before any throughput is measured the bound is one encoder batch (a fresh replica that overload meets
+  at once queues no more than that); with ``XMODAL_QUEUE_TARGET_MS=0`` the ceiling is the limit (a fixed limit, as
+  before issue 14).
 
 Where: :class:`AdmissionGate`, a pure ASGI middleware in front of the routes that encode (``GATED``). When the
 service is at its limit as a request arrives, the request is answered 429 before its body is read (no JSON, base64
@@ -165,13 +166,16 @@ class Admission:
 
     @property
     def bound(self) -> int:
-        """The work admitted requests may hold now (XMODAL_MAX_INFLIGHT when not adaptive or not measured yet)."""
+        """The work admitted requests may hold now (XMODAL_MAX_INFLIGHT when not adaptive; one encoder batch until
+        throughput is measured)."""
         self._tick(self.clock())
         return self._bound()
 
     def _bound(self) -> int:
-        if not self.adaptive or self.throughput is None:
+        if not self.adaptive:
             return self.max_inflight
+        if self.throughput is None:  # a fresh replica hit by overload: one batch's worth until it has measured
+            return min(self.max_inflight, max(self.burst_min, self.min_inflight))
         return self._drains_in(1) if self.shedding else max(self.burst_min, self._drains_in(BURST))
 
     def _drains_in(self, targets: float) -> int:
