@@ -11,7 +11,7 @@ Usage:
    when it shows or sounds like the same composition (same ``key``; paraphrases share one). Dense: cosine of the
    pooled vectors. Late: ``indexer.late.maxsim.exact_scores`` (mean over the query's tokens of the max over the item's),
    all items scored exactly.
-2. ``--fsdd``: an audio tower trained with ``models.train.train_tower`` on the spoken digits in
+2. ``--fsdd``: an audio tower trained with ``models.training.trainer.train_tower`` on the spoken digits in
    ``../shared/data/fsdd/recordings`` of five speakers (captions "the digit seven", "someone says seven", "a spoken
    seven"), against the same frozen MiniLM text tower, evaluated on the sixth speaker (``--holdout``, default
    yweweler), through the exported ONNX graph. These weights are not kept. Skipped when the folder is absent.
@@ -139,7 +139,7 @@ FSDD_TEMPLATES = ["the digit {}", "someone says {}", "a spoken {}", "a voice say
 
 def load_fsdd(holdout: str) -> Fsdd:
     from models.audio import AudioPreprocessor
-    from models.train import AUDIO_PREPROCESSING
+    from models.training.trainer import AUDIO_PREPROCESSING
 
     files = sorted(FSDD.glob("*.wav"))
     pre = AudioPreprocessor(AUDIO_PREPROCESSING)
@@ -153,7 +153,7 @@ def load_fsdd(holdout: str) -> Fsdd:
 def train_fsdd_bundle(enc: Encoder, digits: Fsdd, epochs: int, seed: int, out: Path) -> tuple[Encoder, dict]:
     """An audio tower trained on the training speakers' clips against ``enc``'s frozen text tower, exported to
     ONNX (parity-checked) as the bundle ``out/fsdd``; returns it loaded, and the training's time and loss."""
-    from models.train import (
+    from models.training.trainer import (
         AUDIO_PREPROCESSING,
         TrainConfig,
         encode_captions,

@@ -197,7 +197,7 @@ def models_train(
     if pairs is None or modality is None or name is None:
         raise InvalidInput("--pairs, --modality and --name are required (or --recipe xmodal-mini)")
     from models.registry import PREPARABLE, prepare
-    from models.train import TrainConfig, train_from_pairs
+    from models.training.trainer import TrainConfig, train_from_pairs
 
     base = base_model or s.model
     if not (s.all_models_dir / base).is_dir() and base in PREPARABLE:

@@ -2,9 +2,9 @@
 
 ``base``: what every exporter shares (one tower = ``TowerExport`` → ``export_towers``: ONNX export, fusion,
 parity; the text-tower plumbing; ``finish_bundle``). One module per source: ``sentence_transformers``, ``clip``
-(CLIP / SigLIP), ``clap``, ``wordllama`` (static token embeddings). The trainer (``models.train``) and the adapter
-(``models.align``) write their bundles with the same pieces. Needs the ``export`` extra; importing this package
-does not import torch.
+(CLIP / SigLIP), ``clap``, ``wordllama`` (static token embeddings). The trainer (``models.training.trainer``)
+and the adapter (``models.align``) write their bundles with the same pieces. Needs the ``export`` extra;
+importing this package does not import torch.
 """
 
 from models.export.base import (

@@ -2,5 +2,5 @@
 audio towers are trained onto it on generated scenes and sounds (``data``), by ``train`` and the ``recipe``.
 
 Only ``data`` and ``prepare`` are torch-free; ``towers`` and ``recipe`` need the ``export`` extra. The trainer the
-recipe runs is the generic one behind ``xmodal models train --pairs``: ``models.train``.
+recipe runs is the generic one behind ``xmodal models train --pairs``: ``models.training.trainer``.
 """

@@ -27,7 +27,7 @@ from models.encoder import Encoder
 from models.files import atomic_write_json, sha256_file
 from models.mini import data
 from models.mini.prepare import MINI_MODEL, RECIPE, TEXT_MODEL, WEIGHTS
-from models.train import (
+from models.training.trainer import (
     AUDIO_PREPROCESSING,
     IMAGE_PREPROCESSING,
     Progress,

@@ -56,7 +56,7 @@ def test_committed_weights_match_their_recipe() -> None:
 # --- a tiny real training -------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_tiny_training_lowers_the_loss_and_retrieves_far_above_chance(encoder: Encoder) -> None:
-    from models.train import (
+    from models.training.trainer import (
         IMAGE_PREPROCESSING,
         TrainConfig,
         embed,
@@ -156,7 +156,7 @@ def test_prepare_rebuilds_a_damaged_mini_bundle(tmp_path: Path, models_dir: Path
 
 @pytest.mark.slow
 def test_train_a_tower_on_your_own_pairs(tmp_path: Path, models_dir: Path) -> None:
-    from models.train import TrainConfig, train_from_pairs
+    from models.training.trainer import TrainConfig, train_from_pairs
 
     folder = tmp_path / "pairs"
     (folder / "clips").mkdir(parents=True)
