@@ -74,11 +74,11 @@ class QueryEncoder:
 
     def given_vector(self, values: list[float]) -> np.ndarray:
         """A query vector sent as such: the model's dimension, finite, non-zero; unit length returned."""
-        vec = np.asarray(values, dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # 1e308 values become inf in float32: refused below
+            vec = np.asarray(values, dtype=np.float32)
+            norm = float(np.linalg.norm(vec))
         if vec.shape != (self.dim,):
             raise InvalidInput(f"query.embedding has {vec.size} values; model {self.name} has {self.dim}")
-        with np.errstate(over="ignore", invalid="ignore"):  # 1e308 values: an infinite norm, refused below
-            norm = float(np.linalg.norm(vec))
         if not np.isfinite(norm) or norm == 0.0:
             raise InvalidInput("query.embedding must be finite and non-zero")
         return vec / norm  # cosine similarity: unit query
