@@ -20,7 +20,7 @@ from service.metrics import Metrics
 from service.payloads import decode_base64
 from service.query_encoder import QueryEncoder
 from service.registry import Registry
-from service.schemas import LateOptions, Result, SearchRequest, SearchResponse, TokenMatch
+from service.schemas import LateOptions, Query, Result, SearchRequest, SearchResponse, TokenMatch
 from service.settings import Settings
 
 
@@ -77,14 +77,10 @@ class SearchService:
         self, req: SearchRequest, index: LoadedIndex, queries: QueryEncoder, deadline: float
     ) -> list[Result]:
         q = req.query
-        if q.text is not None:
-            vec = await queries.vector("text", q.text, deadline)
-        elif q.image is not None:
-            vec = await queries.vector("image", decode_base64(q.image, "query.image"), deadline)
-        elif q.audio is not None:
-            vec = await queries.vector("audio", decode_base64(q.audio, "query.audio"), deadline)
+        if q.embedding is not None:
+            vec = queries.given_vector(q.embedding)
         else:
-            vec = queries.given_vector(q.embedding or [])
+            vec = await queries.vector(*query_input(q), deadline)
         args = (vec, req.k, req.modalities, req.filter, q.modality, req.calibration)
         with self._stage("dense", index, req):
             hits, media = await run_in_threadpool(hits_and_media, index, index.search, *args)
@@ -95,12 +91,7 @@ class SearchService:
     ) -> list[Result]:
         """Late interaction: the query's token vectors, MaxSim over the token store, explained on request."""
         q = req.query
-        if q.text is not None:
-            out = await queries.tokens("text", q.text, deadline)
-        else:
-            modality = "image" if q.image is not None else "audio"
-            data = decode_base64(getattr(q, modality), f"query.{modality}")
-            out = await queries.tokens(modality, data, deadline)
+        out = await queries.tokens(*query_input(q), deadline)
         options = req.late or LateOptions()
         late = LateRequest(
             out.tokens[0], out.embedding[0], options.params(), explain=options.explain, heatmap=options.heatmap
@@ -120,6 +111,14 @@ class SearchService:
         yield
         modality = req.query.modality or "embedding"
         self.metrics.stage_seconds.labels(stage, index.name, modality).observe(time.perf_counter() - t0)
+
+
+def query_input(q: Query) -> tuple[str, str | bytes]:
+    """A text, image or audio query as (modality, the text or the file's bytes); a base64 error names its field."""
+    if q.text is not None:
+        return "text", q.text
+    modality = "image" if q.image is not None else "audio"
+    return modality, decode_base64(getattr(q, modality), f"query.{modality}")
 
 
 def applied_calibration(req: SearchRequest, index: LoadedIndex) -> str | None:
