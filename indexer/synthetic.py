@@ -22,12 +22,13 @@ def _model(dim: int, clusters: int, rank: int, seed: int) -> tuple[np.ndarray, n
 
 
 def clustered_chunks(
-    n: int, dim: int, *, clusters: int = 1024, rank: int = 32, seed: int = 0, chunk: int = CHUNK
+    n: int, dim: int, *, clusters: int = 1024, rank: int = 32, seed: int = 0, stream: int = 0, chunk: int = CHUNK
 ) -> Iterator[np.ndarray]:
-    """``n`` float32 unit vectors [<=chunk, dim] chunk by chunk; the same (n, dim, seed, chunk) give the same rows."""
+    """``n`` float32 unit vectors [<=chunk, dim] chunk by chunk; the same arguments give the same rows. ``seed``
+    picks the clusters, ``stream`` the draws from them (another stream: fresh queries from the same distribution)."""
     centres, basis = _model(dim, clusters, rank, seed)
     for i, start in enumerate(range(0, n, chunk)):
-        rng = np.random.default_rng([seed, i])
+        rng = np.random.default_rng([seed, stream, i])
         m = min(chunk, n - start)
         x = centres[rng.integers(0, clusters, m)]
         x = x + (0.9 / np.sqrt(rank)) * rng.standard_normal((m, rank)).astype(np.float32) @ basis
