@@ -90,7 +90,29 @@ def speed(index: object, queries: np.ndarray, single: int) -> tuple[float, float
     )
 
 
-def run_size(n: int, dim: int, n_queries: int, budget: int | None) -> dict:
+def measure(key: str, vectors: np.ndarray, queries: np.ndarray, truth: tuning.Truth) -> tuple[dict, dict]:
+    """The xmodal path for ``key``: build (sampled training), tune, held-out recall, size, speed; (row, params)."""
+    row: dict = {"key": key}
+    row["rss_before_mb"] = rss_mb()
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    index, _ = faiss_backend.build(vectors, key, use_gpu=False)
+    row["build_s"] = time.perf_counter() - t0
+    row["peak_rss_mb"] = peak_rss_mb()
+    log(f"{key}: built in {row['build_s']:.1f} s; tuning")
+    t0 = time.perf_counter()
+    params, recall = tuning.tune([(index, vectors)], faiss_backend.default_params(key))
+    row["tune_s"] = time.perf_counter() - t0
+    row["params"] = params
+    row["tuned_recall"] = recall["value"]
+    row["recall"] = held_out_recall(index, vectors, truth)
+    row["index_mb"] = index_mb(index)
+    row["qps_single"], row["qps_batched"] = speed(index, queries, SINGLE_QUERIES)
+    log(f"{key}: {params}, held-out recall {row['recall']:.4f}, {row['qps_batched']:.0f} q/s batched")
+    return row, params
+
+
+def run_size(n: int, dim: int, n_queries: int, budget: int | None, also: list[str]) -> list[dict]:
     faiss = faiss_backend.import_faiss()
     log(f"{n} vectors of dimension {dim}: generating")
     t0 = time.perf_counter()
@@ -100,26 +122,12 @@ def run_size(n: int, dim: int, n_queries: int, budget: int | None) -> dict:
     truth = tuning.exact_truth(vectors, queries, 10)
     choice = index_choice.choose_index(n, dim, budget)
     log(f"chosen {choice.key}: {choice.reason}")
-    row: dict = {"n": n, "key": choice.key, "estimated_mb": (choice.estimated_bytes or 0) / 2**20}
-
-    rss_before = rss_mb()
-    reset_peak_rss()
-    t0 = time.perf_counter()
-    index, _ = faiss_backend.build(vectors, choice.key, use_gpu=False)
-    row["build_s"] = time.perf_counter() - t0
-    row["peak_rss_mb"] = peak_rss_mb()
-    row["rss_before_mb"] = rss_before
-    log(f"built in {row['build_s']:.1f} s; tuning")
-    t0 = time.perf_counter()
-    params, recall = tuning.tune([(index, vectors)], faiss_backend.default_params(choice.key))
-    row["tune_s"] = time.perf_counter() - t0
-    row["params"] = params
-    row["tuned_recall"] = recall["value"]
-    row["recall"] = held_out_recall(index, vectors, truth)
-    row["index_mb"] = index_mb(index)
-    row["qps_single"], row["qps_batched"] = speed(index, queries, SINGLE_QUERIES)
-    log(f"xmodal: {params}, held-out recall {row['recall']:.4f}, {row['qps_batched']:.0f} q/s batched")
-    del index
+    row, params = measure(choice.key, vectors, queries, truth)
+    row.update(n=n, estimated_mb=(choice.estimated_bytes or 0) / 2**20)
+    others = []
+    for key in also:
+        other, _ = measure(key, vectors, queries, truth)
+        others.append({**other, "n": n, "estimated_mb": 0.0, "extra": True})
 
     if choice.key != "Flat":
         log("bare FAISS, same key, trained on every vector")
@@ -141,7 +149,15 @@ def run_size(n: int, dim: int, n_queries: int, budget: int | None) -> dict:
     flat.add(vectors)
     row["flat_single"], row["flat_batched"] = speed(flat, queries, max(SINGLE_QUERIES // 10, 1))
     del flat
-    return row
+    return [row, *others]
+
+
+def key_cell(row: dict) -> str:
+    return row["key"] + (" (--also)" if row.get("extra") else "")
+
+
+def size_cell(row: dict) -> str:
+    return f"{row['index_mb']:.0f}" + (f" ({row['estimated_mb']:.0f})" if row["estimated_mb"] else "")
 
 
 def fmt(row: dict, key: str, spec: str) -> str:
@@ -153,6 +169,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="100000,1000000", help="comma-separated vector counts")
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--queries", type=int, default=1000, help="held-out queries (recall, batched q/s)")
+    parser.add_argument("--also", default="", help="more factory keys to measure the same way, ';'-separated")
     parser.add_argument("--memory-budget", type=float, default=None, help="GiB (default: no limit)")
     args = parser.parse_args()
     budget = None if args.memory_budget is None else int(args.memory_budget * 2**30)
@@ -166,19 +183,21 @@ def main() -> None:
     for n in (int(s) for s in args.sizes.split(",")):
         with OtherLoad() as load:
             started = time.perf_counter()
-            row = run_size(n, args.dim, args.queries, budget)
-        row["load"] = f"{load.share:.0f}%"
-        row["seconds"] = time.perf_counter() - started
-        row["loadavg"] = os.getloadavg()[0]
-        rows.append(row)
+            found = run_size(n, args.dim, args.queries, budget, [k for k in args.also.split(";") if k])
+        for row in found:
+            row["load"] = f"{load.share:.0f}%"
+            row["seconds"] = time.perf_counter() - started
+            row["loadavg"] = os.getloadavg()[0]
+        rows.extend(found)
     print()
     print(
         table(
             ["n", "chosen key", "params", "build s", "tune s", "peak RSS MB", "index MB (est.)", "recall@10",
              "q/s single", "q/s batched", "other load"],
             [
-                [r["n"], r["key"], ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "-", f"{r['build_s']:.1f}",
-                 f"{r['tune_s']:.1f}", f"{r['peak_rss_mb']:.0f}", f"{r['index_mb']:.0f} ({r['estimated_mb']:.0f})",
+                [r["n"], key_cell(r), ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "-",
+                 f"{r['build_s']:.1f}",
+                 f"{r['tune_s']:.1f}", f"{r['peak_rss_mb']:.0f}", size_cell(r),
                  f"{r['recall']:.4f}", f"{r['qps_single']:.0f}", f"{r['qps_batched']:.0f}", r["load"]]
                 for r in rows
             ],
@@ -195,7 +214,7 @@ def main() -> None:
                  f"{r['qps_batched'] / r['bare_batched']:.2f}x" if "bare_batched" in r else "-",
                  f"{r['qps_single'] / r['bare_single']:.2f}x" if "bare_single" in r else "-",
                  f"{r['flat_single']:.0f}", f"{r['flat_batched']:.0f}"]
-                for r in rows
+                for r in rows if not r.get("extra")
             ],
         )
     )  # fmt: skip
