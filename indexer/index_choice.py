@@ -119,7 +119,7 @@ def choose_index(n: int, dim: int, budget_bytes: int | None = None, exact_up_to:
     tried = []
     for kind in kinds:
         estimate = estimate_bytes(kind, n, dim, nlist)
-        tried.append(f"{kind} ~{estimate / GB:.3f} GB")
+        tried.append(f"{kind} ~{estimate / GB:.3f} GiB")
         if budget_bytes is None or estimate <= budget_bytes:
             ivf = kind != "Flat"
             why = f"{n} vectors of dimension {dim}: {kind}"
@@ -127,7 +127,7 @@ def choose_index(n: int, dim: int, budget_bytes: int | None = None, exact_up_to:
             if kind != LADDER[best]:
                 why += f", the preferred {LADDER[best]} exceeding the budget"
             if budget_bytes is not None:
-                why += f"; ~{estimate / GB:.3f} GB within the {budget_bytes / GB:.3f} GB budget"
+                why += f"; ~{estimate / GB:.3f} GiB within the {budget_bytes / GB:.3f} GiB budget"
             return Choice(
                 key=factory_key(kind, dim, nlist),
                 reason=why,
@@ -139,6 +139,6 @@ def choose_index(n: int, dim: int, budget_bytes: int | None = None, exact_up_to:
                 train_sample=min(n, TRAIN_PER_LIST * nlist) if ivf else 0,
             )
     raise IndexTooLarge(
-        f"no FAISS index of {n} vectors of dimension {dim} fits the memory budget of {budget_bytes / GB:.3f} GB "
+        f"no FAISS index of {n} vectors of dimension {dim} fits the memory budget of {budget_bytes / GB:.3f} GiB "
         f"(estimated: {', '.join(tried)}): raise XMODAL_INDEX_MEMORY_GB / --memory-budget, or give --faiss-key"
     )
