@@ -144,3 +144,27 @@ def test_training_sample_is_bounded() -> None:
     rows = faiss_backend.train_rows(100_000, 256)
     assert rows is not None and len(rows) == 64 * 256 and len(set(rows.tolist())) == len(rows)
     assert faiss_backend.train_rows(10_000, 256) is None
+
+
+def test_cli_memory_budget_refuses_then_the_same_build_resumes(
+    tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`xmodal index build --memory-budget` and XMODAL_INDEX_MEMORY_GB reach the choice; a refused build keeps its
+    encoded checkpoints, so the same build with a larger budget encodes nothing again."""
+    from typer.testing import CliRunner
+
+    from indexer.demo import write_demo_corpus
+    from service.cli import app
+
+    corpus = write_demo_corpus(tmp_path / "c.jsonl", n=40)
+    monkeypatch.setenv("XMODAL_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("XMODAL_MODELS_DIR", str(models_dir))
+    monkeypatch.setenv("XMODAL_INDEX_MEMORY_GB", "0.000001")  # ~1 KiB: not even 40 vectors fit
+    build = ["index", "build", "--name", "t", "--corpus", str(corpus)]
+    result = CliRunner().invoke(app, build)
+    assert isinstance(result.exception, IndexTooLarge) and "fits the memory budget" in result.exception.message
+    result = CliRunner().invoke(app, [*build, "--memory-budget", "0.5"])  # the option wins over the setting
+    assert result.exit_code == 0, result.output
+    m = IndexDir(tmp_path / "data" / "indexes", "t").manifest()
+    assert m.faiss.key == "Flat" and m.faiss.choice["budget_bytes"] == 1 << 29
+    assert m.build["resumed_vectors"] == m.build["vectors"] > 0
