@@ -53,7 +53,7 @@ def build(vectors: np.ndarray, key: str, use_gpu: bool = True) -> tuple[Any, str
         index = faiss.index_factory(dim, key, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         raise InvalidInput(f"invalid FAISS index key {key!r}: {exc}") from None
-    ivf = faiss.try_extract_index_ivf(index)  # on the CPU form: a GPU index is no IndexIVF to FAISS's Python side
+    ivf = faiss.try_extract_index_ivf(index)  # on the CPU form: a GPU copy is no faiss.IndexIVF
     rows = train_rows(len(vectors), ivf.nlist if ivf is not None else 0)
     device = "cpu"
     if use_gpu and gpu_count(faiss) > 0 and "HNSW" not in key:  # HNSW has no GPU build

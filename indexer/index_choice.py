@@ -4,8 +4,11 @@ Preference by size (measured on 2 cores, docs/benchmarks.md "Indexes at scale"):
 scan is fast enough (``exact_up_to`` vectors); above, an inverted file (IVF) whose codes shrink as the corpus grows:
 full vectors (``IVFn,Flat``) up to ``IVF_FLAT_UP_TO``, 8-bit scalar codes (``IVFn,SQ8``, 1 byte a dimension) up to
 ``IVF_SQ8_UP_TO``, product-quantised codes beyond (``IVFn,PQmx4fs``: FAISS's fast-scan PQ, ``m = dim/2``
-sub-quantisers of 4 bits, dim/4 bytes a vector). When the preferred index's
-estimated memory exceeds the budget, the next smaller code is taken; when none fits, ``IndexTooLarge``.
+sub-quantisers of 4 bits, dim/4 bytes a vector). SQ8 is kept as long as that: PQ codes of this size level off
+short of recall@10 0.95 against exact search whatever nprobe (0.84 on bench/scale.py's clustered vectors), so they
+are for corpora or budgets SQ8 cannot serve, and the manifest then says the target was not reached. When the
+preferred index's estimated memory exceeds the budget, the next smaller code is taken; when none fits,
+``IndexTooLarge``.
 HNSW is never chosen automatically: at 1M clustered vectors (d=384) HNSW32 built slower than IVF4096,SQ8 and reached
 recall@10 0.833 at efSearch 128 against 0.983 at nprobe 8 for the IVF, at half its speed (issue 15). A user's own
 factory key is taken as given (only its memory is not estimated).
@@ -20,7 +23,7 @@ from models.errors import InvalidInput
 
 EXACT_UP_TO = 50_000  # Flat (exact) up to this many vectors: a scan is then fast enough and perfect
 IVF_FLAT_UP_TO = 200_000  # IVF over full float32 vectors up to this many
-IVF_SQ8_UP_TO = 5_000_000  # IVF over 8-bit scalar codes up to this many; product quantisation beyond
+IVF_SQ8_UP_TO = 10_000_000  # IVF over 8-bit scalar codes up to this many (~3.7 GiB at d=384); PQ beyond
 NLIST_MIN, NLIST_MAX = 16, 65_536
 MIN_POINTS_PER_LIST = 39  # FAISS's k-means warns below this many training points a centroid
 TRAIN_PER_LIST = 64  # training sample: at most this many vectors a list (FAISS itself caps at 256)

@@ -36,8 +36,10 @@ EXACT_UP_TO = 2_000  # lowered so that a small corpus gets what a large one woul
         (1_000_000, None, "IVF4096,SQ8"),
         (1_000_000, 0.2, "IVF4096,PQ192x4fs"),
         (5_000_000, 8, "IVF8192,SQ8"),
-        (10_000_000, None, "IVF16384,PQ192x4fs"),
-        (10_000_000, 8, "IVF16384,PQ192x4fs"),
+        (10_000_000, None, "IVF16384,SQ8"),
+        (10_000_000, 4, "IVF16384,SQ8"),  # ~3.7 GiB
+        (10_000_000, 2, "IVF16384,PQ192x4fs"),
+        (10_000_001, None, "IVF16384,PQ192x4fs"),
         (100_000_000, None, "IVF32768,PQ192x4fs"),
     ],
 )
