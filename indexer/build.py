@@ -48,6 +48,7 @@ def build_index(
     late: LateBuild | None = None,
     keep_versions: int | None = None,
     checkpoint: bool = True,
+    memory_budget: int | None = None,
 ) -> BuildResult:
     """Encode every item into one new segment and publish a version of it alone. With ``late``, also the token
     store for late interaction. With ``keep_versions``, older versions beyond that many (and the segments only
@@ -70,6 +71,7 @@ def build_index(
         late=late,
         keep_versions=keep_versions,
         checkpoint=checkpoint,
+        memory_budget=memory_budget,
     )
     return BuildResult(manifest, publish)
 
@@ -178,6 +180,7 @@ def _encode_and_commit(
     late: LateBuild | None = None,
     keep_versions: int | None = None,
     checkpoint: bool = True,
+    memory_budget: int | None = None,
 ) -> VersionManifest:
     """Encode ``items`` (checkpointed), write them as a segment, and commit a version of ``plan``'s segments plus
     the new one."""
@@ -207,6 +210,7 @@ def _encode_and_commit(
             use_gpu=use_gpu,
             late=late,
             build=dict(build),
+            memory_budget=memory_budget,
         )
         build["total_seconds"] = round(time.perf_counter() - t0, 3)
         version = commit(

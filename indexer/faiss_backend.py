@@ -8,10 +8,11 @@ from typing import Any
 
 import numpy as np
 
+from indexer import index_choice
 from models.errors import InvalidInput, MissingDependency
 
 log = logging.getLogger(__name__)
-EXACT_UP_TO = 50_000  # below this many vectors an exact (flat) index is both fast enough and perfect
+EXACT_UP_TO = index_choice.EXACT_UP_TO  # below this many vectors an exact (flat) index is both fast enough and perfect
 
 
 def import_faiss() -> Any:
@@ -30,25 +31,36 @@ def gpu_count(faiss: Any) -> int:
     return int(get()) if get else 0
 
 
-def default_key(n: int) -> str:
-    """Flat (exact) for small corpora; HNSW above, which needs no training and keeps recall high."""
-    return "Flat" if n <= EXACT_UP_TO else "HNSW32,Flat"
+def default_key(n: int, dim: int = 384, budget_bytes: int | None = None) -> str:
+    """The automatic choice (indexer.index_choice): Flat for small corpora, IVF with smaller codes as they grow."""
+    return index_choice.choose_index(n, dim, budget_bytes).key
+
+
+def train_rows(n: int, nlist: int, seed: int = 0) -> np.ndarray | None:
+    """Rows to train an inverted file of ``nlist`` lists on (sorted, a fixed seed), None for all of them."""
+    size = index_choice.TRAIN_PER_LIST * nlist
+    if nlist <= 0 or n <= size:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
 
 
 def build(vectors: np.ndarray, key: str, use_gpu: bool = True) -> tuple[Any, str]:
-    """Build an inner-product index over L2-normalised ``vectors``; returns (CPU index, where it was built)."""
+    """Build an inner-product index over L2-normalised ``vectors``; returns (CPU index, where it was built). An
+    inverted file is trained on a sample of at most TRAIN_PER_LIST vectors a list."""
     faiss = import_faiss()
     dim = vectors.shape[1]
     try:
         index = faiss.index_factory(dim, key, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         raise InvalidInput(f"invalid FAISS index key {key!r}: {exc}") from None
+    ivf = faiss.try_extract_index_ivf(index)  # on the CPU form: a GPU copy is no faiss.IndexIVF
+    rows = train_rows(len(vectors), ivf.nlist if ivf is not None else 0)
     device = "cpu"
     if use_gpu and gpu_count(faiss) > 0 and "HNSW" not in key:  # HNSW has no GPU build
         index = faiss.index_cpu_to_all_gpus(index)
         device = "gpu"
     if not index.is_trained:
-        index.train(vectors)
+        index.train(vectors if rows is None else np.ascontiguousarray(vectors[rows]))
     index.add(vectors)
     if device == "gpu":
         index = faiss.index_gpu_to_cpu(index)  # files are always written from the CPU form

@@ -53,6 +53,11 @@ class FaissInfo(BaseModel):
     metric: str = "inner_product"
     params: dict = Field(default_factory=dict, description="search parameters (nprobe, efSearch)")
     built_on: str = "cpu"
+    choice: dict = Field(
+        default_factory=dict,
+        description="how the key was chosen (indexer.index_choice): n, dim, budget_bytes, estimated_bytes, reason, "
+        "nlist, train_sample; build_seconds and tune_seconds of the FAISS part",
+    )
 
 
 class SegmentManifest(BaseModel):

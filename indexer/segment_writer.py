@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer import calibration, faiss_backend, tuning
+from indexer import calibration, faiss_backend, index_choice, tuning
 from indexer.integrity import file_checksums
 from indexer.items import write_items
 from indexer.late.evaluate import measure_late
@@ -110,19 +110,36 @@ def write_segment(
     late: LateBuild | None = None,
     build: dict | None = None,
     recall_target: float = tuning.RECALL_TARGET,
+    memory_budget: int | None = None,
+    exact_up_to: int = index_choice.EXACT_UP_TO,
 ) -> SegmentManifest:
     """Write segment ``segment`` of ``index`` into ``folder`` (a staging folder: the caller renames it); rows
     grouped by modality, ``vectors`` [R, D] in row order, with ``late`` each row's token vectors too. An approximate
-    FAISS index gets the cheapest search parameters that reach ``recall_target`` (indexer.tuning)."""
+    FAISS index gets the cheapest search parameters that reach ``recall_target`` (indexer.tuning). Without
+    ``faiss_key``, the index type is chosen from the largest modality's row count, the dimension and ``memory_budget``
+    (bytes, None: no limit; ``exact_up_to``: Flat up to that many rows) by indexer.index_choice; IndexTooLarge
+    (InvalidInput) when nothing fits."""
     t0 = time.perf_counter()
     ranges = row_ranges([r.modality for r in records])
-    key = faiss_key or faiss_backend.default_key(max(e - s for s, e in ranges.values()))
+    largest = max(e - s for s, e in ranges.values())
+    if faiss_key:
+        choice = {"key": faiss_key, "reason": "given by the user", "n": largest, "dim": int(vectors.shape[1])}
+    else:
+        choice = index_choice.choose_index(largest, int(vectors.shape[1]), memory_budget, exact_up_to).record()
+    key = choice["key"]
+    log.info("FAISS index %s: %s", key, choice["reason"])
+    t_faiss = time.perf_counter()
     built_on, indexes = "cpu", {}
     for modality, (start, end) in ranges.items():
         part = np.ascontiguousarray(vectors[start:end])
         built, built_on = faiss_backend.build(part, key, use_gpu=use_gpu)
         indexes[modality] = built, part
+    choice["build_seconds"] = round(time.perf_counter() - t_faiss, 3)
+    t_tune = time.perf_counter()
     params, recall = tuning.tune(list(indexes.values()), faiss_backend.default_params(key), recall_target)
+    choice["tune_seconds"] = round(time.perf_counter() - t_tune, 3)
+    if not recall.get("reached", True):
+        log.warning("FAISS %s reaches recall@10 %.3f only, short of %.2f", key, recall["value"], recall_target)
     files = {}
     for modality, (built, _) in indexes.items():
         faiss_backend.apply_params(built, params)
@@ -135,7 +152,7 @@ def write_segment(
         created_at=now_iso(),
         model=model,
         dim=model.dim,
-        faiss=FaissInfo(key=key, params=params, built_on=built_on),
+        faiss=FaissInfo(key=key, params=params, built_on=built_on, choice=choice),
         counts={m: e - s for m, (s, e) in ranges.items()},
         rows=ranges,
         recall_at_10=recall,

@@ -307,7 +307,19 @@ def index_build(
     ],
     model: ModelOpt = None,
     faiss_key: Annotated[
-        str | None, typer.Option(help="FAISS factory key (default Flat; HNSW32,Flat over 50k)")
+        str | None,
+        typer.Option(
+            help="FAISS factory key, taken as given (default: chosen from the size, the dimension and the memory "
+            "budget: Flat up to 50k vectors, then IVF with Flat, SQ8, then PQ codes)"
+        ),
+    ] = None,
+    memory_budget: Annotated[
+        float | None,
+        typer.Option(
+            min=0.001,
+            help="GiB one FAISS index may take (default XMODAL_INDEX_MEMORY_GB, else no limit): the automatic "
+            "choice takes a smaller code to fit, or refuses",
+        ),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, max=1024)] = 32,
     publish: Annotated[bool, typer.Option("--publish/--no-publish", help="make it the served version")] = True,
@@ -351,6 +363,7 @@ def index_build(
             encoder=encoder,
             corpus_path=corpus,
             faiss_key=faiss_key,
+            memory_budget=None if (gib := memory_budget or s.index_memory_gb) is None else int(gib * (1 << 30)),
             batch_size=batch_size,
             publish=publish,
             use_gpu=s.device != "cpu",

@@ -84,6 +84,12 @@ class Settings(BaseSettings):
         True, description="serve the indexed items' own pictures and sounds (by item id) for the search page at /"
     )
     media_cache_bytes: int = Field(64 << 20, ge=0, description="rendered thumbnails and waveforms kept in memory")
+    index_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="memory budget of one segment's FAISS index at build time, in GiB: the automatic index choice "
+        "takes the first index type whose estimate fits, or refuses the build (unset: no limit)",
+    )
     keep_versions: int = Field(
         5,
         ge=1,

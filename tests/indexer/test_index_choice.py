@@ -1,0 +1,172 @@
+"""The automatic FAISS index choice (indexer.index_choice): the pure rule at several sizes and budgets, and real builds
+of synthetic clustered vectors above a lowered Flat threshold, tuned to recall@10 0.95 against exact search, recorded
+in the manifest and searched through the segment search."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexer import faiss_backend
+from indexer.index_choice import GB, IndexTooLarge, choose_index, estimate_bytes, nlist_for
+from indexer.layout import IndexDir, ModelRef, SegmentRef, new_version_name
+from indexer.publish import commit
+from indexer.search import LoadedIndex
+from indexer.segment_writer import RowRecord, write_segment
+from indexer.synthetic import clustered
+from indexer.tuning import exact_truth
+from indexer.verify import verify_index
+from models.files import staging_dir
+
+DIM = 64
+N = 12_000
+EXACT_UP_TO = 2_000  # lowered so that a small corpus gets what a large one would
+
+
+@pytest.mark.parametrize(
+    ("n", "budget_gb", "key"),
+    [
+        (1_000, None, "Flat"),
+        (50_000, None, "Flat"),
+        (50_001, None, "IVF1024,Flat"),
+        (200_000, None, "IVF2048,Flat"),
+        (200_000, 0.2, "IVF2048,SQ8"),  # IVF-Flat (~0.29 GB) exceeds the budget
+        (1_000_000, None, "IVF4096,SQ8"),
+        (1_000_000, 0.2, "IVF4096,PQ192x4fs"),
+        (5_000_000, 8, "IVF8192,SQ8"),
+        (10_000_000, None, "IVF16384,SQ8"),
+        (10_000_000, 4, "IVF16384,SQ8"),  # ~3.7 GiB
+        (10_000_000, 2, "IVF16384,PQ192x4fs"),
+        (10_000_001, None, "IVF16384,PQ192x4fs"),
+        (100_000_000, None, "IVF32768,PQ192x4fs"),
+    ],
+)
+def test_choice_by_size_and_budget(n: int, budget_gb: float | None, key: str) -> None:
+    budget = None if budget_gb is None else int(budget_gb * GB)
+    choice = choose_index(n, 384, budget)
+    assert choice.key == key
+    assert budget is None or choice.estimated_bytes <= budget
+    record = choice.record()
+    assert record["n"] == n and record["dim"] == 384 and record["budget_bytes"] == budget and record["reason"]
+    if choice.nlist:
+        assert f"IVF{choice.nlist}," in key and 0 < choice.train_sample <= 64 * choice.nlist
+
+
+def test_nlist_and_estimates() -> None:
+    for n in (700, 10_000, 100_000, 1_000_000, 10_000_000, 10**9):
+        nlist = nlist_for(n)
+        assert nlist & (nlist - 1) == 0 and 16 <= nlist <= 65_536 and n // nlist >= 39
+    # bytes a vector: 4*dim for Flat, dim + id for SQ8, dim/4 + id for the fast-scan PQ
+    assert estimate_bytes("Flat", 1000, 384) == 1000 * 1536
+    per = {k: (estimate_bytes(k, 2_000_000, 384, 4096) - estimate_bytes(k, 1_000_000, 384, 4096)) / 1e6 for k in (
+        "IVF-Flat", "IVF-SQ8", "IVF-PQ")}  # fmt: skip
+    assert per == {"IVF-Flat": 1544, "IVF-SQ8": 392, "IVF-PQ": 104}
+
+
+def test_a_budget_nothing_fits_is_refused_with_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(IndexTooLarge, match=r"no FAISS index of 100000000 vectors .* fits the memory budget of 1.000"):
+        choose_index(100_000_000, 384, GB)
+    with pytest.raises(IndexTooLarge, match="memory budget"):
+        choose_index(500, 384, 1000)  # too few vectors for an inverted file, and Flat too large
+    vectors = clustered(3_000, DIM)
+    with pytest.raises(IndexTooLarge, match="--memory-budget"):
+        write_segment(tmp_path, **segment_args(vectors), memory_budget=10_000, exact_up_to=EXACT_UP_TO, use_gpu=False)
+
+
+def test_a_users_key_wins(tmp_path: Path) -> None:
+    vectors = clustered(3_000, DIM)
+    m = write_segment(
+        tmp_path,
+        **segment_args(vectors),
+        faiss_key="HNSW8,Flat",
+        memory_budget=10_000,
+        exact_up_to=EXACT_UP_TO,
+        use_gpu=False,
+    )
+    assert m.faiss.key == "HNSW8,Flat" and m.faiss.choice["reason"] == "given by the user"
+    assert m.recall_at_10["value"] >= 0.95 and "efSearch" in m.faiss.params
+
+
+def segment_args(vectors: np.ndarray) -> dict:
+    n, dim = vectors.shape
+    records = [RowRecord(id=f"item{i}", modality="text", source=str(i), text=f"t{i}", metadata={}) for i in range(n)]
+    model = ModelRef(name="synthetic", fingerprint="0" * 64, dim=dim)
+    segment = new_version_name()
+    return {"index": "s", "segment": segment, "records": records, "vectors": vectors, "tokens": None, "model": model}
+
+
+@pytest.fixture(scope="module")
+def vectors() -> np.ndarray:
+    return clustered(N, DIM, clusters=64)
+
+
+@pytest.mark.parametrize(("budget", "kind"), [(None, "Flat"), (N * (DIM + 8) + 200_000, "SQ8")])
+def test_built_above_the_flat_threshold_reaches_the_recall_target_and_searches_right(
+    tmp_path: Path, vectors: np.ndarray, budget: int | None, kind: str
+) -> None:
+    d = IndexDir(tmp_path, "s")
+    d.segments_dir.mkdir(parents=True)
+    args = segment_args(vectors)
+    with staging_dir(d.segments_dir, args["segment"]) as tmp:
+        m = write_segment(tmp, **args, memory_budget=budget, exact_up_to=EXACT_UP_TO, use_gpu=False)
+        commit(d, "build", [(tmp, m)], lambda base: [SegmentRef(id=m.id, rows=m.size)], build={})
+    assert m.faiss.key == f"IVF{nlist_for(N)},{kind}"
+    choice = m.faiss.choice
+    assert choice["n"] == N and choice["dim"] == DIM and choice["budget_bytes"] == budget
+    assert choice["estimated_bytes"] > 0 and choice["train_sample"] == min(N, 64 * choice["nlist"])
+    recall = m.recall_at_10
+    assert recall["value"] >= 0.95 and recall["reached"] and recall["target"] == 0.95
+    assert recall["tuned"]["nprobe"][-1] == [m.faiss.params["nprobe"], round(recall["value"], 4)]
+    assert all(r < 0.95 for _, r in recall["tuned"]["nprobe"][:-1])
+    assert recall["queries_per_second"] > 0 and recall["queries_per_second_batched"] > 0
+
+    # the segment search, with the tuned nprobe it loads, against exact search (ties tolerated)
+    index = LoadedIndex(tmp_path, "s", use_gpu=False)
+    assert index.manifest.faiss.key == m.faiss.key and index.manifest.faiss.choice == choice
+    queries = clustered(100, DIM, clusters=64, stream=1)  # fresh draws
+    truth = exact_truth(vectors, queries, 10)
+    hits = 0
+    for q, kth in zip(queries, truth.kth, strict=True):
+        found = index.search(q, 10, duplicates_first=False)
+        rows = [int(h.id[4:]) for h in found]
+        exact = vectors[rows] @ q
+        assert len(found) == 10 and np.allclose([h.similarity for h in found], exact, atol=0.02)
+        hits += int((exact >= kth - 1e-5).sum())
+    assert hits / 1000 >= 0.93
+    index.close()
+
+    report = verify_index(tmp_path, "s")["segments"][0]
+    assert report["recall_at_10"]["value"] >= 0.95 and report["params"] == m.faiss.params
+    assert report["truth"] == ("reconstructed vectors" if kind == "SQ8" else "stored vectors")
+
+
+def test_training_sample_is_bounded() -> None:
+    rows = faiss_backend.train_rows(100_000, 256)
+    assert rows is not None and len(rows) == 64 * 256 and len(set(rows.tolist())) == len(rows)
+    assert faiss_backend.train_rows(10_000, 256) is None
+
+
+def test_cli_memory_budget_refuses_then_the_same_build_resumes(
+    tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`xmodal index build --memory-budget` and XMODAL_INDEX_MEMORY_GB reach the choice; a refused build keeps its
+    encoded checkpoints, so the same build with a larger budget encodes nothing again."""
+    from typer.testing import CliRunner
+
+    from indexer.demo import write_demo_corpus
+    from service.cli import app
+
+    corpus = write_demo_corpus(tmp_path / "c.jsonl", n=40)
+    monkeypatch.setenv("XMODAL_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("XMODAL_MODELS_DIR", str(models_dir))
+    monkeypatch.setenv("XMODAL_INDEX_MEMORY_GB", "0.000001")  # ~1 KiB: not even 40 vectors fit
+    build = ["index", "build", "--name", "t", "--corpus", str(corpus)]
+    result = CliRunner().invoke(app, build)
+    assert isinstance(result.exception, IndexTooLarge) and "fits the memory budget" in result.exception.message
+    result = CliRunner().invoke(app, [*build, "--memory-budget", "0.5"])  # the option wins over the setting
+    assert result.exit_code == 0, result.output
+    m = IndexDir(tmp_path / "data" / "indexes", "t").manifest()
+    assert m.faiss.key == "Flat" and m.faiss.choice["budget_bytes"] == 1 << 29
+    assert m.build["resumed_vectors"] == m.build["vectors"] > 0
