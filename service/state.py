@@ -75,7 +75,3 @@ def deadline_of(request: Request | None, settings: Settings) -> float:
     .RequestId stamps it), so time spent waiting for a body, a fetch or admission counts."""
     arrived = getattr(request.state, "arrived", None) if request is not None else None
     return (arrived if arrived is not None else time.monotonic()) + settings.request_timeout_s
-
-
-def now_ms(t0: float) -> float:
-    return round((time.perf_counter() - t0) * 1000, 3)
