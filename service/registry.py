@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from indexer.layout import IndexDir, ModelRef, list_indexes
 from indexer.search import LoadedIndex
-from models.bundle import find_bundle
+from models.bundle import find_bundle, load_manifest
 from models.encoder import Encoder
 from models.errors import FingerprintMismatch, IndexNotFound, ModelNotFound, XmodalError
 from service.errors import NotReady
@@ -66,10 +66,11 @@ class Registry:
 
     def _load(self, bundle_dir: Path) -> QueryEncoder:
         with self._lock:
+            known = self.models.get(load_manifest(bundle_dir).fingerprint)  # the manifest only: no sessions twice
+            if known is not None:
+                return known
             s = self.settings
-            encoder = Encoder(bundle_dir, device=s.device, threads=s.threads)
-            if encoder.fingerprint in self.models:
-                return self.models[encoder.fingerprint]
+            encoder = Encoder(bundle_dir, device=s.device, threads=s.threads)  # checks the fingerprint of its files
             if "text" in encoder.modalities:
                 encoder.encode_text(["warm up"])  # the first run allocates; keep it off the first request
             queries = self._make_queries(encoder)
