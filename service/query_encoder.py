@@ -13,9 +13,10 @@ from starlette.concurrency import run_in_threadpool
 
 from models.encoder import Encoder, TokenOutput
 from models.errors import InvalidInput
-from service.batcher import BatchMetrics, MicroBatcher
+from service.batcher import MicroBatcher
 from service.budget import MemoryBudget
 from service.cache import Cache, embedding_key
+from service.metrics import Metrics
 from service.settings import Settings
 
 
@@ -26,18 +27,15 @@ class QueryEncoder:
         settings: Settings,
         cache: Cache,
         budget: MemoryBudget,
-        batch_metrics: BatchMetrics,
+        metrics: Metrics,
         inflight: Callable[[], int],
-        observe: Callable[[str, str, int], None],
-        decode_seconds: Callable[[str, float], None],
     ) -> None:
         self.encoder = encoder
         self.settings = settings
         self.cache = cache
         self.budget = budget
-        self.batcher = MicroBatcher(encoder, settings, batch_metrics, inflight)
-        self._observe = observe  # (kind, outcome, count): cache lookups for the metrics
-        self._decode_seconds = decode_seconds
+        self.metrics = metrics
+        self.batcher = MicroBatcher(encoder, settings, metrics.batch, inflight)
 
     @property
     def name(self) -> str:
@@ -94,10 +92,10 @@ class QueryEncoder:
         for key in keys:  # one at a time: a 256-text request must not open 256 Redis connections
             found.append(self._from_cache(await self.cache.get(key), tokens))
         misses = [i for i, v in enumerate(found) if v is None]
-        self._observe("embedding", "hit", len(inputs) - len(misses))
+        self.metrics.cache.labels("embedding", "hit").inc(len(inputs) - len(misses))
         if not misses:
             return found
-        self._observe("embedding", "miss", len(misses))
+        self.metrics.cache.labels("embedding", "miss").inc(len(misses))
         if modality == "text":
             fresh = await self.batcher.encode("text", tokens, [inputs[i] for i in misses], deadline)
         else:
@@ -119,7 +117,7 @@ class QueryEncoder:
         async with self.budget.reserve(max(cost.peak, cost.kept), f"this {modality}") as reservation:
             t0 = time.perf_counter()
             decoded = await reservation.hold_while(loop.run_in_executor(None, self.encoder.decode, modality, data))
-            self._decode_seconds(modality, time.perf_counter() - t0)
+            self.metrics.decode_seconds.labels(modality).observe(time.perf_counter() - t0)
             reservation.shrink(cost.kept)
             reservation.hand_over()  # the batcher gives it back once no queue or batch holds the decoded file
             found = await self.batcher.encode(modality, tokens, [decoded], deadline, reservation.release)

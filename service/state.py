@@ -46,16 +46,9 @@ class ServiceState:
         self.search = SearchService(self.registry, self.cache, self.metrics, settings)
 
     def _query_encoder(self, encoder: Encoder) -> QueryEncoder:
-        m = self.metrics
+        # the requests in flight are read when a batch forms (whether more are coming), not now
         return QueryEncoder(
-            encoder,
-            self.settings,
-            self.cache,
-            self.decode_budget,
-            m.batch,
-            lambda: self.admission.inflight,
-            observe=lambda kind, outcome, n: m.cache.labels(kind, outcome).inc(n),
-            decode_seconds=lambda modality, s: m.decode_seconds.labels(modality).observe(s),
+            encoder, self.settings, self.cache, self.decode_budget, self.metrics, lambda: self.admission.inflight
         )
 
     def _index_loaded(self, index) -> None:  # noqa: ANN001 - a LoadedIndex
