@@ -45,7 +45,7 @@ PARITY_TEXTS = [
 ]
 
 
-def _import_torch() -> tuple[Any, Any]:
+def import_torch() -> tuple[Any, Any]:
     try:
         import torch
         import transformers
@@ -378,7 +378,7 @@ def declared_max_length(source: Path) -> int | None:
 def finish_bundle(tmp: Path, models_dir: Path, *, source: dict, **fields: Any) -> ModelManifest:
     """The last step of every export: ``publish_bundle`` (``fields``: name, version, dim, towers, parity) with the
     torch and transformers versions that made the graphs recorded in ``source``."""
-    torch, transformers = _import_torch()
+    torch, transformers = import_torch()
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
     return publish_bundle(tmp, models_dir, source={**source, **versions}, **fields)
 

@@ -62,9 +62,9 @@ from models.bundle import AudioPreprocessing, ModelManifest, TextPreprocessing
 from models.errors import ExportError, XmodalError
 from models.export.base import (
     TowerExport,
-    _import_torch,
     declared_max_length,
     export_bundle,
+    import_torch,
     pad_id_of,
     text_tower,
     tower_module,
@@ -336,7 +336,7 @@ def export_clap(source: Path, models_dir: Path, name: str, version: str = "1") -
     raw_config = _read_config(source)
     fusion = bool((raw_config.get("audio_config") or {}).get("enable_fusion", False))
     audio_pre, truncation_note = _audio_preprocessing(source, fusion)  # before torch: a bad folder fails fast
-    torch, transformers = _import_torch()
+    torch, transformers = import_torch()
     model = _load_model(transformers, source)
     text_config = model.config.text_config
 

@@ -60,9 +60,9 @@ from models.bundle import ImagePreprocessing, ModelManifest, TextPreprocessing
 from models.errors import ExportError
 from models.export.base import (
     TowerExport,
-    _import_torch,
     declared_max_length,
     export_bundle,
+    import_torch,
     pad_id_of,
     text_tower,
     tower_module,
@@ -217,7 +217,7 @@ def export_clip(
     if arch != detected:
         raise ExportError(f"{source} holds a {detected} model, not {arch}")
     image_pre = _image_preprocessing(source)  # before torch: a bad folder fails fast
-    torch, transformers = _import_torch()
+    torch, transformers = import_torch()
     model = _load_model(torch, transformers, source, arch)
     text_config, vision_config = model.config.text_config, model.config.vision_config
     image_size = int(vision_config.image_size)

@@ -10,7 +10,7 @@ from typing import Any
 
 from models.bundle import ModelManifest, TextPreprocessing
 from models.errors import ExportError
-from models.export.base import TowerExport, _import_torch, export_bundle, text_tower, tower_module, tower_outputs
+from models.export.base import TowerExport, export_bundle, import_torch, text_tower, tower_module, tower_outputs
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def _example(torch: Any) -> tuple:
 
 def export_sentence_transformers(source: Path, models_dir: Path, name: str, version: str = "1") -> ModelManifest:
     """Export a sentence-transformers checkpoint folder as a text-only bundle ``<models_dir>/<name>``."""
-    torch, transformers = _import_torch()
+    torch, transformers = import_torch()
     source = Path(source)
     if not (source / "modules.json").is_file():
         raise ExportError(f"{source} is not a sentence-transformers checkpoint (no modules.json)")

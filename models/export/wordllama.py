@@ -40,8 +40,8 @@ from models.export.base import (
     MIN_COSINE,
     PARITY_TEXTS,
     TowerExport,
-    _import_torch,
     export_bundle,
+    import_torch,
     text_tower,
     tower_module,
     tower_outputs,
@@ -135,7 +135,7 @@ def export_wordllama(models_dir: Path, name: str, dim: int = DIM, version: str =
     """Export the installed ``wordllama`` package's ``l2_supercat`` embeddings (``dim``-d) as bundle ``name``."""
     import wordllama
 
-    torch, _ = _import_torch()
+    torch, _ = import_torch()
     model, weights, tokenizer = load_wordllama(dim)
     from safetensors import safe_open
 
