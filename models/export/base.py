@@ -328,7 +328,8 @@ def text_feeds(bundle_dir: Path, pre: TextPreprocessing, inputs: list[str], long
     feeds = [own(b) for b in (texts, texts[1:2], texts[:3])]
     if pre.pad_to_max_length:
         ragged = TextPreprocessor(bundle_dir / pre.tokenizer, pre.max_length, False, pre.pad_id)
-        feeds += [ragged(texts[:5]), ragged(texts[1:3])]
+        # a one-word batch too: a long text may reach max_length unpadded, so texts[:5] alone can give one length
+        feeds += [ragged(texts[:5]), ragged(texts[1:2])]
     return [{n: a for n, a in feed.items() if n in inputs} for feed in feeds]
 
 
