@@ -8,18 +8,22 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from indexer.corpus import CorpusItem
 from indexer.encode import CHUNK_BATCHES, MEDIA_SOURCES, Encoded, Progress, encode_items, records
 from indexer.layout import IndexDir, ModelRef, SegmentRef, VersionManifest, new_version_name
-from indexer.publish import Plan, commit, tombstoned
+from indexer.publish import commit, tombstoned
 from indexer.segment_writer import LateBuild, write_segment
 from indexer.shards import ShardStore, build_key
 from models.encoder import Encoder
 from models.errors import IndexNotFound, InvalidInput
 from models.files import sha256_file, staging_dir
+
+# the segments of the version a new segment is committed in: (the published version, the new segment's ref) -> refs
+Place = Callable[[VersionManifest | None, SegmentRef], list[SegmentRef]]
 
 log = logging.getLogger(__name__)
 MAX_FAILURES_KEPT = 50  # in the manifest; the count is always exact
@@ -56,12 +60,12 @@ def build_index(
     they are done (``indexer.shards``): the same build run again after a crash encodes only what was not saved."""
     build = {"corpus": str(corpus_path) if corpus_path else None}
     build["corpus_sha256"] = corpus_digest(corpus_path) if corpus_path else None
-    manifest = _encode_and_commit(
+    manifest = encode_and_commit(
         IndexDir(indexes_dir, name),
         "build",
         items,
         encoder,
-        lambda base: [],
+        lambda base, new: [new],
         build=build,
         faiss_key=faiss_key,
         batch_size=batch_size,
@@ -113,12 +117,12 @@ def add_items(
         return refs
 
     build: dict = {"base": base.version}
-    version = _encode_and_commit(
+    version = encode_and_commit(
         target,
         "add",
         items,
         encoder,
-        plan,
+        lambda current, new: [*plan(current), new],
         build=build,
         batch_size=batch_size,
         use_gpu=use_gpu,
@@ -164,12 +168,12 @@ def _check_model(name: str, manifest: VersionManifest, encoder: Encoder) -> None
         )
 
 
-def _encode_and_commit(
+def encode_and_commit(
     target: IndexDir,
     operation: str,
     items: list[CorpusItem],
     encoder: Encoder,
-    plan: Plan,
+    place: Place,
     *,
     build: dict,
     faiss_key: str | None = None,
@@ -181,9 +185,11 @@ def _encode_and_commit(
     keep_versions: int | None = None,
     checkpoint: bool = True,
     memory_budget: int | None = None,
+    check: Callable[[Encoded], None] | None = None,
 ) -> VersionManifest:
-    """Encode ``items`` (checkpointed), write them as a segment, and commit a version of ``plan``'s segments plus
-    the new one."""
+    """Encode ``items`` (checkpointed), write them as a segment, and commit a version of the segments
+    ``place(published version, the new segment's ref)`` lists. ``check`` may refuse what was encoded before
+    anything is written."""
     t0 = time.perf_counter()
     with_tokens = late is not None
     checkpoints = None
@@ -194,6 +200,8 @@ def _encode_and_commit(
         checkpoints.prune_stale()
     encoded = encode_items(encoder, items, batch_size, progress, with_tokens=with_tokens, checkpoints=checkpoints)
     t_encode = time.perf_counter() - t0
+    if check is not None:
+        check(encoded)
     build.update(_encode_stats(items, encoded, encoder, t_encode, batch_size))
     segment = new_version_name()
     model = ModelRef(name=encoder.name, fingerprint=encoder.fingerprint, dim=encoder.dim)
@@ -217,7 +225,7 @@ def _encode_and_commit(
             target,
             operation,
             [(tmp, written)],
-            lambda base: [*plan(base), SegmentRef(id=segment, rows=written.size)],
+            lambda base: place(base, SegmentRef(id=segment, rows=written.size)),
             build=build,
             publish=publish,
             keep_versions=keep_versions,

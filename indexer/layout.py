@@ -60,6 +60,21 @@ class FaissInfo(BaseModel):
     )
 
 
+class Upgrade(BaseModel):
+    """A model upgrade in progress (issue 16): the version's ``model`` (NEW) encodes the queries; segments still
+    encoded by ``from_model`` (OLD) are searched with NEW's queries projected into OLD's space by the adapter whose
+    from/to fingerprints are exactly NEW's and OLD's, their scores mapped onto NEW's scale by ``score_map``."""
+
+    model_config = ConfigDict(extra="forbid")
+    from_model: ModelRef = Field(description="OLD: the model the segments not yet backfilled were encoded by")
+    adapter: str = Field(description="the adapter bundle's name (<models>/adapters/<name>)")
+    adapter_fingerprint: str
+    score_map: dict = Field(
+        default_factory=dict, description="slope, intercept: OLD-space score of a projected query -> NEW's scale"
+    )
+    started_at: str
+
+
 class SegmentManifest(BaseModel):
     """``segments/<id>/manifest.json``: what one immutable batch of items holds."""
 
@@ -113,6 +128,7 @@ class VersionManifest(BaseModel):
     score_calibration: dict | None = Field(None, description="the largest segment's fitted score maps")
     tokens: dict | None = Field(None, description="the largest segment's token store summary (None: dense only)")
     build: dict = Field(default_factory=dict, description="what the operation did (items encoded, deleted, seconds)")
+    upgrade: Upgrade | None = Field(None, description="a model upgrade in progress (segments of two models)")
 
 
 def check_name(name: str) -> str:

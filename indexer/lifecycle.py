@@ -79,11 +79,22 @@ def compact(
         if len(base.segments) == 1 and not base.segments[0].tombstones:
             raise InvalidInput(f"index {name!r} is one segment without deletions: nothing to compact")
         merged = base.segments if everything else small_segments(base.segments)
+        manifests = {r.id: target.segment_manifest(r.id) for r in merged}
+        if base.upgrade is not None:  # OLD and NEW vectors never share a segment: merge the larger group only
+            groups: dict[str, list[SegmentRef]] = {}
+            for ref in merged:
+                groups.setdefault(manifests[ref.id].model.fingerprint, []).append(ref)
+            merged = max(groups.values(), key=len)
+            if len(merged) == 1 and not merged[0].tombstones:
+                raise InvalidInput(
+                    f"index {name!r} is being upgraded: its segments of one model are one segment without "
+                    "deletions, nothing to compact until the backfill is done"
+                )
         kept = [r for r in base.segments if r not in merged]
         rows, vectors, tokens = [], [], []
         late = None
         for ref in merged:
-            seg = target.segment_manifest(ref.id)
+            seg = manifests[ref.id]
             if seg.tokens:
                 late = LateBuild(**{k: seg.tokens[k] for k in ("storage", "nbits", "pool_factor") if k in seg.tokens})
             part_rows, part_vectors, part_tokens = _live_rows(target, ref, seg.rows, bool(seg.tokens))
@@ -100,7 +111,7 @@ def compact(
                 records=[rows[i] for i in order],
                 vectors=np.concatenate(vectors)[order],
                 tokens=[tokens[i] for i in order] if late else None,
-                model=base.model,
+                model=manifests[merged[0].id].model,  # during an upgrade, maybe the OLD one
                 use_gpu=use_gpu,
                 late=late,
                 build={"compacted": [r.id for r in merged]},

@@ -12,7 +12,17 @@ from pathlib import Path
 import numpy as np
 
 from indexer.items import ItemStore
-from indexer.layout import ITEMS, IndexDir, SegmentManifest, SegmentRef, VersionManifest, new_version_name, now_iso
+from indexer.layout import (
+    ITEMS,
+    IndexDir,
+    ModelRef,
+    SegmentManifest,
+    SegmentRef,
+    Upgrade,
+    VersionManifest,
+    new_version_name,
+    now_iso,
+)
 from models.errors import InvalidInput
 from models.files import replace_dir
 
@@ -29,6 +39,7 @@ def commit(
     publish: bool = True,
     keep_versions: int | None = None,
     locked: bool = False,
+    upgrade: tuple[ModelRef, Upgrade] | None = None,
 ) -> VersionManifest:
     """Under the index's writer lock (taken here unless the caller holds it: ``locked``, as a compaction does from
     its start): move the staged segments in, make the version of ``plan(published version)``, write it, publish it,
@@ -40,7 +51,7 @@ def commit(
         refs = plan(base)
         known = {s.id: s for _, s in staged}
         segments = {r.id: known.get(r.id) or target.segment_manifest(r.id) for r in refs}
-        version = summarise(target.name, new_version_name(), base, operation, refs, segments, build)
+        version = summarise(target.name, new_version_name(), base, operation, refs, segments, build, upgrade)
         target.write_version(version)
         if publish:
             target.publish(version.version)
@@ -57,14 +68,32 @@ def summarise(
     refs: list[SegmentRef],
     segments: dict[str, SegmentManifest],
     build: dict,
+    upgrade: tuple[ModelRef, Upgrade] | None = None,
 ) -> VersionManifest:
     """A version's manifest: its segments, live counts, and the largest segment's FAISS settings, recall and
-    calibration (the fits of the most items; every segment keeps its own)."""
+    calibration (the fits of the most items; every segment keeps its own).
+
+    One model encodes every segment, except during a model upgrade (``upgrade``: NEW and the upgrade record, or the
+    base version's, which every operation but a full build carries on): then segments of OLD and NEW may mix, the
+    version's model is NEW (its queries' model) and the record stays while any OLD segment does."""
     if not refs:
         raise InvalidInput(f"index {name!r} would have no segments left")
-    models = {segments[r.id].model.fingerprint for r in refs}
-    if len(models) > 1:
+    if upgrade is None and base is not None and base.upgrade is not None and operation != "build":
+        upgrade = (base.model, base.upgrade)
+    models = {segments[r.id].model.fingerprint: segments[r.id].model for r in refs}
+    record = None
+    if upgrade is not None and upgrade[1].from_model.fingerprint in models:
+        model, record = upgrade
+        strays = set(models) - {model.fingerprint, record.from_model.fingerprint}
+        if strays:
+            raise InvalidInput(
+                f"index {name!r} is being upgraded from {record.from_model.name} to {model.name}: segments of "
+                f"another model ({sorted(s[:12] for s in strays)}) cannot join it"
+            )
+    elif len(models) > 1:
         raise InvalidInput(f"index {name!r}: its segments were encoded by different models ({sorted(models)})")
+    else:
+        model = next(iter(models.values()))
     counts: dict[str, int] = {}
     live: dict[str, int] = {}
     for ref in refs:
@@ -73,15 +102,16 @@ def summarise(
         for modality, n in seg.counts.items():
             counts[modality] = counts.get(modality, 0) + n - dead.get(modality, 0)
         live[ref.id] = seg.size - len(ref.tombstones)
-    largest = segments[max(refs, key=lambda r: (live[r.id], r.id)).id]
+    native = [r for r in refs if segments[r.id].model.fingerprint == model.fingerprint] or refs
+    largest = segments[max(native, key=lambda r: (live[r.id], r.id)).id]
     return VersionManifest(
         name=name,
         version=version,
         created_at=now_iso(),
         base=base.version if base is not None else None,
         operation=operation,
-        model=largest.model,
-        dim=largest.dim,
+        model=model,
+        dim=model.dim,
         segments=refs,
         counts=counts,
         faiss=largest.faiss,
@@ -90,6 +120,7 @@ def summarise(
         score_calibration=largest.score_calibration,
         tokens=largest.tokens,
         build=build,
+        upgrade=record,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -14,8 +15,12 @@ from indexer.items import VersionItems
 from indexer.late.maxsim import similarities
 from indexer.late.pipeline import SCOPES, LateParams, late_search
 from indexer.layout import IndexDir, VersionManifest
+from indexer.projection import Projection
 from indexer.segment_reader import SegmentData, SegmentView
 from models.errors import BundleError, FingerprintMismatch, InvalidInput
+
+if TYPE_CHECKING:
+    from models.adapter import Adapter
 
 
 @dataclass
@@ -68,11 +73,14 @@ class LoadedIndex:
         verify: bool = True,
         previous: LoadedIndex | None = None,
         selectors: bool | None = None,
+        adapter: Adapter | None = None,
     ) -> None:
         """Load ``version`` (default: the published one) of index ``name``. BundleError (never a half-loaded
         index) when a file fails its checksum (with ``verify``), the files disagree with the manifest, or the
         model is not ``expect_fingerprint``. ``selectors``: how deleted rows are kept out of FAISS results
-        (indexer.segment_reader.SegmentView; default: by the segment's device)."""
+        (indexer.segment_reader.SegmentView; default: by the segment's device). ``adapter``: during a model upgrade
+        (the version's ``upgrade``), the adapter from the version's model to the OLD one, exactly the one the
+        version names; the OLD segments are searched through it."""
         d = IndexDir(indexes_dir, name)
         self.name = name
         self.manifest: VersionManifest = d.manifest(version)
@@ -83,6 +91,8 @@ class LoadedIndex:
                 f"index {name!r} version {self.version} was built with model "
                 f"{model.name} ({model.fingerprint[:12]}), not the loaded model ({expect_fingerprint[:12]})"
             )
+        projection = _projection(name, self.manifest, adapter)
+        self.adapter = adapter if projection is not None else None
         shared = {v.data.id: v.data for v in previous.segments} if previous is not None else {}
         opened: list[SegmentData] = []
         self.segments: list[SegmentView] = []
@@ -96,11 +106,17 @@ class LoadedIndex:
                     except BundleError as exc:  # which version could not be served, and why
                         raise BundleError(f"index {name!r} version {self.version}: {exc.message}") from None
                     opened.append(data)
-                if data.manifest.model.fingerprint != model.fingerprint or data.manifest.dim != self.manifest.dim:
+                seg_model = data.manifest.model
+                old = self.manifest.upgrade.from_model if self.manifest.upgrade else None
+                if seg_model == model and data.manifest.dim == model.dim:
+                    space = None
+                elif old is not None and seg_model == old and data.manifest.dim == old.dim:
+                    space = projection
+                else:
                     raise BundleError(f"index {name!r} version {self.version}: segment {ref.id} has another model")
                 if (data.tokens is None) != (self.manifest.tokens is None):
                     raise BundleError(f"index {name!r} version {self.version}: segment {ref.id} differs in tokens")
-                self.segments.append(SegmentView(data, ref, offset, selectors))
+                self.segments.append(SegmentView(data, ref, offset, selectors, space))
                 offset += ref.rows
         except BaseException:
             for data in opened:
@@ -234,6 +250,9 @@ class LoadedIndex:
         allowed, n_items = view.allowed_rows(tuple(targets))
         if n_items == 0:
             return []
+        space = view.projection
+        if space is not None:  # the dense candidates' vector goes through view.faiss_rows, which projects it
+            tokens = space.vectors(tokens)
         extra = None
         if vector is not None and not params.exhaustive:
             extra = np.concatenate([view.faiss_rows(vector, params.depth, t)[1] for t in targets])
@@ -241,6 +260,8 @@ class LoadedIndex:
         fetch = min(n_items, k * 4 if filter else k)
         while True:
             found = late_search(store, tokens, fetch, allowed, params, extra)
+            if space is not None:
+                found.scores = space.scores(found.scores)
             groups = store.rows_of_items(found.items)
             records = view.data.items.get([int(r) for r in found.rows])
             hits = []
@@ -269,7 +290,8 @@ class LoadedIndex:
             item_tokens = view.data.tokens.row_tokens(local)
             if len(item_tokens) == 0:
                 continue
-            sim = similarities(tokens, item_tokens)
+            space = view.projection
+            sim = similarities(tokens if space is None else space.vectors(tokens), item_tokens)
             index = sim.argmax(axis=1)
             modality = view.data.row_modality[local]
             for i, j in enumerate(index.tolist()):
@@ -323,6 +345,8 @@ class LoadedIndex:
     def vectors(self, rows: list[int]) -> np.ndarray | None:
         """The stored vectors of ``rows`` (the version's numbering) [n, D], or None where a FAISS index cannot
         give them back (an IVF index without a direct map); approximate for compressed (PQ) indexes."""
+        if self.adapter is not None:
+            return None  # some rows are in OLD's space: no one vector space to give them back in
         out = np.empty((len(rows), self.manifest.dim), dtype=np.float32)
         try:
             for i, row in enumerate(rows):
@@ -338,6 +362,27 @@ class LoadedIndex:
         """Close the segments this version opened (those it shares with a newer version stay open for it)."""
         for data in self._opened:
             data.close()
+
+
+def _projection(name: str, manifest: VersionManifest, adapter: Adapter | None) -> Projection | None:
+    """The projection a version's OLD segments are searched through (None when it is not being upgraded); the
+    adapter must be exactly the one its upgrade record names, from its model to the OLD one."""
+    upgrade = manifest.upgrade
+    if upgrade is None:
+        return None
+    where = f"index {name!r} version {manifest.version}"
+    if adapter is None:
+        raise BundleError(
+            f"{where} is being upgraded from {upgrade.from_model.name} to {manifest.model.name}: its OLD segments "
+            f"need adapter {upgrade.adapter} ({upgrade.adapter_fingerprint[:12]})"
+        )
+    wanted = (manifest.model.fingerprint, upgrade.from_model.fingerprint, upgrade.adapter_fingerprint)
+    if (adapter.from_fingerprint, adapter.to_fingerprint, adapter.fingerprint) != wanted:
+        raise FingerprintMismatch(
+            f"{where}: the adapter given ({adapter.fingerprint[:12]}) is not {upgrade.adapter} "
+            f"({upgrade.adapter_fingerprint[:12]}) from {manifest.model.name} to {upgrade.from_model.name}"
+        )
+    return Projection.of(adapter, upgrade.score_map)
 
 
 def _merge(per_target: dict[str, list[Hit]], fusion: Fusion, query_modality: str | None, k: int) -> list[Hit]:

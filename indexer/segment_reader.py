@@ -16,6 +16,7 @@ from indexer.integrity import check_segment_files, consistency_problems
 from indexer.items import ItemStore
 from indexer.late.store import TokenStore
 from indexer.layout import ITEMS, TOKENS, IndexDir, SegmentManifest, SegmentRef, dense_file
+from indexer.projection import Projection
 from models.errors import BundleError
 
 
@@ -61,9 +62,19 @@ class Found:
 
 
 class SegmentView:
-    def __init__(self, data: SegmentData, ref: SegmentRef, offset: int, selectors: bool | None = None) -> None:
+    def __init__(
+        self,
+        data: SegmentData,
+        ref: SegmentRef,
+        offset: int,
+        selectors: bool | None = None,
+        projection: Projection | None = None,
+    ) -> None:
         """``selectors``: restrict FAISS to live rows with a bitmap selector (default: on the CPU; FAISS's GPU
-        indexes take no selectors, so there a search over-fetches by the deleted count and drops deleted rows)."""
+        indexes take no selectors, so there a search over-fetches by the deleted count and drops deleted rows).
+        ``projection``: the segment holds another model's vectors (a model upgrade in progress): queries are
+        projected into its space and its scores mapped back (indexer.projection)."""
+        self.projection = projection
         if ref.rows != data.manifest.size:
             raise BundleError(f"segment {ref.id} holds {data.manifest.size} rows, the version says {ref.rows}")
         self.data, self.offset = data, offset
@@ -99,7 +110,14 @@ class SegmentView:
         return params, bits, selector
 
     def faiss_rows(self, q: np.ndarray, fetch: int, modality: str) -> tuple[np.ndarray, np.ndarray]:
-        """FAISS top ``fetch`` live rows of one modality: (scores, segment rows) [fetch], rows -1 past the end."""
+        """FAISS top ``fetch`` live rows of one modality: (scores, segment rows) [fetch], rows -1 past the end.
+        ``q`` is in the query model's space (projected here when the segment holds another model's vectors)."""
+        if self.projection is None:
+            return self._faiss_rows(q, fetch, modality)
+        scores, rows = self._faiss_rows(self.projection.vectors(q), fetch, modality)
+        return self.projection.scores(scores), rows
+
+    def _faiss_rows(self, q: np.ndarray, fetch: int, modality: str) -> tuple[np.ndarray, np.ndarray]:
         if modality not in self.data.indexes or self.live.get(modality, 0) == 0:
             return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64)
         start, _ = self.modality_rows(modality)

@@ -51,6 +51,11 @@ class AdapterManifest(BaseModel):
     method: Literal["procrustes", "lstsq"]
     fit: dict = Field(default_factory=dict, description="data (sources, counts, sha256), split, seed, candidates")
     quality: dict = Field(default_factory=dict, description="held-out figures of the shipped projection")
+    score_map: dict = Field(
+        default_factory=dict,
+        description="slope, intercept: a projected query's cosine to an OLD vector -> the NEW-space cosine of the "
+        "same pair (least squares over held-out pairs near the top), so OLD and NEW segments' hits merge on one scale",
+    )
     created_at: str
 
 
@@ -84,6 +89,28 @@ def load_adapter_manifest(bundle_dir: Path) -> AdapterManifest:
     return manifest
 
 
+def find_adapter(models_dir: Path, from_fingerprint: str, to_fingerprint: str) -> Path:
+    """The adapter bundle under ``<models_dir>/adapters`` that maps exactly NEW (``from_fingerprint``) to OLD
+    (``to_fingerprint``): the newest such, by its manifest's creation time. ModelNotFound when there is none."""
+    found = []
+    root = models_dir / ADAPTERS
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        if folder.name.startswith(".") or not (folder / "manifest.json").is_file():
+            continue
+        try:
+            manifest = AdapterManifest.model_validate(read_json(folder / "manifest.json"))
+        except (ValidationError, ValueError):
+            continue  # a damaged adapter is no candidate; load_adapter says why when it is asked for by name
+        if (manifest.from_model.fingerprint, manifest.to_model.fingerprint) == (from_fingerprint, to_fingerprint):
+            found.append((manifest.created_at, folder))
+    if not found:
+        raise ModelNotFound(
+            f"no adapter in {root} maps model {from_fingerprint[:12]} to {to_fingerprint[:12]}; fit one with "
+            "`xmodal models align NEW --to OLD`"
+        )
+    return max(found)[1]
+
+
 class Adapter:
     """A loaded adapter: ``project`` maps NEW's embeddings (or token vectors, [..., D_new]) into OLD's space."""
 
@@ -100,6 +127,10 @@ class Adapter:
     @property
     def to_fingerprint(self) -> str:
         return self.manifest.to_model.fingerprint
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest.fingerprint
 
     def project(self, vectors: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(vectors, dtype=np.float32)

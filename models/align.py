@@ -184,6 +184,35 @@ def fit(data: AlignData) -> tuple[str, np.ndarray, dict]:
     return best, candidates[best], figures
 
 
+SCORE_MAP_TOP = 20  # the pairs a score map is fitted on: each held-out text's top this many in either space
+
+
+def fit_score_map(x: np.ndarray, y: np.ndarray, w: np.ndarray, top: int = SCORE_MAP_TOP) -> dict:
+    """How a NEW query projected into OLD's space scores an OLD vector, against how the same pair scores natively
+    in NEW's space: ``new ≈ slope * projected + intercept``, least squares over the held-out pairs (each text as a
+    query against the others) that rank in the top ``top`` in either space, where rankings are decided. A mixed
+    index maps its OLD segments' scores with it, so one item scores alike whichever model encoded it."""
+    xn, proj = normalize(x), project(x, w)
+    native, projected = xn @ xn.T, proj @ normalize(y).T
+    np.fill_diagonal(native, -np.inf)
+    np.fill_diagonal(projected, -np.inf)
+    top = min(top, len(x) - 1)
+    pick = np.zeros(native.shape, dtype=bool)
+    rows = np.arange(len(x))[:, None]
+    for scores in (native, projected):
+        pick[rows, np.argpartition(-scores, top - 1, axis=1)[:, :top]] = True
+    a, b = projected[pick], native[pick]
+    slope, intercept = np.polyfit(a, b, 1)
+    residual = b - (slope * a + intercept)
+    return {
+        "slope": round(float(slope), 6),
+        "intercept": round(float(intercept), 6),
+        "pairs": int(pick.sum()),
+        "rmse": round(float(np.sqrt((residual**2).mean())), 4),
+        "correlation": round(float(np.corrcoef(a, b)[0, 1]), 4),
+    }
+
+
 def write_graph(w: np.ndarray, path: Path) -> None:
     """``embedding = normalize(new_embedding @ W)`` as one small ONNX graph (MatMul, ReduceL2, Max, Div)."""
     try:
@@ -236,8 +265,11 @@ def align(
     seed: int = 0,
     limit: int | None = None,
     eval_texts: list[Path] | None = None,
+    texts: list[str] | None = None,
+    texts_label: str | None = None,
 ) -> AdapterManifest:
-    """Fit NEW → OLD on texts (``texts_path`` or the bundled captions; at most ``limit`` of them) and pairs, measure it
+    """Fit NEW → OLD on texts (``texts``, named ``texts_label`` in the manifest; else ``texts_path``; else both
+    tokenizers' vocabulary words; at most ``limit`` of them) and pairs, measure it
     on a held-out share of the texts (and on ``eval_texts``, other texts never fitted on, where given), and write
     adapter bundle ``<models_dir>/adapters/<name>`` atomically."""
     import datetime as dt
@@ -248,7 +280,9 @@ def align(
     for enc in (new, old):
         if "text" not in enc.modalities:
             raise InvalidInput(f"model {enc.name} has no text tower; the fit needs both models' text towers")
-    texts = sample(read_texts(texts_path) if texts_path else vocabulary_words(new, old), limit, seed)
+    if texts is None:
+        texts = read_texts(texts_path) if texts_path else vocabulary_words(new, old)
+    texts = sample(texts, limit, seed)
     if len(texts) < 20:
         raise InvalidInput(f"the fit needs at least 20 distinct texts, got {len(texts)}")
     pairs = read_pairs(pairs_path) if pairs_path else []
@@ -276,6 +310,7 @@ def align(
         result["transfer"].append(
             {"texts": str(path), "n": len(other), **quality(ex, ey, w), "chance_recall@10": chance}
         )
+    texts_source = texts_label or (str(texts_path) if texts_path else DEFAULT_TEXTS)
     from_ref = ModelRef(name=new.name, fingerprint=new.fingerprint, dim=new.dim)
     to_ref = ModelRef(name=old.name, fingerprint=old.fingerprint, dim=old.dim)
     name = name or f"{new_name}-to-{old_name}"
@@ -290,7 +325,7 @@ def align(
             to_model=to_ref,
             method=method,
             fit={
-                "texts": str(texts_path) if texts_path else DEFAULT_TEXTS,
+                "texts": texts_source,
                 "pairs": str(pairs_path) if pairs_path else None,
                 "counts": counts,
                 "rows": int(len(x)),
@@ -301,6 +336,7 @@ def align(
                 "candidates": figures,
             },
             quality=result,
+            score_map=fit_score_map(hx, hy, w),
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         )
         atomic_write_json(tmp / "manifest.json", manifest.model_dump())

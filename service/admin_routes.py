@@ -1,5 +1,5 @@
-"""Admin routes (an admin API key, service.auth): queue a rebuild, an add, a delete or a compaction of an index
-(each a job: 202 and its status), read a job's status."""
+"""Admin routes (an admin API key, service.auth): queue a rebuild, an add, a delete, a compaction or a model
+upgrade of an index (each a job: 202 and its status), read a job's status."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from indexer.layout import IndexDir
 from service.auth import require_admin
 from service.job_queue import Jobs
 from service.job_store import JobStatus
-from service.jobs import RebuildRequest, check_request
+from service.jobs import RebuildRequest, UpgradeRequest, check_request, check_upgrade
 from service.payloads import decode_base64
 from service.schemas import ErrorResponse
 from service.state import ServiceState, get_state
@@ -89,6 +89,21 @@ async def delete_items(
 async def compact(name: str, state: ServiceState = Depends(get_state), jobs: Jobs = Depends(get_jobs)) -> JSONResponse:
     await run_in_threadpool(published, state, name)
     return accepted(await jobs.submit(name, {}, "compact"))
+
+
+@router.post(
+    "/v1/indexes/{name}/upgrade",
+    status_code=202,
+    response_model=JobStatus,
+    responses=QUEUED,
+    summary="Queue a model upgrade: the index's queries served with the new model through an adapter at once, its "
+    "segments re-encoded in the background",
+)
+async def upgrade(
+    name: str, body: UpgradeRequest, state: ServiceState = Depends(get_state), jobs: Jobs = Depends(get_jobs)
+) -> JSONResponse:
+    await run_in_threadpool(check_upgrade, state.settings, name, body)
+    return accepted(await jobs.submit(name, body.model_dump(exclude_none=True), "upgrade"))
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobStatus, summary="A job's state, progress and outcome")

@@ -477,6 +477,71 @@ def index_compact(name: Annotated[str, typer.Argument(help="index name")]) -> No
     _changed(s, m)
 
 
+@index_app.command("upgrade")
+def index_upgrade(
+    name: Annotated[str, typer.Argument(help="index name")],
+    to: Annotated[str, typer.Option("--to", help="NEW: the model bundle to move the index to")],
+    adapter: Annotated[
+        str | None,
+        typer.Option(help="adapter bundle NEW -> the index's model (default: found by the two fingerprints)"),
+    ] = None,
+    fit_texts: Annotated[
+        int, typer.Option(min=20, help="without an adapter: fit one on at most this many of the index's texts")
+    ] = 2000,
+    backfill: Annotated[
+        bool, typer.Option("--backfill/--no-backfill", help="re-encode the segments now, or only switch")
+    ] = True,
+    batch_size: Annotated[int, typer.Option(min=1, max=1024)] = 32,
+) -> None:
+    """Move an index to another model without re-encoding first (backward-compatible upgrade). At once, services
+    encode its queries with NEW and search its segments through an adapter from NEW's space to its model's; then
+    its segments are re-encoded with NEW one at a time, each published as it is done, until the index is pure NEW.
+    No version misses an item. Interrupted, the same command resumes the backfill. Without an adapter between the
+    two models, one is fitted on the index's own texts first (needs the `export` extra). To go back: xmodal index
+    publish NAME VERSION (a version from before the upgrade; `xmodal index versions NAME`).
+
+    Example: xmodal index upgrade docs --to all-minilm-l6-v2
+
+    Example: xmodal index upgrade docs --to all-minilm-l6-v2 --no-backfill   (switch now, backfill later)
+    """
+    from service.adapter_fit import fit_on_index
+    from service.index_ops import upgrade_index
+
+    s = _settings()
+
+    def fit(current, new):  # noqa: ANN001, ANN202 - a VersionManifest, an Encoder
+        with console.status(f"no adapter from {new.name} to {current.model.name}: fitting one on the index's texts"):
+            return fit_on_index(s, current, new, fit_texts)
+
+    with _progress_bar("re-encoding") as bar:
+        task = bar.add_task("backfill", total=None)
+
+        def published(m) -> None:  # noqa: ANN001 - a VersionManifest
+            up = m.upgrade
+            state = f"{len(m.segments)} segment(s), upgrading from {up.from_model.name}" if up else "pure NEW"
+            bar.console.print(f"[green]{m.name}[/] version {m.version} ({m.operation}): {state}")
+            _announce(s, m.name, m.version)
+
+        m = upgrade_index(
+            s,
+            name,
+            to,
+            adapter,
+            fit=fit,
+            backfill=backfill,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+            on_version=published,
+            batch_size=batch_size,
+        )
+    if m.upgrade is None:
+        console.print(f"{name} is encoded by {m.model.name} throughout; the adapter is no longer used")
+    else:
+        console.print(
+            f"{name}: queries encoded by {m.model.name}, OLD segments searched through adapter {m.upgrade.adapter}; "
+            f"backfill with: xmodal index upgrade {name} --to {to}"
+        )
+
+
 @index_app.command("info")
 def index_info(
     name: str,

@@ -12,6 +12,7 @@ from indexer.layout import VersionManifest
 from service.settings import Settings
 
 if TYPE_CHECKING:
+    from models.adapter import AdapterManifest
     from models.encoder import Encoder
 
 
@@ -70,3 +71,72 @@ def compact_index(settings: Settings, name: str) -> VersionManifest:
     from indexer.lifecycle import compact
 
     return compact(settings.indexes_dir, name, use_gpu=settings.device != "cpu", keep_versions=settings.keep_versions)
+
+
+def upgrade_index(
+    settings: Settings,
+    name: str,
+    model: str,
+    adapter: str | None = None,
+    fit: Callable[[VersionManifest, Encoder], AdapterManifest] | None = None,
+    backfill: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+    on_version: Callable[[VersionManifest], None] = lambda _v: None,
+    batch_size: int = 32,
+) -> VersionManifest:
+    """Move ``name`` to bundle ``model`` (NEW) without re-encoding first: publish the version that serves its queries
+    with NEW through an adapter to its current model (adapter bundle ``adapter``; else one found by the two models'
+    fingerprints; else ``fit``'s), then, with ``backfill``, re-encode
+    its OLD segments with NEW one by one. Run again, it resumes the backfill. ``on_version`` hears of each version
+    published."""
+    from indexer.layout import IndexDir, ModelRef
+    from indexer.upgrade import backfill as run_backfill
+    from indexer.upgrade import start_upgrade
+    from models.encoder import Encoder
+
+    new = Encoder(settings.all_models_dir / model, device=settings.device, threads=settings.threads)
+    index = IndexDir(settings.indexes_dir, name)
+    current = index.manifest()
+    if current.upgrade is None or current.model.fingerprint != new.fingerprint:
+        chosen = _adapter_for(settings, current, new, adapter, fit)
+        ref = ModelRef(name=new.name, fingerprint=new.fingerprint, dim=new.dim)
+        current = start_upgrade(settings.indexes_dir, name, ref, chosen, keep_versions=settings.keep_versions)
+        on_version(current)
+    if not backfill:
+        return current
+    return run_backfill(
+        settings.indexes_dir,
+        name,
+        new,
+        batch_size=batch_size,
+        use_gpu=settings.device != "cpu",
+        progress=progress,
+        keep_versions=settings.keep_versions,
+        on_version=on_version,
+    )
+
+
+def _adapter_for(
+    settings: Settings,
+    current: VersionManifest,
+    new: Encoder,
+    adapter: str | None,
+    fit: Callable[[VersionManifest, Encoder], AdapterManifest] | None,
+) -> AdapterManifest:
+    """The adapter bundle named, else the newest from NEW to the index's model, else ``fit``'s (the CLI fits one on
+    the index's own texts: service.adapter_fit; the service's jobs never write ONNX graphs)."""
+    from models.adapter import adapter_dir, find_adapter, load_adapter_manifest
+    from models.errors import ModelNotFound
+
+    models_dir = settings.all_models_dir
+    if adapter is not None:
+        return load_adapter_manifest(adapter_dir(models_dir, adapter))
+    try:
+        return load_adapter_manifest(find_adapter(models_dir, new.fingerprint, current.model.fingerprint))
+    except ModelNotFound as exc:
+        if fit is None:
+            raise ModelNotFound(
+                f"{exc.message}, or let `xmodal index upgrade {current.name} --to {new.bundle_dir.name}` fit one on "
+                "the index's own texts"
+            ) from None
+    return fit(current, new)

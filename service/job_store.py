@@ -33,10 +33,11 @@ class Progress(BaseModel):
 
 class JobStatus(BaseModel):
     id: str
-    kind: Literal["rebuild", "add", "delete", "compact"] = "rebuild"
+    kind: Literal["rebuild", "add", "delete", "compact", "upgrade"] = "rebuild"
     index: str
     request: dict = Field(
-        description="what was asked: rebuild: corpus or from, late; add: the items' corpus; delete: ids"
+        description="what was asked: rebuild: corpus or from, late; add: the items' corpus; delete: ids; "
+        "upgrade: model, adapter"
     )
     state: State = "queued"
     attempt: int = Field(0, description="runs so far; above 1 when a worker died and the job was retried")

@@ -108,6 +108,61 @@ def compact(settings: Settings, name: str, request: dict, progress: Callable[[in
     return _published(settings, name, index_ops.compact_index(settings, name).version)
 
 
+class UpgradeRequest(RequestBody):
+    """Body of POST /v1/indexes/{name}/upgrade."""
+
+    model: str = Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="NEW: the model bundle to move the index to; its queries are served with it at once",
+    )
+    adapter: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="the adapter bundle (NEW -> the index's model) to search the index through until the backfill "
+        "is done; default: the newest one between the two models, else one fitted on the index's own texts",
+    )
+
+
+def upgrade(settings: Settings, name: str, request: dict, progress: Callable[[int, int], None]) -> str:
+    """Serve the index's queries with NEW through an adapter at once, then backfill its segments with NEW, each
+    version announced as it is published; resumes where a crashed run left off."""
+    from service.events import announce_published
+
+    def announce(version) -> None:  # noqa: ANN001 - a VersionManifest
+        announce_published(settings.redis_url, name, version.version)
+
+    final = index_ops.upgrade_index(
+        settings, name, request["model"], request.get("adapter"), progress=progress, on_version=announce
+    )
+    return final.version
+
+
+def check_upgrade(settings: Settings, name: str, request: UpgradeRequest) -> None:
+    """404 before queueing: no published index, no such model, no adapter bundle between the two models (the service
+    fits none: that needs the `export` extra; the CLI's `xmodal index upgrade` does)."""
+    from indexer.layout import IndexDir
+    from models.adapter import adapter_dir, find_adapter, load_adapter_manifest
+    from models.bundle import load_manifest
+    from models.errors import ModelNotFound
+
+    current = IndexDir(settings.indexes_dir, name).manifest()
+    new = load_manifest(settings.all_models_dir / request.model)
+    if request.adapter is not None:
+        load_adapter_manifest(adapter_dir(settings.all_models_dir, request.adapter))
+    elif current.upgrade is None or current.model.fingerprint != new.fingerprint:  # else: resume the backfill
+        try:
+            find_adapter(settings.all_models_dir, new.fingerprint, current.model.fingerprint)
+        except ModelNotFound as exc:
+            raise ModelNotFound(
+                f"{exc.message}, or let `xmodal index upgrade {name} --to {request.model}` fit one on the index's own "
+                "texts"
+            ) from None
+
+
 def _published(settings: Settings, name: str, version: str) -> str:
     from service.events import announce_published
 
@@ -115,7 +170,7 @@ def _published(settings: Settings, name: str, version: str) -> str:
     return version
 
 
-RUNS = {"rebuild": rebuild, "add": add, "delete": delete, "compact": compact}
+RUNS = {"rebuild": rebuild, "add": add, "delete": delete, "compact": compact, "upgrade": upgrade}
 
 
 class Interrupted(Exception):

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
 
-from indexer.layout import IndexDir, ModelRef, list_indexes
+from indexer.layout import IndexDir, ModelRef, VersionManifest, list_indexes
 from indexer.search import LoadedIndex
+from models.adapter import Adapter, adapter_dir, find_adapter, load_adapter
 from models.bundle import find_bundle, load_manifest
 from models.encoder import Encoder
 from models.errors import FingerprintMismatch, IndexNotFound, ModelNotFound, XmodalError
@@ -44,6 +45,7 @@ class Registry:
         self.model_errors: dict[str, str] = {}  # configured bundle name -> why it is not loaded
         self.indexes: dict[str, LoadedIndex] = {}
         self.index_errors: dict[str, str] = {}
+        self.adapters: dict[str, Adapter] = {}  # by fingerprint: projections of upgrading indexes (issue 16)
         self.default: str | None = None  # the fingerprint of the first configured model, once loaded
         self._lock = threading.RLock()  # the watcher, job completions and announcements all refresh
 
@@ -97,6 +99,27 @@ class Registry:
                 "service has"
             ) from None
 
+    def _adapter_of(self, name: str, manifest: VersionManifest) -> Adapter:
+        """The adapter an upgrading version names (by name, else any with the same from/to models), loaded once by
+        fingerprint; the version's segments check it is exactly the one named (indexer.search)."""
+        upgrade = manifest.upgrade
+        if upgrade.adapter_fingerprint in self.adapters:
+            return self.adapters[upgrade.adapter_fingerprint]
+        new, old = manifest.model.fingerprint, upgrade.from_model.fingerprint
+        folder = adapter_dir(self.settings.all_models_dir, upgrade.adapter)
+        if not (folder / "manifest.json").is_file():
+            try:
+                folder = find_adapter(self.settings.all_models_dir, new, old)
+            except ModelNotFound as exc:
+                raise ModelNotFound(
+                    f"index {name!r} version {manifest.version} is being upgraded from {upgrade.from_model.name} to "
+                    f"{manifest.model.name} and needs adapter {upgrade.adapter}; {exc.message}"
+                ) from None
+        adapter = load_adapter(folder, new, old, device=self.settings.device)
+        self.adapters[adapter.fingerprint] = adapter
+        log.info("adapter %s (%s) loaded: %s -> %s", upgrade.adapter, adapter.fingerprint[:12], new[:12], old[:12])
+        return adapter
+
     def refresh(self) -> None:
         """Load indexes whose published version changed. A version that cannot be served (a damaged file, a model
         no bundle matches, an unreadable manifest) is refused and listed with the reason, once in the log; the
@@ -121,7 +144,8 @@ class Registry:
         if old is not None and old.version == version:
             self.index_errors.pop(name, None)  # e.g. rolled back to the version being served
             return
-        queries = self._model_of(name, version, d.manifest(version).model)
+        manifest = d.manifest(version)
+        queries = self._model_of(name, version, manifest.model)
         loaded = LoadedIndex(
             self.settings.indexes_dir,
             name,
@@ -130,6 +154,7 @@ class Registry:
             expect_fingerprint=queries.fingerprint,
             verify=self.settings.verify_checksums,
             previous=old,  # its segments are immutable: the new version shares them, loaded and checked once
+            adapter=self._adapter_of(name, manifest) if manifest.upgrade else None,
         )
         self.indexes[name] = loaded
         self.index_errors.pop(name, None)
