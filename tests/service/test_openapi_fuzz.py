@@ -241,6 +241,7 @@ BODIES = {  # a body each JSON operation accepts, whose every value the sweep re
     ("POST", "/v1/indexes/{name}/rebuild"): {"corpus": "corpus.jsonl", "late": False},
     ("POST", "/v1/indexes/{name}/items"): {"items": [{"id": "a", "text": "b", "metadata": {"k": 1.5}}]},
     ("DELETE", "/v1/indexes/{name}/items"): {"ids": ["doc-00001"]},
+    ("POST", "/v1/indexes/{name}/upgrade"): {"model": "xmodal-mini", "adapter": "mini-to-mini"},
 }
 ODD_JSON = ["NaN", "Infinity", "-Infinity", "1e999", "-1e999", "9" * 5000, "[" * 5000 + "]" * 5000, '"\\ud800"']
 
