@@ -129,6 +129,7 @@ async def list_served(state: ServiceState = Depends(get_state)) -> dict:
                 "faiss": idx.manifest.faiss.key,
                 "segments": len(idx.manifest.segments),
                 "late": idx.has_tokens,
+                "upgrading_from": idx.manifest.upgrade.from_model.name if idx.manifest.upgrade else None,
             }
             for name, idx in sorted(state.registry.indexes.items())
         ],
