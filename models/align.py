@@ -10,8 +10,9 @@ on a training split so that ``normalize(x_new @ W)`` lands on ``x_old``. Two can
   are kept up to the projection), so it generalises from few texts.
 - ``lstsq``: ridge least squares, ``(X^T X + l I)^{-1} X^T Y``: more freedom, better with enough texts.
 
-Both are measured on the held-out split; the better one by held-out mean cosine is shipped (the map fitted on the
-training split, so the figures describe exactly what is shipped). An MLP is not tried: on these sizes it did not
+Both are measured on the held-out split; the one whose projected texts rank the others' OLD vectors most like NEW
+ranks them is shipped (``ranking_overlap``; the map fitted on the training split, so the figures describe exactly
+what is shipped). An MLP is not tried: on these sizes it did not
 beat the linear map in the XBT ablations, and a linear map also projects token vectors exactly as it does pooled ones.
 
 Pairs (``--pairs``, JSONL ``{"text": ...}`` plus ``"image"``/``"audio"`` paths relative to the file) refine the fit:
@@ -131,6 +132,18 @@ def recall_at_k(queries: np.ndarray, items: np.ndarray, k: int = 10) -> float:
     return float((rank < k).mean())
 
 
+def ranking_overlap(x: np.ndarray, y: np.ndarray, w: np.ndarray, k: int = 10) -> float:
+    """What an adapter is for: each text as a query, projected, ranks the other texts' OLD vectors as NEW ranks
+    their NEW vectors. The mean share of NEW's top ``k`` that the projected query's top ``k`` keeps."""
+    k = min(k, len(x) - 1)
+    projected, native = project(x, w) @ normalize(y).T, normalize(x) @ normalize(x).T
+    np.fill_diagonal(projected, -np.inf)
+    np.fill_diagonal(native, -np.inf)
+    a = np.argpartition(-projected, k - 1, axis=1)[:, :k]
+    b = np.argpartition(-native, k - 1, axis=1)[:, :k]
+    return float(np.mean([len(set(r) & set(t)) / k for r, t in zip(a.tolist(), b.tolist(), strict=True)]))
+
+
 def quality(x: np.ndarray, y: np.ndarray, w: np.ndarray, k: int = 10) -> dict:
     p = project(x, w)
     sims = p @ y.T
@@ -140,6 +153,7 @@ def quality(x: np.ndarray, y: np.ndarray, w: np.ndarray, k: int = 10) -> dict:
         "chance_cosine": round(float(off), 4),  # to the OLD vectors of the other texts
         "recall@1": round(recall_at_k(p, y, 1), 4),
         f"recall@{k}": round(recall_at_k(p, y, k), 4),
+        f"ranking_overlap@{k}": round(ranking_overlap(x, y, w, k), 4),
     }
 
 
@@ -175,12 +189,16 @@ def embed_pairs(new: Encoder, old: Encoder, texts: list[str], pairs: list[dict])
 
 
 def fit(data: AlignData) -> tuple[str, np.ndarray, dict]:
-    """(method, W, figures of every candidate on the held-out split); the shipped W is the best by held-out cosine."""
+    """(method, W, figures of every candidate on the held-out split). The shipped W is the one whose projected
+    held-out texts rank the others' OLD vectors most like NEW ranks them (``ranking_overlap``), not the closest in
+    cosine: on Cranfield (MiniLM -> wordllama-256, fitted on the 1,400 documents) ridge least squares had the better
+    held-out cosine (0.800 against 0.730) and Procrustes the better ranking overlap (0.593 against 0.521) and the
+    better retrieval (nDCG@10 0.320 against 0.312, recall@100 0.736 against 0.695)."""
     x, y = data.new[data.train], data.old[data.train]
     hx, hy = data.new[data.heldout], data.old[data.heldout]
     candidates = {"procrustes": fit_procrustes(x, y), "lstsq": fit_lstsq(x, y)}
     figures = {m: quality(hx, hy, w) for m, w in candidates.items()}
-    best = max(figures, key=lambda m: figures[m]["heldout_cosine"])
+    best = max(figures, key=lambda m: (figures[m]["ranking_overlap@10"], figures[m]["heldout_cosine"]))
     return best, candidates[best], figures
 
 

@@ -17,6 +17,7 @@ from indexer.layout import IndexDir, ModelRef
 from indexer.lifecycle import compact, delete_items
 from indexer.search import LoadedIndex
 from indexer.upgrade import backfill, pending, start_upgrade
+from indexer.verify import verify_index
 from models.adapter import adapter_dir, load_adapter
 from models.align import align
 from models.encoder import Encoder
@@ -152,6 +153,8 @@ def test_upgrade_serves_new_queries_at_once_then_backfills_to_pure_new(
     index = LoadedIndex(indexes, "docs", adapter=adapter)
     assert victim not in {h.id for h in index.search(new.encode_text([TEXTS[5]])[0], 20)}
     index.close()
+
+    assert verify_index(indexes, "docs")["version"] == half.version  # a mixed version verifies segment by segment
 
     # a compaction while upgrading never mixes models in a segment
     with pytest.raises(InvalidInput, match="being upgraded"):
