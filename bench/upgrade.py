@@ -75,13 +75,13 @@ def old_index(indexes: Path, docs: list[str], old: Encoder) -> None:
     add_items(indexes_dir=indexes, name="cran", items=items[half:], encoder=old, use_gpu=False)
 
 
-def quality(index: LoadedIndex, queries: np.ndarray, qrels: dict, n_docs: int) -> dict:
+def quality(index: LoadedIndex, queries: np.ndarray, qrels: dict, n_docs: int) -> list[str]:
     """nDCG@10 / R@100 of the index's top 100 for each query (bench.align.metrics over a sparse score matrix)."""
     scores = np.full((len(queries), n_docs), -np.inf, dtype=np.float32)
     for qi, q in enumerate(queries):
         for rank, hit in enumerate(index.search(q, 100)):
             scores[qi, int(hit.id.split("-")[1]) - 1] = 100 - rank  # the index's order, whatever its scale
-    return metrics(scores, qrels)
+    return [f"{v:.3f}" for v in metrics(scores, qrels).values()]
 
 
 def fit(models: Path, name: str, **kwargs) -> tuple[object, float]:  # noqa: ANN003
@@ -99,7 +99,7 @@ def upgrade_quality(data: Path, docs: list[str], queries: list[str], qrels: dict
     q_new, q_old = new.encode_text(queries, batch_size=32), old.encode_text(queries, batch_size=32)
     rows, times = [], {}
     native = LoadedIndex(base, "cran", use_gpu=False)
-    rows.append(["OLD native (wordllama-256 queries)", *quality(native, q_old, qrels, len(docs)).values(), "-"])
+    rows.append(["OLD native (wordllama-256 queries)", *quality(native, q_old, qrels, len(docs)), "-"])
     native.close()
     log("fitting the adapters ...")
     words, times["fit_words_s"] = fit(models, "words", limit=WORDS_FIT)
@@ -114,8 +114,8 @@ def upgrade_quality(data: Path, docs: list[str], queries: list[str], qrels: dict
         index = LoadedIndex(indexes, "cran", use_gpu=False, adapter=adapter)
         index.search(q_new[0], 10)
         switch = time.perf_counter() - t0
-        fitted = f"fit on {label}, score map r={manifest.score_map['correlation']}"
-        rows.append([f"NEW projected onto OLD ({fitted})", *quality(index, q_new, qrels, len(docs)).values(), switch])
+        fitted = f"fit on {label}: {manifest.method}, score map r={manifest.score_map['correlation']}"
+        rows.append([f"NEW projected onto OLD ({fitted})", *quality(index, q_new, qrels, len(docs)), f"{switch:.3f}"])
         index.close()
         if manifest is not own:
             continue
@@ -123,16 +123,14 @@ def upgrade_quality(data: Path, docs: list[str], queries: list[str], qrels: dict
         backfill(indexes, "cran", new, max_segments=1, use_gpu=False)
         half_s = time.perf_counter() - t0
         index = LoadedIndex(indexes, "cran", use_gpu=False, adapter=adapter)
-        rows.append(
-            ["mixed at 50% backfill (OLD half projected)", *quality(index, q_new, qrels, len(docs)).values(), "-"]
-        )
+        rows.append(["mixed at 50% backfill (OLD half projected)", *quality(index, q_new, qrels, len(docs)), "-"])
         index.close()
         t0 = time.perf_counter()
         backfill(indexes, "cran", new, use_gpu=False)
         times["backfill_s"] = half_s + time.perf_counter() - t0
         index = LoadedIndex(indexes, "cran", use_gpu=False)
         assert index.manifest.upgrade is None
-        rows.append(["NEW native after the backfill (MiniLM)", *quality(index, q_new, qrels, len(docs)).values(), "-"])
+        rows.append(["NEW native after the backfill (MiniLM)", *quality(index, q_new, qrels, len(docs)), "-"])
         index.close()
     times["backfill_items_per_s"] = len(docs) / times["backfill_s"]
     return rows, times
@@ -163,7 +161,7 @@ def time_to_serve(data: Path, docs: list[str], size: int, enc: dict, rate: float
     assert len(hits) == 10 and index.size == size
     index.close()
     shutil.rmtree(work, ignore_errors=True)
-    return [size, round(switched, 2), round(serving, 2), round(size / rate / 60, 1)]
+    return [size, f"{switched:.3f}", f"{serving:.2f}", f"{size / rate / 60:.1f}"]
 
 
 def under_load(data: Path) -> dict:
