@@ -21,6 +21,12 @@ sys.path.insert(0, str(ROOT))
 
 from bench import gpu as bench_gpu  # noqa: E402
 
+HERE = bench_gpu.environment()
+pytestmark = pytest.mark.skipif(
+    HERE["faiss_gpus"] > 0 or "CUDAExecutionProvider" in HERE["ort_providers"],
+    reason="describes a machine without a GPU (on one, run bench/gpu.py itself)",
+)
+
 
 def test_without_a_gpu_it_says_so_and_exits_3_at_once() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
