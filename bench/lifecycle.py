@@ -95,7 +95,7 @@ def rewrite(indexes: Path, source: LoadedIndex, name: str, parts: int, key: str)
     """``source``'s rows as a new index of ``parts`` segments, FAISS ``key``, through the real segment writer."""
     rows = source.items.all_rows()
     view = source.segments[0]
-    vectors = faiss_backend.all_vectors(view.data.indexes["text"])
+    vectors = faiss_backend.all_vectors(view.data.cpu_indexes["text"])
     target = IndexDir(indexes, name)
     bounds = np.linspace(0, len(rows), parts + 1).astype(int)
     staged, refs = [], []

@@ -1,14 +1,19 @@
-"""FAISS: import with a clear error, index construction from a factory key, GPU when present."""
+"""FAISS: import with a clear error, index construction from a factory key, GPU when present (indexer.gpu decides
+where each index runs; this module clones it there)."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from indexer import index_choice
+from indexer import gpu, index_choice
+from indexer.gpu import Placement
 from models.errors import InvalidInput, MissingDependency
 
 log = logging.getLogger(__name__)
@@ -44,9 +49,10 @@ def train_rows(n: int, nlist: int, seed: int = 0) -> np.ndarray | None:
     return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
 
 
-def build(vectors: np.ndarray, key: str, use_gpu: bool = True) -> tuple[Any, str]:
-    """Build an inner-product index over L2-normalised ``vectors``; returns (CPU index, where it was built). An
-    inverted file is trained on a sample of at most TRAIN_PER_LIST vectors a list."""
+def build(vectors: np.ndarray, key: str, use_gpu: bool = True) -> tuple[Any, Placement]:
+    """Build an inner-product index over L2-normalised ``vectors``; returns (CPU index, where it was built and why).
+    An inverted file is trained on a sample of at most TRAIN_PER_LIST vectors a list. On the GPU when one is there
+    and the index type has a GPU twin (indexer.gpu); a GPU failure (out of memory, say) builds on the CPU instead."""
     faiss = import_faiss()
     dim = vectors.shape[1]
     try:
@@ -55,16 +61,47 @@ def build(vectors: np.ndarray, key: str, use_gpu: bool = True) -> tuple[Any, str
         raise InvalidInput(f"invalid FAISS index key {key!r}: {exc}") from None
     ivf = faiss.try_extract_index_ivf(index)  # on the CPU form: a GPU copy is no faiss.IndexIVF
     rows = train_rows(len(vectors), ivf.nlist if ivf is not None else 0)
-    device = "cpu"
-    if use_gpu and gpu_count(faiss) > 0 and "HNSW" not in key:  # HNSW has no GPU build
-        index = faiss.index_cpu_to_all_gpus(index)
-        device = "gpu"
+    placement = gpu.place(index, use_gpu, gpu_count(faiss) if use_gpu else 0)
+    if placement.device == "gpu":
+        placement = dataclasses.replace(placement, gpus=1)  # a build uses one GPU (replicas would repeat the work)
+        try:
+            return _build_on_gpu(faiss, index, vectors, rows, placement), placement
+        except RuntimeError as exc:  # the CPU index is untouched: the GPU worked on a clone
+            placement = gpu.fallback(exc)
+            log.warning("FAISS %s: %s", key, placement.reason)
+    elif use_gpu and gpu_count(faiss) > 0:
+        log.warning("FAISS %s is built on the CPU: %s", key, placement.reason)
+    _train_add(index, vectors, rows)
+    return index, placement
+
+
+def _train_add(index: Any, vectors: np.ndarray, rows: np.ndarray | None) -> None:
     if not index.is_trained:
         index.train(vectors if rows is None else np.ascontiguousarray(vectors[rows]))
     index.add(vectors)
-    if device == "gpu":
-        index = faiss.index_gpu_to_cpu(index)  # files are always written from the CPU form
-    return index, device
+
+
+def _build_on_gpu(faiss: Any, index: Any, vectors: np.ndarray, rows: np.ndarray | None, placement: Placement) -> Any:
+    """Train and fill a clone of ``index`` on GPU 0 with GPU resources of its own (a build may run beside searches,
+    which share theirs under a lock), and return its CPU form: files are always written from the CPU form."""
+    resources = faiss.StandardGpuResources()
+    clone = faiss.index_cpu_to_gpu_multiple_py([resources], index, cloner_options(faiss, placement), [0])
+    _train_add(clone, vectors, rows)
+    return faiss.index_gpu_to_cpu(clone)
+
+
+def cloner_options(faiss: Any, placement: Placement) -> Any:
+    """How an index is cloned to the GPU: every vector and id kept as it is (64-bit ids, float32 vectors and coarse
+    centroids), float16 lookup tables only where an IVF-PQ code needs them (indexer.gpu), one replica per GPU, and
+    FAISS's own GPU code rather than cuVS (whose limits differ from those indexer.gpu checks)."""
+    co = faiss.GpuMultipleClonerOptions()
+    co.indicesOptions = faiss.INDICES_64_BIT
+    co.useFloat16 = placement.float16_lookup
+    co.useFloat16CoarseQuantizer = False
+    co.shard = False
+    if hasattr(co, "use_cuvs"):
+        co.use_cuvs = False
+    return co
 
 
 def apply_params(index: Any, params: dict) -> None:
@@ -116,11 +153,38 @@ def read(path: Path, mmap: bool = False) -> Any:
     return faiss.read_index(str(path), flags)
 
 
-def maybe_to_gpu(index: Any, use_gpu: bool) -> tuple[Any, str]:
+@functools.cache
+def _search_resources(ngpu: int) -> list[Any]:
+    """GPU resources for serving, one per GPU, made on first use and shared by every index the process serves: each
+    holds a pool of temporary GPU memory, and one per index would take a GPU's memory many times over."""
     faiss = import_faiss()
-    if use_gpu and gpu_count(faiss) > 0 and not isinstance(index, faiss.IndexHNSW):
-        try:
-            return faiss.index_cpu_to_all_gpus(index), "gpu"
-        except RuntimeError as exc:  # not every index type has a GPU twin; serve it from the CPU
-            log.warning("cannot move index to GPU (%s); searching on CPU", exc)
-    return index, "cpu"
+    return [faiss.StandardGpuResources() for _ in range(ngpu)]
+
+
+@functools.cache
+def gpu_lock() -> threading.Lock:
+    """Held around every use of the serving GPU resources (cloning to them, searching a clone): FAISS GPU indexes are
+    not thread-safe, even to search (FAISS wiki, "Threads and asynchronous calls"), and searches run on a thread
+    pool."""
+    return threading.Lock()
+
+
+def to_device(index: Any, use_gpu: bool) -> tuple[Any, Placement]:
+    """The index to search with and where it runs: a replica on every GPU when one is there and the index has a GPU
+    twin (indexer.gpu), else ``index`` itself on the CPU, the reason logged. Search parameters set on ``index``
+    (nprobe) carry over to the clone."""
+    faiss = import_faiss()
+    gpus = gpu_count(faiss) if use_gpu else 0
+    placement = gpu.place(index, use_gpu, gpus)
+    if placement.device == "cpu":
+        if gpus > 0:
+            log.warning("FAISS %s is searched on the CPU: %s", type(index).__name__, placement.reason)
+        return index, placement
+    try:
+        with gpu_lock():
+            resources = _search_resources(gpus)
+            return faiss.index_cpu_to_gpu_multiple_py(resources, index, cloner_options(faiss, placement)), placement
+    except RuntimeError as exc:  # out of GPU memory, or a limit indexer.gpu does not know of
+        placement = gpu.fallback(exc)
+        log.warning("FAISS %s: %s", type(index).__name__, placement.reason)
+        return index, placement

@@ -52,7 +52,12 @@ class FaissInfo(BaseModel):
     key: str = Field(description="FAISS factory key of every modality's index")
     metric: str = "inner_product"
     params: dict = Field(default_factory=dict, description="search parameters (nprobe, efSearch)")
-    built_on: str = "cpu"
+    built_on: str = Field("cpu", description="where the indexes were built: gpu, cpu, or mixed (per modality below)")
+    placement: dict = Field(
+        default_factory=dict,
+        description="per modality: the device its index was built on and why (indexer.gpu.Placement: device, reason, "
+        "gpus, float16_lookup)",
+    )
     choice: dict = Field(
         default_factory=dict,
         description="how the key was chosen (indexer.index_choice): n, dim, budget_bytes, estimated_bytes, reason, "

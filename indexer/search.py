@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from indexer import calibration as score_calibration
+from indexer import gpu
 from indexer.calibration import Fusion
 from indexer.items import VersionItems
 from indexer.late.maxsim import similarities
@@ -124,13 +125,17 @@ class LoadedIndex:
             raise
         self._opened = opened
         self.items = VersionItems(self.segments)
-        self.device = self.segments[0].data.device
+        self.device = gpu.summary([view.data.device for view in self.segments])  # gpu, cpu or mixed
         self.modalities = sorted(m for m, n in self.manifest.counts.items() if n > 0)
         self.has_tokens = self.manifest.tokens is not None
 
     @property
     def size(self) -> int:
         return self.items.count
+
+    def placement(self) -> dict[str, dict[str, dict]]:
+        """Where each segment's FAISS index of each modality is searched, and why (indexer.gpu.Placement)."""
+        return {view.data.id: {m: p.record() for m, p in view.data.placement.items()} for view in self.segments}
 
     def search(
         self,
@@ -353,7 +358,7 @@ class LoadedIndex:
                 view, local = self.items.locate(row)
                 modality = view.data.row_modality[local]
                 start, _ = view.modality_rows(modality)
-                out[i] = view.data.indexes[modality].reconstruct(int(local - start))
+                out[i] = view.data.cpu_indexes[modality].reconstruct(int(local - start))
         except RuntimeError:
             return None
         return out

@@ -2,7 +2,12 @@
 store; checked against its checksums once), shared by every loaded version that lists the segment;
 ``SegmentView`` is it in one version: with that version's tombstones and its rows' place in the version's
 row numbering. A view searches its own rows and never returns a deleted one: the FAISS search is restricted
-to live ids (a bitmap selector), so a deleted row costs no result slot."""
+to live ids (a bitmap selector), so a deleted row costs no result slot.
+
+On a GPU (indexer.gpu decides, per modality's index) a segment searches a clone of its index under the process's GPU
+lock, over-fetching by its deleted count and dropping deleted rows (no selector there); a search asking for more rows
+than a GPU index returns (indexer.gpu.GPU_MAX_K) runs on the CPU form, which is kept for that and for reconstructing
+stored vectors."""
 
 from __future__ import annotations
 
@@ -11,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from indexer import faiss_backend
+from indexer import faiss_backend, gpu
+from indexer.gpu import GPU_MAX_K, Placement
 from indexer.integrity import check_segment_files, consistency_problems
 from indexer.items import ItemStore
 from indexer.late.store import TokenStore
@@ -27,26 +33,36 @@ class SegmentData:
         path = d.segment_dir(segment)
         if verify:
             check_segment_files(path, self.manifest)
-        self.indexes: dict[str, Any] = {}
-        self.device = "cpu"
+        self.cpu_indexes: dict[str, Any] = {}  # the files as read, search parameters applied
+        self.indexes: dict[str, Any] = {}  # what searches: a GPU clone where one was made, else the CPU form
+        self.placement: dict[str, Placement] = {}
         for modality in self.manifest.rows:
             try:
                 index = faiss_backend.read(path / dense_file(modality))
             except RuntimeError as exc:  # FAISS's reader on a damaged file (when checksums are not checked)
                 raise BundleError(f"segment {segment}: {dense_file(modality)} cannot be read ({exc})") from None
             faiss_backend.apply_params(index, self.manifest.faiss.params)
-            self.indexes[modality] = index
+            self.cpu_indexes[modality] = index
         self.items = ItemStore(path / ITEMS)
-        problems = consistency_problems(self.manifest, self.indexes, self.items.count)
+        problems = consistency_problems(self.manifest, self.cpu_indexes, self.items.count)
         if problems:
             self.items.close()
             raise BundleError(f"segment {segment} is inconsistent: {'; '.join(problems)}")
-        for modality, index in self.indexes.items():
-            self.indexes[modality], self.device = faiss_backend.maybe_to_gpu(index, use_gpu)
+        for modality, index in self.cpu_indexes.items():
+            self.indexes[modality], self.placement[modality] = faiss_backend.to_device(index, use_gpu)
         self.tokens = TokenStore(path / TOKENS) if self.manifest.tokens else None
         self.row_modality = np.empty(self.manifest.size, dtype=object)
         for modality, (start, end) in self.manifest.rows.items():
             self.row_modality[start:end] = modality
+
+    @property
+    def device(self) -> str:
+        """Where this segment's indexes are searched: gpu, cpu, or mixed."""
+        return gpu.summary([p.device for p in self.placement.values()])
+
+    def on_gpu(self, modality: str) -> bool:
+        placed = self.placement.get(modality)
+        return placed is not None and placed.device == "gpu"
 
     def close(self) -> None:
         self.items.close()
@@ -70,8 +86,9 @@ class SegmentView:
         selectors: bool | None = None,
         projection: Projection | None = None,
     ) -> None:
-        """``selectors``: restrict FAISS to live rows with a bitmap selector (default: on the CPU; FAISS's GPU
-        indexes take no selectors, so there a search over-fetches by the deleted count and drops deleted rows).
+        """``selectors``: restrict FAISS to live rows with a bitmap selector (default: on). A GPU index takes none:
+        there a search over-fetches by the deleted count and drops deleted rows, and the selectors serve the searches
+        that go to the CPU form (more rows than the GPU returns). False: over-fetch on the CPU too.
         ``projection``: the segment holds another model's vectors (a model upgrade in progress): queries are
         projected into its space and its scores mapped back (indexer.projection)."""
         self.projection = projection
@@ -85,7 +102,7 @@ class SegmentView:
         self.dead[tomb] = True
         self.dead.flags.writeable = False
         # built now, not on first use: FAISS holds raw pointers to the bitmap, which must outlive every search
-        use = data.device == "cpu" if selectors is None else selectors
+        use = True if selectors is None else selectors
         self._selectors = {m: self._selector(m) if use else None for m in data.manifest.rows}
         self._dead_count = {m: int(self.dead[s:e].sum()) for m, (s, e) in data.manifest.rows.items()}
         self.live = {m: data.manifest.counts[m] - self._dead_count[m] for m in data.manifest.rows}
@@ -106,7 +123,8 @@ class SegmentView:
         faiss = faiss_backend.import_faiss()
         bits = np.packbits(~dead, bitorder="little")  # FAISS reads bit i & 7 of byte i >> 3
         selector = faiss.IDSelectorBitmap(len(dead), faiss.swig_ptr(bits))
-        params = faiss_backend.selector_params(self.data.indexes[modality], self.data.manifest.faiss.params, selector)
+        index = self.data.cpu_indexes[modality]
+        params = faiss_backend.selector_params(index, self.data.manifest.faiss.params, selector)
         return params, bits, selector
 
     def faiss_rows(self, q: np.ndarray, fetch: int, modality: str) -> tuple[np.ndarray, np.ndarray]:
@@ -122,18 +140,27 @@ class SegmentView:
             return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64)
         start, _ = self.modality_rows(modality)
         fetch = min(fetch, self.live[modality])
+        dead = self._dead_count[modality]
+        if self.data.on_gpu(modality) and fetch + dead <= GPU_MAX_K:
+            with faiss_backend.gpu_lock():
+                scores, ids = self.data.indexes[modality].search(q, fetch + dead)
+            return self._drop_dead(scores[0], ids[0], start, fetch, dead)
+        index = self.data.cpu_indexes[modality]
         held = self._selectors[modality]
-        index = self.data.indexes[modality]
         if held is not None:
             scores, ids = index.search(q, fetch, params=held[0])
             return scores[0], np.where(ids[0] >= 0, ids[0] + start, -1)
-        dead = self._dead_count[modality]
         scores, ids = index.search(q, fetch + dead)  # a deleted row takes at most one of the extra slots
-        rows = np.where(ids[0] >= 0, ids[0] + start, -1)
+        return self._drop_dead(scores[0], ids[0], start, fetch, dead)
+
+    def _drop_dead(
+        self, scores: np.ndarray, ids: np.ndarray, start: int, fetch: int, dead: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.where(ids >= 0, ids + start, -1)
         if dead:
             keep = (rows < 0) | ~self.dead[np.maximum(rows, 0)]
-            return scores[0][keep][:fetch], rows[keep][:fetch]
-        return scores[0], rows
+            return scores[keep][:fetch], rows[keep][:fetch]
+        return scores, rows
 
     def search_modality(self, q: np.ndarray, k: int, modality: str, matches) -> list[Found]:  # noqa: ANN001
         """Top k distinct items among one modality's live rows whose metadata ``matches``: over-fetch and widen

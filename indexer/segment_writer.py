@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer import calibration, faiss_backend, index_choice, tuning
+from indexer import calibration, faiss_backend, gpu, index_choice, tuning
 from indexer.integrity import file_checksums
 from indexer.items import write_items
 from indexer.late.evaluate import measure_late
@@ -129,11 +129,12 @@ def write_segment(
     key = choice["key"]
     log.info("FAISS index %s: %s", key, choice["reason"])
     t_faiss = time.perf_counter()
-    built_on, indexes = "cpu", {}
+    indexes, placements = {}, {}
     for modality, (start, end) in ranges.items():
         part = np.ascontiguousarray(vectors[start:end])
-        built, built_on = faiss_backend.build(part, key, use_gpu=use_gpu)
+        built, placed = faiss_backend.build(part, key, use_gpu=use_gpu)
         indexes[modality] = built, part
+        placements[modality] = placed.record()
     choice["build_seconds"] = round(time.perf_counter() - t_faiss, 3)
     t_tune = time.perf_counter()
     params, recall = tuning.tune(list(indexes.values()), faiss_backend.default_params(key), recall_target)
@@ -152,7 +153,13 @@ def write_segment(
         created_at=now_iso(),
         model=model,
         dim=model.dim,
-        faiss=FaissInfo(key=key, params=params, built_on=built_on, choice=choice),
+        faiss=FaissInfo(
+            key=key,
+            params=params,
+            built_on=gpu.summary([p["device"] for p in placements.values()]),
+            placement=placements,
+            choice=choice,
+        ),
         counts={m: e - s for m, (s, e) in ranges.items()},
         rows=ranges,
         recall_at_10=recall,

@@ -6,6 +6,9 @@ back from the session and reported, never assumed.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import logging
 from importlib import metadata
 from pathlib import Path
@@ -63,6 +66,33 @@ def choose_providers(available: list[str], device: Device = "auto") -> list[str]
     return [CPU]
 
 
+def device_of(active: list[str]) -> str:
+    """``cuda`` when a session's providers include CUDA (nodes CUDA lacks still run on the CPU), else ``cpu``."""
+    return "cuda" if CUDA in active else "cpu"
+
+
+@functools.cache
+def preload_cuda_libraries() -> str:
+    """Load the CUDA and cuDNN libraries that the `gpu` extra installs as pip wheels (nvidia-*), once a process:
+    they are not on the loader's path, and without them onnxruntime-gpu's CUDA provider fails to load and the
+    session runs on the CPU. ``onnxruntime.preload_dlls`` (1.21 and later) finds them; it prints what it could not
+    load, which is returned (and logged) instead. Libraries already loadable (a system CUDA) are not disturbed."""
+    ort = import_onnxruntime()
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return "onnxruntime has no preload_dlls (older than 1.21): CUDA libraries must be on the loader's path"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        try:
+            preload()
+        except (OSError, RuntimeError) as exc:
+            print(f"preload_dlls failed: {exc}")
+    said = printed.getvalue().strip()
+    if said:
+        log.warning("onnxruntime.preload_dlls: %s", said.replace("\n", "; "))
+    return said
+
+
 def create_session(path: Path, device: Device = "auto", threads: int = 0) -> tuple[Any, list[str]]:
     """An inference session and the providers it really runs on."""
     ort = import_onnxruntime()
@@ -71,10 +101,14 @@ def create_session(path: Path, device: Device = "auto", threads: int = 0) -> tup
     if threads > 0:
         opts.intra_op_num_threads = threads
     wanted = choose_providers(ort.get_available_providers(), device)
+    if CUDA in wanted:
+        preload_cuda_libraries()
     session = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
     active = session.get_providers()
     if wanted[0] not in active:
-        log.warning("asked ONNX Runtime for %s, it runs on %s", wanted, active)
+        log.warning(
+            "asked ONNX Runtime for %s, it runs on %s (CUDA or cuDNN libraries missing? docs/gpu.md)", wanted, active
+        )
         if device == "cuda":
             raise MissingDependency(f"CUDA was demanded but ONNX Runtime fell back to {active}")
     return session, active

@@ -15,8 +15,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
+from indexer import faiss_backend, gpu
 from indexer.layout import IndexDir
 from models.errors import InvalidInput
+from models.runtime import device_of, import_onnxruntime
 from service.errors import ClientGone
 from service.fetch import with_fetched_image
 from service.payloads import upload_modality
@@ -144,6 +146,7 @@ async def index_info(name: str, state: ServiceState = Depends(get_state)) -> dic
         "name": name,
         "version": loaded.version,
         "device": loaded.device,
+        "placement": loaded.placement(),
         "versions": IndexDir(state.settings.indexes_dir, name).versions(),
         "manifest": loaded.manifest.model_dump(),
     }
@@ -168,7 +171,13 @@ async def readyz(state: ServiceState = Depends(get_state)) -> JSONResponse:
     registry = state.registry
     ids = registry.model_ids()
     models = [
-        {"name": ids[fp], "fingerprint": fp, "dim": q.dim, "providers": q.encoder.providers}
+        {
+            "name": ids[fp],
+            "fingerprint": fp,
+            "dim": q.dim,
+            "providers": q.encoder.providers,  # per tower: the providers its session really runs on, read back
+            "device": gpu.summary([device_of(active) for active in q.encoder.providers.values()]),  # cuda/cpu/mixed
+        }
         for fp, q in registry.models.items()
     ]
     body = {
@@ -179,13 +188,30 @@ async def readyz(state: ServiceState = Depends(get_state)) -> JSONResponse:
         "model_error": registry.model_error,
         "model_errors": registry.model_errors,
         "indexes": {
-            n: {"version": i.version, "items": i.size, "device": i.device, "model": ids[i.manifest.model.fingerprint]}
+            n: {
+                "version": i.version,
+                "items": i.size,
+                "device": i.device,  # where FAISS searches it: gpu, cpu, or mixed (see placement)
+                "placement": i.placement(),  # per segment and modality: device and reason (indexer.gpu)
+                "model": ids[i.manifest.model.fingerprint],
+            }
             for n, i in registry.indexes.items()
         },
+        "devices": devices(state.settings.device),
         "refused_indexes": registry.index_errors,
         "cache": state.cache.status(),
     }
     return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+
+def devices(setting: str) -> dict:
+    """What this process could run on: the device setting (XMODAL_DEVICE), the GPUs FAISS sees, the providers this
+    ONNX Runtime offers. What each model and index does run on is reported beside them."""
+    return {
+        "setting": setting,
+        "faiss_gpus": faiss_backend.gpu_count(faiss_backend.import_faiss()),
+        "onnxruntime_providers": import_onnxruntime().get_available_providers(),
+    }
 
 
 @router.get(

@@ -46,3 +46,46 @@ def test_missing_faiss_names_both_extras(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setitem(sys.modules, "faiss", None)
     with pytest.raises(MissingDependency, match=r"xmodal\[cpu\]"):
         import_faiss()
+
+
+# Real sessions over a committed tower graph (xmodal-mini's image tower): what a session runs on is read back from it.
+def _graph():
+    from models.mini.prepare import WEIGHTS
+
+    return WEIGHTS / "image.onnx"
+
+
+def test_demanding_cuda_from_a_cpu_onnxruntime_is_a_clear_error() -> None:
+    from models.runtime import create_session
+
+    with pytest.raises(MissingDependency, match=r"device=cuda was asked for.*xmodal\[gpu\]"):
+        create_session(_graph(), device="cuda")
+    session, active = create_session(_graph(), device="auto")
+    assert active == [CPU] and session.get_providers() == [CPU]
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider:UserWarning")  # ORT warns as it falls back
+def test_a_session_that_falls_back_from_cuda_is_reported_not_assumed(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """onnxruntime-gpu lists CUDA among its providers even when the CUDA libraries cannot load, then runs the session
+    on the CPU. Faked at the boundary only (the provider list); the session is real and really runs on the CPU."""
+    from models import runtime
+
+    ort = import_onnxruntime()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    with caplog.at_level("WARNING", logger="models.runtime"):
+        _, active = runtime.create_session(_graph(), device="auto")
+    assert active == [CPU]  # asked for [CUDA, CPU], got the CPU: reported as such
+    assert runtime.device_of(active) == "cpu"
+    assert any("it runs on ['CPUExecutionProvider']" in r.getMessage() for r in caplog.records)
+    with pytest.raises(MissingDependency, match="fell back"):
+        runtime.create_session(_graph(), device="cuda")
+
+
+def test_preloading_cuda_libraries_never_fails_a_session() -> None:
+    from models.runtime import device_of, preload_cuda_libraries
+
+    preload_cuda_libraries.cache_clear()
+    assert isinstance(preload_cuda_libraries(), str)  # this CPU build has nothing to load, and says nothing or why
+    assert device_of([CUDA, CPU]) == "cuda" and device_of([CPU]) == "cpu"

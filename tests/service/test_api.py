@@ -183,6 +183,13 @@ def test_indexes_health_ready_metrics(client: TestClient) -> None:
     assert ready.json()["model"]["providers"] == {m: ["CPUExecutionProvider"] for m in ("text", "image", "audio")}
     assert ready.json()["cache"]["backend"] == "memory"
     assert ready.json()["indexes"]["demo"]["device"] == "cpu"  # no GPU here: FAISS stays on the CPU
+    (placement,) = ready.json()["indexes"]["demo"]["placement"].values()  # one segment, by modality
+    assert placement["text"]["device"] == "cpu" and "FAISS sees no GPU" in placement["text"]["reason"]
+    assert ready.json()["model"]["device"] == "cpu"
+    devices = ready.json()["devices"]
+    assert devices["setting"] == "auto" and devices["faiss_gpus"] == 0
+    assert "CPUExecutionProvider" in devices["onnxruntime_providers"]
+    assert info["placement"] == ready.json()["indexes"]["demo"]["placement"]
     search(client, query={"text": "metrics please"})
     metrics = client.get("/metrics").text
     assert 'xmodal_search_seconds_count{cached="false"}' in metrics
