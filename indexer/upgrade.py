@@ -62,6 +62,7 @@ def start_upgrade(
         )
     record = Upgrade(
         from_model=base.model,
+        from_version=base.version,
         adapter=adapter.name,
         adapter_fingerprint=adapter.fingerprint,
         score_map=adapter.score_map,
