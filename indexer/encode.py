@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -119,10 +120,13 @@ def encode_items(
             finished(chunk, saved)
     resumed = sum(len(s.ok) for s in shards.values())
     pending = [c for c in chunks if c.name not in shards]
-    for chunk, shard in (engine or LocalEngine()).encode(encoder, pending, batch_size, with_tokens) if pending else ():
-        if checkpoints is not None:
-            checkpoints.save(chunk.name, shard)
-        finished(chunk, shard)
+    if pending:
+        # closing: an engine's resources (a Ray session) go as soon as the loop ends, an exception included.
+        with closing((engine or LocalEngine()).encode(encoder, pending, batch_size, with_tokens)) as encoded:
+            for chunk, shard in encoded:
+                if checkpoints is not None:
+                    checkpoints.save(chunk.name, shard)
+                finished(chunk, shard)
 
     rows: list[Row] = []
     parts: list[np.ndarray] = []
@@ -196,12 +200,11 @@ def _empty(encoder: Encoder, with_tokens: bool) -> np.ndarray | TokenOutput:
 
 def _try_decode(encoder: Encoder, modality: str, item: CorpusItem) -> object:
     """The decoded media, or a failure record: a file that cannot be used is reported, never fatal."""
-    path = getattr(item, modality)
     try:
-        return encoder.decode(modality, path)
+        return encoder.decode(modality, getattr(item, modality))
     except (InvalidInput, OSError) as exc:
         error = getattr(exc, "message", str(exc))
-        return {"id": item.id, "modality": modality, "source": str(path), "error": error}
+        return {"id": item.id, "modality": modality, "source": row_source(item, modality), "error": error}
 
 
 def row_source(item: CorpusItem, modality: str) -> str:
