@@ -85,6 +85,7 @@ def encode_items(
     items: list[CorpusItem],
     batch_size: int,
     progress: Progress | None,
+    *,
     with_tokens: bool = False,
     checkpoints: ShardStore | None = None,
     engine: Engine | None = None,
