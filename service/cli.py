@@ -436,7 +436,9 @@ def index_build(
 
 def _say_engine(build: dict) -> None:
     ran = build.get("engine", {})
-    if ran.get("name") == "ray":
+    if ran.get("name") == "ray" and "actors" not in ran:
+        console.print("Ray was not started: every chunk came from the checkpoints of an interrupted run")
+    elif ran.get("name") == "ray":
         console.print(
             f"encoded over Ray ({ran['address']}): {ran.get('actors', 0)} actor(s), {ran.get('cpus_per_actor', 0)} CPU "
             f"each of {ran.get('cluster_cpus', 0)}, Ray started in {ran['startup_seconds']} s"

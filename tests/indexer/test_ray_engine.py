@@ -21,7 +21,10 @@ from indexer.encode import Encoded, encode_items
 from indexer.layout import IndexDir
 from indexer.search import LoadedIndex
 from models.encoder import Encoder
-from models.errors import InvalidInput
+from models.errors import InvalidInput, MissingDependency
+from service.cli import app
+from service.index_ops import encode_engine
+from service.settings import Settings
 from tests.conftest import SHARED_DATA, write_corpus
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (the `ray` extra; `make test` installs it with `dev`)")
@@ -108,20 +111,21 @@ def test_real_photos_and_captions_encode_the_same(local_ray, encoder: Encoder) -
 
 
 def test_an_index_built_with_ray_is_the_local_engines(
-    local_ray, encoder: Encoder, items: list[CorpusItem], tmp_path: Path
+    local_ray, encoder: Encoder, models_dir: Path, items: list[CorpusItem], tmp_path: Path
 ) -> None:
-    """The same segment files and manifests (but for times and the engine), and after an add the same vectors and
-    search results."""
+    """The same segment files and manifests (but for times and the engine); then `xmodal index add --engine ray`
+    against a local add: the same vectors and search results."""
     first, more = items[:-16], items[-16:]
     common = dict(name="m", encoder=encoder, use_gpu=False, batch_size=BATCH)
+    indexes = {name: tmp_path / name / "indexes" for name in ("local", "ray")}
     built = {
-        name: build_index(indexes_dir=tmp_path / name, items=first, engine=e, **common).manifest
+        name: build_index(indexes_dir=indexes[name], items=first, engine=e, **common).manifest
         for name, e in (("local", None), ("ray", engine()))
     }
     assert built["ray"].build["engine"]["name"] == "ray" and built["local"].build["engine"] == {"name": "local"}
     segments = []
     for name in ("local", "ray"):
-        index = IndexDir(tmp_path / name, "m")
+        index = IndexDir(indexes[name], "m")
         (ref,) = built[name].segments
         folder = index.segment_dir(ref.id)
         segments.append((sorted(str(p.relative_to(folder)) for p in folder.rglob("*")), index.segment_manifest(ref.id)))
@@ -132,15 +136,34 @@ def test_an_index_built_with_ray_is_the_local_engines(
     assert (seg_l.faiss.key, seg_l.faiss.params) == (seg_r.faiss.key, seg_r.faiss.params)
     assert set(seg_l.build) == set(seg_r.build)
 
-    texts = ["two red circles", "a low hum", "a blue square on the left", "three short high beeps"]
-    queries = encoder.encode_text(texts)
-    add_items(indexes_dir=tmp_path / "local", items=more, **common)
-    added = add_items(indexes_dir=tmp_path / "ray", items=more, engine=engine(actors=1), **common)
-    assert added.build["engine"]["actors"] == 1 and len(added.segments) == 2
-    a, b = LoadedIndex(tmp_path / "local", "m", use_gpu=False), LoadedIndex(tmp_path / "ray", "m", use_gpu=False)
-    assert a.manifest.counts == b.manifest.counts and a.size == b.size
+    add_items(indexes_dir=indexes["local"], items=more, **common)
+    (tmp_path / "ray" / "models").symlink_to(models_dir, target_is_directory=True)
+    rows = [{"id": it.id, "text": it.text, "image": it.image, "audio": it.audio} for it in more]
+    corpus = write_corpus(tmp_path / "more.jsonl", [{k: str(v) for k, v in r.items() if v is not None} for r in rows])
+    r = CliRunner().invoke(
+        app,
+        [
+            "index",
+            "add",
+            "m",
+            "--corpus",
+            str(corpus),
+            "--engine",
+            "ray",
+            "--ray-actors",
+            "1",
+            "--batch-size",
+            str(BATCH),
+        ],
+        env={"XMODAL_DATA_DIR": str(tmp_path / "ray"), "XMODAL_DEVICE": "cpu"},
+    )
+    assert r.exit_code == 0, r.output
+    assert "encoded over Ray (existing): 1 actor(s)" in r.output
+    a, b = LoadedIndex(indexes["local"], "m", use_gpu=False), LoadedIndex(indexes["ray"], "m", use_gpu=False)
+    assert len(b.manifest.segments) == 2 and a.manifest.counts == b.manifest.counts and a.size == b.size
     assert np.abs(a.vectors(list(range(a.size))) - b.vectors(list(range(b.size)))).max() < 1e-5
-    for q in queries:
+    texts = ["two red circles", "a low hum", "a blue square on the left", "three short high beeps"]
+    for q in encoder.encode_text(texts):
         for target in a.modalities:
             hits_a, hits_b = a.search(q, 10, [target]), b.search(q, 10, [target])
             assert [h.id for h in hits_a] == [h.id for h in hits_b]
@@ -194,11 +217,7 @@ def test_cli_build_starts_and_stops_its_own_local_ray(
     assert m.counts == {"text": 20, "image": 20}
 
 
-def test_cli_documents_the_engine_and_refuses_ray_options_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    from service.cli import app
-    from service.index_ops import encode_engine
-    from service.settings import Settings
-
+def test_cli_documents_the_engine_and_refuses_what_it_cannot_do(monkeypatch: pytest.MonkeyPatch) -> None:
     runner = CliRunner()
     for command in (["index", "build"], ["index", "add"]):
         r = runner.invoke(app, [*command, "--engine", "ray", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
@@ -209,3 +228,6 @@ def test_cli_documents_the_engine_and_refuses_ray_options_without_it(monkeypatch
     with pytest.raises(InvalidInput, match="go with --engine ray"):
         encode_engine(Settings(), "local", ray_actors=2)
     assert encode_engine(Settings(), "ray").describe() == {"name": "ray"}
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the `ray` extra were not installed
+    with pytest.raises(MissingDependency, match=r"pip install 'xmodal\[ray\]'"):
+        encode_engine(Settings(), "ray")
