@@ -8,10 +8,12 @@ Encodes the same corpora with ``indexer.encode.encode_items``, as a build does (
 goes through the local engine (one process, ONNX Runtime on every core) and through ``RayEngine`` as
 ``xmodal index build --engine ray`` runs it: a fresh local Ray started and stopped by the engine, with 2 actors of 1
 CPU each (the default on 2 cores) and with 1 actor of 2 CPUs. Per run: the wall time and items/s (rows: an item with a
-caption and a picture is two), and for Ray where its time went: starting Ray, until the first chunk came back (the
-actors start, import and load the model, then encode a chunk), the steady rate from the first chunk to the last, and
-stopping Ray; the overhead against the local engine: in all (wall time) and per row at the steady rate; and the
-largest difference from the local engine's vectors. ``--models`` reuses a folder holding a prepared xmodal-mini
+caption and a picture is two); the CPU time it took (this process and every process below it: Ray's too) and rows
+per CPU second, which other work on a shared machine skews far less than wall time; for Ray, where its time went:
+starting Ray, until the first chunk came back (the actors start, import and load the model, then encode a chunk),
+the steady rate from the first chunk to the last, and stopping Ray; the overhead against the local engine, in all
+(wall time) and per row at the steady rate; the largest difference from the local engine's vectors; and the share
+of the machine's CPU time other processes took meanwhile. ``--models`` reuses a folder holding a prepared xmodal-mini
 (else one is prepared, ~20 s).
 
 Prints markdown tables (progress on stderr). About 4 minutes with the defaults on 2 cores.
@@ -23,6 +25,7 @@ import argparse
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -30,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import OtherLoad, cpu_model, table  # noqa: E402
+from bench.common import _cpu_times, cpu_model, table  # noqa: E402
 from bench.resume import text_corpus  # noqa: E402
 from indexer.corpus import CorpusItem, read_corpus  # noqa: E402
 from indexer.demo import write_media_demo  # noqa: E402
@@ -39,6 +42,57 @@ from indexer.ray_engine import RayEngine  # noqa: E402
 from models.bundle import DEFAULT_MODEL  # noqa: E402
 from models.encoder import Encoder  # noqa: E402
 from models.registry import prepare  # noqa: E402
+
+
+class TreeLoad:
+    """CPU seconds used by this process and every process below it (a local Ray's GCS, raylet and workers are
+    children and grandchildren of the driver, and nobody here waits for them, so ``os.times`` misses them): each
+    one's utime + stime from /proc, sampled every 0.2 s (a process's last 0.2 s before it exits can be missed). And
+    the share of the machine's CPU time the other processes took meanwhile."""
+
+    def __enter__(self) -> TreeLoad:
+        self._last: dict[int, float] = {}
+        self._sample()
+        self._before = dict(self._last)  # what the processes alive now had used already
+        self._stop = threading.Event()
+        self._machine0 = _cpu_times()
+        self._thread = threading.Thread(target=self._sample_until_stopped, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        total1, idle1 = _cpu_times()
+        tick = os.sysconf("SC_CLK_TCK")
+        total = (total1 - self._machine0[0]) / tick
+        busy = total - (idle1 - self._machine0[1]) / tick
+        self.cpu_s = sum(t - self._before.get(pid, 0.0) for pid, t in self._last.items())
+        self.other_share = 100 * max(busy - self.cpu_s, 0.0) / max(total, 1e-9)
+
+    def _sample_until_stopped(self) -> None:
+        while not self._stop.wait(0.2):
+            self._sample()
+
+    def _sample(self) -> None:
+        tick, parents, times = os.sysconf("SC_CLK_TCK"), {}, {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue  # it exited meanwhile
+                parents[int(entry.name)] = int(fields[1])
+                times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+        ours = {os.getpid()}
+        grew = True
+        while grew:  # children, then theirs, ...
+            found = {pid for pid, parent in parents.items() if parent in ours} - ours
+            ours |= found
+            grew = bool(found)
+        # A process's time only grows; one that exited keeps its last sample.
+        self._last.update({pid: times[pid] for pid in ours if pid in times and times[pid] >= self._last.get(pid, 0.0)})
 
 
 def timed(encoder: Encoder, items: list[CorpusItem], batch: int, engine: RayEngine | None) -> dict:
@@ -56,16 +110,20 @@ def rows_for(corpus: str, encoder: Encoder, items: list[CorpusItem], batch: int)
     print(f"{corpus}: local engine ...", file=sys.stderr)
     # Warm the session first: its one-time costs are not the local rate (an actor's are Ray's, in "to 1st chunk").
     encode_items(encoder, items[:: max(1, len(items) // 16)], batch, None)
-    with OtherLoad() as load:
+    with TreeLoad() as load:
         local = timed(encoder, items, batch, None)
     reference: Encoded = local["out"]
     n = len(reference.rows)
     local_rate = n / local["wall"]
-    out = [[corpus, n, "local", f"{local['wall']:.1f}", f"{local_rate:.0f}", *["-"] * 7, f"{load.share:.0f}%"]]
+    out = [
+        [corpus, n, "local", f"{local['wall']:.1f}", f"{local_rate:.0f}", f"{load.cpu_s:.1f}", f"{n / load.cpu_s:.0f}"]
+        + ["-"] * 7
+        + [f"{load.other_share:.0f}%"]
+    ]
     for actors in (2, 1):
         print(f"{corpus}: ray, {actors} actor(s) ...", file=sys.stderr)
         engine = RayEngine(actors=actors, device="cpu")
-        with OtherLoad() as load:
+        with TreeLoad() as load:
             run = timed(encoder, items, batch, engine)
         ran = engine.describe()
         start = ran["startup_seconds"]
@@ -82,6 +140,8 @@ def rows_for(corpus: str, encoder: Encoder, items: list[CorpusItem], batch: int)
                 f"ray {ran['actors']}x{ran['cpus_per_actor']} CPU",
                 f"{run['wall']:.1f}",
                 f"{n / run['wall']:.0f}",
+                f"{load.cpu_s:.1f}",
+                f"{n / load.cpu_s:.0f}",
                 f"{start:.1f}",
                 f"{run['first'] - start:.1f}",
                 f"{steady:.0f}",
@@ -89,7 +149,7 @@ def rows_for(corpus: str, encoder: Encoder, items: list[CorpusItem], batch: int)
                 f"{run['wall'] - local['wall']:+.1f}",
                 f"{1000 / steady - 1000 / local_rate:+.2f}",
                 "rows differ" if diff is None else f"{diff:.1e}",
-                f"{load.share:.0f}%",
+                f"{load.other_share:.0f}%",
             ]
         )
     return out
@@ -123,6 +183,8 @@ def main() -> None:
         "engine",
         "wall s",
         "rows/s",
+        "CPU s",
+        "rows/CPU s",
         "Ray start s",
         "to 1st chunk s",
         "steady rows/s",
@@ -130,7 +192,7 @@ def main() -> None:
         "overhead s",
         "ms/row vs local (steady)",
         "max |Δ| vs local",
-        "other load",
+        "others' CPU",
     ]
     print(table(headers, rows))
 

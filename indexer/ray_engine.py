@@ -64,7 +64,7 @@ class RayEngine:
     ) -> Iterator[tuple[Chunk, Shard]]:
         ray = import_ray()
         with self._session(ray):
-            cpus = int(ray.cluster_resources().get("CPU", 1))
+            cpus = max(1, int(ray.cluster_resources().get("CPU", 0)))  # 0: an autoscaler's bare head node
             actors = min(self.actors or cpus, len(chunks))
             per_actor = max(1, cpus // actors)
             self.ran.update(actors=actors, cpus_per_actor=per_actor, cluster_cpus=cpus)
