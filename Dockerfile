@@ -3,6 +3,7 @@
 # prepares the default model bundle; the runtime installs only `xmodal[cpu]` (no torch) and copies the
 # bundle in. The CUDA image (compose profile `gpu`) is the same runtime with EXTRAS=gpu: onnxruntime-gpu and
 # faiss-gpu bring their CUDA libraries as wheels; the driver comes from the host (NVIDIA container toolkit).
+# EXTRAS=cpu,ray adds Ray Data for `xmodal index build|add --engine ray` (about 500 MB; see docs/operations.md).
 
 FROM python:3.11-slim AS builder
 RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/*

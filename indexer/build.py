@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from indexer.corpus import CorpusItem
-from indexer.encode import CHUNK_BATCHES, MEDIA_SOURCES, Encoded, Progress, encode_items, records
+from indexer.encode import CHUNK_BATCHES, MEDIA_SOURCES, Encoded, Engine, LocalEngine, Progress, encode_items, records
 from indexer.layout import IndexDir, ModelRef, SegmentRef, VersionManifest, new_version_name
 from indexer.publish import commit, tombstoned
 from indexer.segment_writer import LateBuild, write_segment
@@ -53,11 +53,13 @@ def build_index(
     keep_versions: int | None = None,
     checkpoint: bool = True,
     memory_budget: int | None = None,
+    engine: Engine | None = None,
 ) -> BuildResult:
     """Encode every item into one new segment and publish a version of it alone. With ``late``, also the token
     store for late interaction. With ``keep_versions``, older versions beyond that many (and the segments only
     they list) are removed afterwards (never the published one). With ``checkpoint``, encoded chunks are saved as
-    they are done (``indexer.shards``): the same build run again after a crash encodes only what was not saved."""
+    they are done (``indexer.shards``): the same build run again after a crash encodes only what was not saved.
+    ``engine`` encodes (default: in this process; ``indexer.ray_engine.RayEngine``: over Ray Data)."""
     build = {"corpus": str(corpus_path) if corpus_path else None}
     build["corpus_sha256"] = corpus_digest(corpus_path) if corpus_path else None
     manifest = encode_and_commit(
@@ -76,6 +78,7 @@ def build_index(
         keep_versions=keep_versions,
         checkpoint=checkpoint,
         memory_budget=memory_budget,
+        engine=engine,
     )
     return BuildResult(manifest, publish)
 
@@ -98,6 +101,7 @@ def add_items(
     keep_versions: int | None = None,
     checkpoint: bool = True,
     max_segments: int | None = None,
+    engine: Engine | None = None,
 ) -> VersionManifest:
     """Encode only ``items`` into a new segment and publish a version of the published one's segments plus it;
     an id the index already holds is an upsert (its old rows are tombstoned). Stored as the index stores tokens.
@@ -130,6 +134,7 @@ def add_items(
         late=late_of(base),
         keep_versions=keep_versions,
         checkpoint=checkpoint,
+        engine=engine,
     )
     if max_segments is not None and len(version.segments) > max_segments:
         from indexer.lifecycle import compact
@@ -186,6 +191,7 @@ def encode_and_commit(
     checkpoint: bool = True,
     memory_budget: int | None = None,
     check: Callable[[Encoded], None] | None = None,
+    engine: Engine | None = None,
 ) -> VersionManifest:
     """Encode ``items`` (checkpointed), write them as a segment, and commit a version of the segments
     ``place(published version, the new segment's ref)`` lists. ``check`` may refuse what was encoded before
@@ -198,11 +204,15 @@ def encode_and_commit(
             target.root, build_key(encoder.fingerprint, items, batch_size * CHUNK_BATCHES, with_tokens)
         )
         checkpoints.prune_stale()
-    encoded = encode_items(encoder, items, batch_size, progress, with_tokens=with_tokens, checkpoints=checkpoints)
+    engine = engine or LocalEngine()
+    encoded = encode_items(
+        encoder, items, batch_size, progress, with_tokens=with_tokens, checkpoints=checkpoints, engine=engine
+    )
     t_encode = time.perf_counter() - t0
     if check is not None:
         check(encoded)
     build.update(_encode_stats(items, encoded, encoder, t_encode, batch_size))
+    build["engine"] = engine.describe()
     segment = new_version_name()
     model = ModelRef(name=encoder.name, fingerprint=encoder.fingerprint, dim=encoder.dim)
     with staging_dir(target.segments_dir, segment) as tmp:

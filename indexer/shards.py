@@ -56,6 +56,32 @@ def build_key(fingerprint: str, items: list[CorpusItem], chunk: int, with_tokens
     return h.hexdigest()
 
 
+def shard_to_bytes(shard: Shard) -> bytes:
+    """A chunk as an .npz (no pickle): how a checkpoint is saved, and how a Ray actor sends a chunk back."""
+    dim = shard.vectors.shape[1]
+    tokens = shard.tokens or []
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        has_tokens=np.array(shard.tokens is not None),
+        ok=np.asarray(shard.ok, dtype=np.int32),
+        vectors=np.asarray(shard.vectors, dtype=np.float32),
+        token_counts=np.array([len(t) for t in tokens], dtype=np.int32),
+        tokens=np.concatenate(tokens).astype(np.float16) if tokens else np.zeros((0, dim), dtype=np.float16),
+        failures=np.frombuffer(json.dumps(shard.failures).encode(), dtype=np.uint8),
+    )
+    return buf.getvalue()
+
+
+def shard_from_bytes(data: bytes) -> Shard:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        tokens = None
+        if bool(z["has_tokens"]):
+            counts = z["token_counts"]
+            tokens = np.split(z["tokens"], np.cumsum(counts)[:-1]) if counts.size else []
+        return Shard(z["ok"], z["vectors"], tokens, json.loads(z["failures"].tobytes().decode()))
+
+
 class ShardStore:
     def __init__(self, index_root: Path, key: str) -> None:
         self.root = index_root / SHARDS
@@ -67,31 +93,14 @@ class ShardStore:
         if not path.is_file():
             return None
         try:
-            with np.load(path, allow_pickle=False) as z:
-                tokens = None
-                if bool(z["has_tokens"]):
-                    counts = z["token_counts"]
-                    tokens = np.split(z["tokens"], np.cumsum(counts)[:-1]) if counts.size else []
-                return Shard(z["ok"], z["vectors"], tokens, json.loads(z["failures"].tobytes().decode()))
+            return shard_from_bytes(path.read_bytes())
         except Exception as exc:  # noqa: BLE001 - a damaged checkpoint costs a re-encode, never the build
             log.warning("checkpoint %s unreadable (%s): encoding it again", path, exc)
             return None
 
     def save(self, name: str, shard: Shard) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        dim = shard.vectors.shape[1]
-        tokens = shard.tokens or []
-        buf = io.BytesIO()
-        np.savez(
-            buf,
-            has_tokens=np.array(shard.tokens is not None),
-            ok=np.asarray(shard.ok, dtype=np.int32),
-            vectors=np.asarray(shard.vectors, dtype=np.float32),
-            token_counts=np.array([len(t) for t in tokens], dtype=np.int32),
-            tokens=np.concatenate(tokens).astype(np.float16) if tokens else np.zeros((0, dim), dtype=np.float16),
-            failures=np.frombuffer(json.dumps(shard.failures).encode(), dtype=np.uint8),
-        )
-        atomic_write_bytes(self.dir / f"{name}.npz", buf.getvalue())  # whole or absent, fsynced
+        atomic_write_bytes(self.dir / f"{name}.npz", shard_to_bytes(shard))  # whole or absent, fsynced
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

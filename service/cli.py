@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -41,6 +42,32 @@ app.add_typer(index_app, name="index")
 app.add_typer(jobs_app, name="jobs")
 
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="model bundle name (default: $XMODAL_MODEL)")]
+
+
+class EngineName(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+EngineOpt = Annotated[
+    EngineName,
+    typer.Option(
+        help="what encodes: local (this process) or ray (Ray Data: a pool of actors, each loading the model once; "
+        "needs the `ray` extra). The vectors and the index are the same either way",
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="with --engine ray: the Ray cluster to join, as ray.init(address=...) takes it (default $RAY_ADDRESS); "
+        "unset: a local Ray on this machine, started for the command and stopped after. Every node needs xmodal, the "
+        "model bundle and the media files at the same paths"
+    ),
+]
+RayActorsOpt = Annotated[
+    int | None,
+    typer.Option(min=1, help="with --engine ray: encoding actors (default: one per CPU Ray sees)"),
+]
 
 
 def _settings(**overrides) -> Settings:  # noqa: ANN003
@@ -333,6 +360,9 @@ def index_build(
     pool_factor: Annotated[
         int, typer.Option(min=1, max=16, help="with --late: merge similar tokens of an item, this many into one")
     ] = 1,
+    engine: EngineOpt = EngineName.local,
+    ray_address: RayAddressOpt = None,
+    ray_actors: RayActorsOpt = None,
 ) -> None:
     """Encode a JSONL corpus and write a new index version, published atomically. With --late, the token store
     too, and the recall its storage and fast path cost is measured against exhaustive MaxSim.
@@ -340,15 +370,19 @@ def index_build(
     Example: xmodal index build --name docs --corpus docs.jsonl
 
     Example: xmodal index build --name photos --corpus photos.jsonl --late --token-storage residual
+
+    Example: xmodal index build --name big --corpus big.jsonl --engine ray --ray-address ray://head:10001
     """
     from indexer.build import build_index, model_warnings
     from indexer.corpus import read_corpus
     from indexer.layout import IndexDir
     from indexer.segment_writer import LateBuild
     from models.encoder import Encoder
+    from service.index_ops import encode_engine
 
     late_build = LateBuild.from_options(late, token_storage, nbits, pool_factor)
     s = _settings(model=model)
+    encode = encode_engine(s, engine.value, ray_address, ray_actors)
     items = read_corpus(corpus)
     encoder = Encoder(s.model_dir, device=s.device, threads=s.threads)
     allowed = _settings().model_list  # XMODAL_MODELS: what `xmodal serve` here limits itself to
@@ -370,6 +404,7 @@ def index_build(
             progress=lambda done, total: bar.update(task, completed=done, total=total),
             late=late_build,
             keep_versions=s.keep_versions,
+            engine=encode,
         )
     m = result.manifest
     counts = ", ".join(f"{n} {modality}" for modality, n in m.counts.items())
@@ -388,6 +423,7 @@ def index_build(
             f"{t['pool_factor']}), fast-path recall@10 {t['engine_recall_at_10']['value']:.3f} vs exhaustive MaxSim"
             + storage
         )
+    _say_engine(m.build)
     if publish:
         _announce(s, name, m.version)
         for warning in model_warnings(name, s.model, allowed, previous, encoder):
@@ -396,6 +432,17 @@ def index_build(
         console.print(f"[yellow]{m.build['failed']} item(s) skipped[/] (could not be decoded):")
         for failure in m.build["failures"][:5]:
             console.print(f"  {failure['id']}: {failure['error']}")
+
+
+def _say_engine(build: dict) -> None:
+    ran = build.get("engine", {})
+    if ran.get("name") == "ray" and "actors" not in ran:
+        console.print("Ray was not started: every chunk came from the checkpoints of an interrupted run")
+    elif ran.get("name") == "ray":
+        console.print(
+            f"encoded over Ray ({ran['address']}): {ran.get('actors', 0)} actor(s), {ran.get('cpus_per_actor', 0)} CPU "
+            f"each of {ran.get('cluster_cpus', 0)}, Ray started in {ran['startup_seconds']} s"
+        )
 
 
 def _progress_bar(label: str):  # noqa: ANN202
@@ -415,23 +462,34 @@ def index_add(
     name: Annotated[str, typer.Argument(help="index name")],
     corpus: Annotated[Path, typer.Option("--corpus", help="JSONL or folder of the items to add (as for build)")],
     batch_size: Annotated[int, typer.Option(min=1, max=1024)] = 32,
+    engine: EngineOpt = EngineName.local,
+    ray_address: RayAddressOpt = None,
+    ray_actors: RayActorsOpt = None,
 ) -> None:
     """Encode only these items into a new segment and publish a version with it. An id the index already holds
     is replaced (upsert). Tokens are stored as the index stores them. A killed add run again resumes.
 
     Example: xmodal index add docs --corpus more.jsonl
+
+    Example: xmodal index add docs --corpus more.jsonl --engine ray --ray-actors 4
     """
-    from service.index_ops import add_corpus
+    from service.index_ops import add_corpus, encode_engine
 
     s = _settings()
+    encode = encode_engine(s, engine.value, ray_address, ray_actors)
     with _progress_bar("encoding") as bar:
         task = bar.add_task("encode", total=None)
-        m = add_corpus(s, name, corpus, lambda done, total: bar.update(task, completed=done, total=total), batch_size)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        m = add_corpus(s, name, corpus, progress, batch_size, encode)
     if m.operation == "compact":
         merged = m.build["segments_merged"]
         console.print(f"more than XMODAL_MAX_SEGMENTS={s.max_segments} segments: {merged} small ones merged into one")
     else:
         console.print(f"{m.build['vectors']} vectors added, {m.build['replaced']} item(s) replaced")
+        _say_engine(m.build)
     _changed(s, m)
 
 

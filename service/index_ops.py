@@ -12,8 +12,11 @@ from indexer.layout import VersionManifest
 from service.settings import Settings
 
 if TYPE_CHECKING:
+    from indexer.encode import Engine
     from models.adapter import AdapterManifest
     from models.encoder import Encoder
+
+ENGINES = ("local", "ray")
 
 
 def add_corpus(
@@ -22,6 +25,7 @@ def add_corpus(
     corpus: Path,
     progress: Callable[[int, int], None] | None = None,
     batch_size: int = 32,
+    engine: Engine | None = None,
 ) -> VersionManifest:
     """Encode a corpus's items into a new segment of ``name`` (upserts; tiered compaction past max_segments)."""
     from indexer.build import add_items
@@ -38,7 +42,29 @@ def add_corpus(
         progress=progress,
         keep_versions=settings.keep_versions,
         max_segments=settings.max_segments,
+        engine=engine,
     )
+
+
+def encode_engine(
+    settings: Settings, engine: str = "local", ray_address: str | None = None, ray_actors: int | None = None
+) -> Engine:
+    """The engine that encodes a build or an add: ``local`` (this process) or ``ray`` (Ray Data: a local Ray, or
+    the cluster at ``ray_address``, with ``ray_actors`` actors). Ray's options are refused with another engine
+    rather than ignored."""
+    from models.errors import InvalidInput
+
+    if engine not in ENGINES:
+        raise InvalidInput(f"unknown engine {engine!r}: one of {', '.join(ENGINES)}")
+    if engine == "local":
+        if ray_address is not None or ray_actors is not None:
+            raise InvalidInput("--ray-address and --ray-actors go with --engine ray")
+        from indexer.encode import LocalEngine
+
+        return LocalEngine()
+    from indexer.ray_engine import RayEngine
+
+    return RayEngine(address=ray_address, actors=ray_actors, device=settings.device)
 
 
 def index_encoder(settings: Settings, name: str, model: str | None = None) -> Encoder:
