@@ -5,7 +5,10 @@ background job process, real models."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,6 +18,7 @@ import pytest
 
 from indexer.build import add_items, build_index
 from indexer.layout import IndexDir
+from models.adapter import load_adapter_manifest
 from models.align import align
 from models.encoder import Encoder
 from models.mini.prepare import TEXT_MODEL
@@ -118,3 +122,27 @@ def served_version(client: httpx.Client, version: str, timeout: float = 30) -> d
             return body
         assert time.monotonic() < deadline, body
         time.sleep(0.1)
+
+
+def test_cli_fits_an_adapter_on_the_index_texts_switches_then_backfills(data: Path) -> None:
+    """`xmodal index upgrade` with no adapter: one is fitted on the index's own texts, the switch is published
+    (--no-backfill), and the same command run again backfills to pure NEW."""
+    env = {**os.environ, "XMODAL_DATA_DIR": str(data), "XMODAL_MODEL": WORDLLAMA_MODEL}
+    cmd = [sys.executable, "-m", "service", "index", "upgrade", "docs", "--to", TEXT_MODEL]
+    r = subprocess.run([*cmd, "--no-backfill"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = IndexDir(data / "indexes", "docs")
+    switched = d.manifest()
+    assert switched.operation == "upgrade" and switched.upgrade.from_model.name == WORDLLAMA_MODEL
+    adapter = load_adapter_manifest(data / "models" / "adapters" / switched.upgrade.adapter)
+    assert adapter.fingerprint == switched.upgrade.adapter_fingerprint
+    assert adapter.fit["texts"].startswith("index docs version") and adapter.fit["counts"]["texts"] == len(TEXTS)
+    assert adapter.score_map["slope"] > 0 and switched.upgrade.score_map == adapter.score_map
+    assert "backfill with: xmodal index upgrade docs" in " ".join((r.stdout + r.stderr).split())
+
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    final = d.manifest()
+    assert final.upgrade is None and final.model.name == TEXT_MODEL and sum(final.counts.values()) == len(TEXTS)
+    assert [d.manifest(v).operation for v in d.versions()][-3:] == ["upgrade", "backfill", "backfill"]
+    assert "is encoded by all-minilm-l6-v2 throughout" in " ".join((r.stdout + r.stderr).split())
