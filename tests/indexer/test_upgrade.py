@@ -112,7 +112,10 @@ def check_search(indexes: Path, query: str, new, old, adapter, k: int = 8) -> No
 
 
 def test_upgrade_serves_new_queries_at_once_then_backfills_to_pure_new(
-    tmp_path: Path, new: Encoder, old: Encoder, adapter  # noqa: ANN001
+    tmp_path: Path,
+    new: Encoder,
+    old: Encoder,
+    adapter,  # noqa: ANN001
 ) -> None:
     indexes = old_index(tmp_path, old)
     d = IndexDir(indexes, "docs")
