@@ -123,6 +123,8 @@ def upgrade_index(
     new = Encoder(settings.all_models_dir / model, device=settings.device, threads=settings.threads)
     index = IndexDir(settings.indexes_dir, name)
     current = index.manifest()
+    if current.upgrade is None and current.model.fingerprint == new.fingerprint:
+        return current  # done already (e.g. a job retried after its last version was published)
     if current.upgrade is None or current.model.fingerprint != new.fingerprint:
         chosen = _adapter_for(settings, current, new, adapter, fit)
         ref = ModelRef(name=new.name, fingerprint=new.fingerprint, dim=new.dim)
