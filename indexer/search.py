@@ -16,7 +16,7 @@ from indexer.items import VersionItems
 from indexer.late.maxsim import similarities
 from indexer.late.pipeline import SCOPES, LateParams, late_search
 from indexer.layout import IndexDir, VersionManifest
-from indexer.projection import Projection
+from indexer.projection import Projection, Query
 from indexer.segment_reader import SegmentData, SegmentView
 from models.errors import BundleError, FingerprintMismatch, InvalidInput
 
@@ -92,7 +92,7 @@ class LoadedIndex:
                 f"index {name!r} version {self.version} was built with model "
                 f"{model.name} ({model.fingerprint[:12]}), not the loaded model ({expect_fingerprint[:12]})"
             )
-        projection = _projection(name, self.manifest, adapter)
+        projection = self._projection = _projection(name, self.manifest, adapter)
         self.adapter = adapter if projection is not None else None
         shared = {v.data.id: v.data for v in previous.segments} if previous is not None else {}
         opened: list[SegmentData] = []
@@ -153,7 +153,7 @@ class LoadedIndex:
         target's scores are mapped to scores comparable across modalities (``score``; ``calibration``, default
         the index's, see indexer.calibration and :meth:`fusion`) and near duplicates of the query come first;
         ``similarity`` stays the raw cosine."""
-        q = self._vector(query)
+        q = Query(self._vector(query), query_modality, self._projection)
         targets = self._targets(modalities)
         per_target = {t: self._search_modality(q, k, t, filter) for t in targets}
         fusion = self.fusion(calibration, query_modality, targets, "dense", duplicates_first)
@@ -204,7 +204,8 @@ class LoadedIndex:
         if params.scope not in SCOPES:
             raise InvalidInput(f"late scope must be one of {list(SCOPES)}, not {params.scope!r}")
         targets = self._targets(modalities)
-        vector = None if query.vector is None else self._vector(query.vector)
+        vector = None if query.vector is None else Query(self._vector(query.vector), query_modality, self._projection)
+        tokens = Query(tokens, query_modality, self._projection)
         groups = [[t] for t in targets] if params.scope == "modality" else [targets]
         found = {"+".join(g): self._late_group(tokens, vector, k, g, filter, params) for g in groups}
         per_group = {g: [hit for hit, _ in pairs] for g, pairs in found.items()}
@@ -225,8 +226,8 @@ class LoadedIndex:
 
     def _late_group(
         self,
-        tokens: np.ndarray,
-        vector: np.ndarray | None,
+        tokens: Query,
+        vector: Query | None,
         k: int,
         targets: list[str],
         filter: dict | None,
@@ -243,8 +244,8 @@ class LoadedIndex:
     def _late_segment(
         self,
         view: SegmentView,
-        tokens: np.ndarray,
-        vector: np.ndarray | None,
+        tokens: Query,
+        vector: Query | None,
         k: int,
         targets: list[str],
         filter: dict | None,
@@ -256,15 +257,14 @@ class LoadedIndex:
         if n_items == 0:
             return []
         space = view.projection
-        if space is not None:  # the dense candidates' vector goes through view.faiss_rows, which projects it
-            tokens = space.vectors(tokens)
+        q_tokens = tokens.of(space)
         extra = None
         if vector is not None and not params.exhaustive:
-            extra = np.concatenate([view.faiss_rows(vector, params.depth, t)[1] for t in targets])
+            extra = np.concatenate([view.faiss_rows(vector.of(space), params.depth, t)[1] for t in targets])
             extra = extra[extra >= 0]
         fetch = min(n_items, k * 4 if filter else k)
         while True:
-            found = late_search(store, tokens, fetch, allowed, params, extra)
+            found = late_search(store, q_tokens, fetch, allowed, params, extra)
             if space is not None:
                 found.scores = space.scores(found.scores)
             groups = store.rows_of_items(found.items)
@@ -286,17 +286,16 @@ class LoadedIndex:
                 return hits
             fetch = min(n_items, fetch * 4)
 
-    def _explain(self, tokens: np.ndarray, rows: np.ndarray, heatmap: bool = False) -> list[TokenMatch]:
+    def _explain(self, tokens: Query, rows: np.ndarray, heatmap: bool = False) -> list[TokenMatch]:
         """Each query token's best match among the tokens of ``rows`` (one row, or an item's rows for scope all;
         the version's numbering); with ``heatmap``, also its similarity to every token of the row that match is in."""
-        best: list[TokenMatch | None] = [None] * len(tokens)
+        best: list[TokenMatch | None] = [None] * len(tokens.x)
         for row in rows.tolist():
             view, local = self.items.locate(row)
             item_tokens = view.data.tokens.row_tokens(local)
             if len(item_tokens) == 0:
                 continue
-            space = view.projection
-            sim = similarities(tokens if space is None else space.vectors(tokens), item_tokens)
+            sim = similarities(tokens.of(view.projection), item_tokens)
             index = sim.argmax(axis=1)
             modality = view.data.row_modality[local]
             for i, j in enumerate(index.tolist()):
@@ -320,19 +319,21 @@ class LoadedIndex:
             raise InvalidInput(f"index {self.name!r} holds no {sorted(unknown)} items; it holds {self.modalities}")
         return targets
 
-    def _search_modality(self, q: np.ndarray, k: int, modality: str, filter: dict | None) -> list[Hit]:
+    def _search_modality(self, q: Query, k: int, modality: str, filter: dict | None) -> list[Hit]:
         """Top k distinct items among one modality's live rows, metadata-filtered: every segment's top k, merged by
         score (ids are live in one segment only). Unfiltered, the records of the merged top k only are read (an
         item has one row per modality, so nothing needs them to deduplicate)."""
         if filter:
             matches = lambda metadata: _matches(metadata, filter)  # noqa: E731
             found = [
-                (f.score, f.record) for view in self.segments for f in view.search_modality(q, k, modality, matches)
+                (f.score, f.record)
+                for view in self.segments
+                for f in view.search_modality(q.of(view.projection), k, modality, matches)
             ]
         else:
             top = []
             for i, view in enumerate(self.segments):
-                scores, rows = view.faiss_rows(q, k, modality)
+                scores, rows = view.faiss_rows(q.of(view.projection), k, modality)
                 top += [(s, i, r) for s, r in zip(scores.tolist(), rows.tolist(), strict=True) if r >= 0]
             if len(self.segments) > 1:
                 top.sort(key=lambda t: -t[0])  # stable: ties keep segment order

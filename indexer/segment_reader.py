@@ -129,10 +129,10 @@ class SegmentView:
 
     def faiss_rows(self, q: np.ndarray, fetch: int, modality: str) -> tuple[np.ndarray, np.ndarray]:
         """FAISS top ``fetch`` live rows of one modality: (scores, segment rows) [fetch], rows -1 past the end.
-        ``q`` is in the query model's space (projected here when the segment holds another model's vectors)."""
+        ``q`` is in this segment's space (indexer.projection.Query.of); scores come back on the query model's scale."""
         if self.projection is None:
             return self._faiss_rows(q, fetch, modality)
-        scores, rows = self._faiss_rows(self.projection.vectors(q), fetch, modality)
+        scores, rows = self._faiss_rows(q, fetch, modality)
         return self.projection.scores(scores), rows
 
     def _faiss_rows(self, q: np.ndarray, fetch: int, modality: str) -> tuple[np.ndarray, np.ndarray]:

@@ -46,6 +46,10 @@ class AdapterManifest(BaseModel):
     from_model: ModelRef = Field(description="NEW: the model whose embeddings go in")
     to_model: ModelRef = Field(description="OLD: the model whose space comes out")
     onnx: str = ONNX_FILE
+    towers: dict[str, str] = Field(
+        default_factory=dict,
+        description="modality -> the ONNX map of that tower's queries (fitted with its media pairs); others use onnx",
+    )
     input: str = INPUT
     output: str = OUTPUT
     method: Literal["procrustes", "lstsq"]
@@ -59,10 +63,19 @@ class AdapterManifest(BaseModel):
     created_at: str
 
 
-def adapter_fingerprint(bundle_dir: Path, from_model: ModelRef, to_model: ModelRef, onnx: str = ONNX_FILE) -> str:
+def tower_onnx(modality: str) -> str:
+    return f"adapter.{modality}.onnx"
+
+
+def adapter_fingerprint(
+    bundle_dir: Path, from_model: ModelRef, to_model: ModelRef, onnx: str = ONNX_FILE, towers: dict | None = None
+) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"from": from_model.model_dump(), "to": to_model.model_dump()}, sort_keys=True).encode())
     sha256_file(bundle_dir / onnx, h)
+    for modality in sorted(towers or {}):
+        h.update(modality.encode())
+        sha256_file(bundle_dir / towers[modality], h)
     return h.hexdigest()
 
 
@@ -78,9 +91,10 @@ def load_adapter_manifest(bundle_dir: Path) -> AdapterManifest:
         manifest = AdapterManifest.model_validate(read_json(path))
     except (ValidationError, ValueError) as exc:
         raise BundleError(f"{path} is not a valid adapter manifest: {exc}") from exc
-    if not (bundle_dir / manifest.onnx).is_file():
-        raise BundleError(f"adapter bundle {bundle_dir} lacks {manifest.onnx}")
-    actual = adapter_fingerprint(bundle_dir, manifest.from_model, manifest.to_model, manifest.onnx)
+    for onnx in (manifest.onnx, *manifest.towers.values()):
+        if "/" in onnx or not (bundle_dir / onnx).is_file():
+            raise BundleError(f"adapter bundle {bundle_dir} lacks {onnx}")
+    actual = adapter_fingerprint(bundle_dir, manifest.from_model, manifest.to_model, manifest.onnx, manifest.towers)
     if actual != manifest.fingerprint:
         raise FingerprintMismatch(
             f"adapter bundle {bundle_dir} is corrupt: its files hash to {actual[:12]}, the manifest says "
@@ -112,13 +126,17 @@ def find_adapter(models_dir: Path, from_fingerprint: str, to_fingerprint: str) -
 
 
 class Adapter:
-    """A loaded adapter: ``project`` maps NEW's embeddings (or token vectors, [..., D_new]) into OLD's space."""
+    """A loaded adapter: ``project`` maps NEW's embeddings (or token vectors, [..., D_new]) into OLD's space, with the
+    map of the query's tower (``modality``) where the adapter has one, else the text-fitted one."""
 
     def __init__(self, bundle_dir: Path, manifest: AdapterManifest, device: str = "cpu", threads: int = 0):
         from models.runtime import create_session
 
         self.bundle_dir, self.manifest = bundle_dir, manifest
         self.session, self.providers = create_session(bundle_dir / manifest.onnx, device=device, threads=threads)
+        self.towers = {
+            m: create_session(bundle_dir / f, device=device, threads=threads)[0] for m, f in manifest.towers.items()
+        }
 
     @property
     def from_fingerprint(self) -> str:
@@ -132,10 +150,11 @@ class Adapter:
     def fingerprint(self) -> str:
         return self.manifest.fingerprint
 
-    def project(self, vectors: np.ndarray) -> np.ndarray:
+    def project(self, vectors: np.ndarray, modality: str | None = None) -> np.ndarray:
         x = np.ascontiguousarray(vectors, dtype=np.float32)
         flat = x.reshape(-1, x.shape[-1])
-        out = self.session.run([self.manifest.output], {self.manifest.input: flat})[0]
+        session = self.towers.get(modality, self.session) if modality else self.session
+        out = session.run([self.manifest.output], {self.manifest.input: flat})[0]
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
