@@ -233,13 +233,13 @@ def coco_quality(index: LoadedIndex, q_text: np.ndarray, q_image: np.ndarray, tr
     for qi, q in enumerate(q_text):
         me, photo = cap_ids[qi], truth["photo_of"][cap_ids[qi]]
         siblings = {c for c in cap_ids if truth["photo_of"][c] == photo and c != me}
-        found = [h.id for h in index.search(q, 11, modalities=["text"]) if h.id != me][:10]
+        found = [h.id for h in index.search(q, 11, modalities=["text"], query_modality="text") if h.id != me][:10]
         c2c.append(len(siblings & set(found)) / len(siblings))
-        images = [h.id for h in index.search(q, 5, modalities=["image"])]
+        images = [h.id for h in index.search(q, 5, modalities=["image"], query_modality="text")]
         c2i1.append(images[:1] == [photo])
         c2i5.append(photo in images)
     for qi, q in enumerate(q_image):
-        found = [truth["photo_of"][h.id] for h in index.search(q, 5, modalities=["text"])]
+        found = [truth["photo_of"][h.id] for h in index.search(q, 5, modalities=["text"], query_modality="image")]
         i2c.append(img_ids[qi] in found)
     return [f"{np.mean(x):.3f}" for x in (c2c, c2i1, c2i5, i2c)]
 
