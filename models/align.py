@@ -21,11 +21,10 @@ pooled ones.
 Pairs (``--pairs``, JSONL ``{"text": ...}`` plus ``"image"``/``"audio"`` paths relative to the file) refine the fit:
 their texts join the training texts ``PAIR_WEIGHT`` times; and where both models have a pair's media tower, that tower
 gets a map of its own (``adapter.<modality>.onnx``: the texts plus its NEW media → OLD media rows, ``PAIR_WEIGHT``
-times), used for that tower's queries, while text queries keep the text-only map. On COCO (bench/upgrade.py, 59 held-out photos), the
-text map keeps caption->caption R@10 at 0.886, against 0.877 for one map fitted on everything. Image->caption R@5
-through the image map is 0.136, against 0.102 through the text map and 0.169 through one shared map. The gap between
-the last two is two queries of 59. Needs onnx (the ``export`` extra) to write the graphs; no
-torch.
+times), used for that tower's queries, while text queries keep the text-only map. On COCO (bench/upgrade.py, 59
+held-out photos), the text map keeps caption->caption R@10 at 0.886, against 0.877 for one map fitted on everything.
+Image->caption R@5 through the image map is 0.136, against 0.102 through the text map and 0.169 through one shared map.
+The gap between the last two is two queries of 59. Needs onnx (the ``export`` extra) to write the graphs; no torch.
 """
 
 from __future__ import annotations
