@@ -123,7 +123,8 @@ class UpgradeRequest(RequestBody):
         max_length=128,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
         description="the adapter bundle (NEW -> the index's model) to search the index through until the backfill "
-        "is done; default: the newest one between the two models, else one fitted on the index's own texts",
+        "is done; default: the newest one between the two models (the service fits none: `xmodal index upgrade` "
+        "fits one on the index's own texts, `xmodal models align` on any)",
     )
 
 
