@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from indexer import faiss_backend
+from indexer import faiss_backend, ondisk
 from indexer.integrity import check_segment_files, consistency_problems
 from indexer.items import ItemStore
 from indexer.late.store import TokenStore
@@ -30,7 +30,7 @@ class SegmentData:
         self.device = "cpu"
         for modality in self.manifest.rows:
             try:
-                index = faiss_backend.read(path / dense_file(modality))
+                index = ondisk.read_dense(path, modality, self.manifest.faiss.ondisk)
             except RuntimeError as exc:  # FAISS's reader on a damaged file (when checksums are not checked)
                 raise BundleError(f"segment {segment}: {dense_file(modality)} cannot be read ({exc})") from None
             faiss_backend.apply_params(index, self.manifest.faiss.params)
@@ -40,8 +40,9 @@ class SegmentData:
         if problems:
             self.items.close()
             raise BundleError(f"segment {segment} is inconsistent: {'; '.join(problems)}")
+        gpu = use_gpu and not self.manifest.faiss.ondisk  # an index on disk stays on the CPU, memory-mapped
         for modality, index in self.indexes.items():
-            self.indexes[modality], self.device = faiss_backend.maybe_to_gpu(index, use_gpu)
+            self.indexes[modality], self.device = faiss_backend.maybe_to_gpu(index, gpu)
         self.tokens = TokenStore(path / TOKENS) if self.manifest.tokens else None
         self.row_modality = np.empty(self.manifest.size, dtype=object)
         for modality, (start, end) in self.manifest.rows.items():
