@@ -21,8 +21,10 @@ def add_corpus(
     corpus: Path,
     progress: Callable[[int, int], None] | None = None,
     batch_size: int = 32,
+    memory_budget: int | None = None,
 ) -> VersionManifest:
-    """Encode a corpus's items into a new segment of ``name`` (upserts; tiered compaction past max_segments)."""
+    """Encode a corpus's items into a new segment of ``name`` (upserts; tiered compaction past max_segments), its
+    index chosen within ``memory_budget`` (bytes; default XMODAL_INDEX_MEMORY_GB)."""
     from indexer.build import add_items
     from indexer.corpus import read_corpus
 
@@ -37,6 +39,7 @@ def add_corpus(
         progress=progress,
         keep_versions=settings.keep_versions,
         max_segments=settings.max_segments,
+        memory_budget=memory_budget if memory_budget is not None else settings.index_memory_bytes,
     )
 
 
@@ -65,8 +68,15 @@ def delete_ids(settings: Settings, name: str, ids: list[str]) -> tuple[VersionMa
     return delete_items(settings.indexes_dir, name, ids, keep_versions=settings.keep_versions)
 
 
-def compact_index(settings: Settings, name: str) -> VersionManifest:
-    """Merge every segment of ``name`` into one, deleted rows dropped."""
+def compact_index(settings: Settings, name: str, memory_budget: int | None = None) -> VersionManifest:
+    """Merge every segment of ``name`` into one, deleted rows dropped, its index chosen within ``memory_budget``
+    (bytes; default XMODAL_INDEX_MEMORY_GB)."""
     from indexer.lifecycle import compact
 
-    return compact(settings.indexes_dir, name, use_gpu=settings.device != "cpu", keep_versions=settings.keep_versions)
+    return compact(
+        settings.indexes_dir,
+        name,
+        use_gpu=settings.device != "cpu",
+        keep_versions=settings.keep_versions,
+        memory_budget=memory_budget if memory_budget is not None else settings.index_memory_bytes,
+    )

@@ -176,3 +176,34 @@ def test_cli_memory_budget_refuses_then_the_same_build_resumes(
     assert m.faiss.key == "Flat" and m.faiss.choice["budget_bytes"] == 1 << 29
     assert m.build["resumed_vectors"] == m.build["vectors"] > 0
 
+
+def test_adds_and_compactions_choose_within_the_memory_budget(
+    tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The segment an add or a compaction writes gets its index chosen within the budget too: XMODAL_INDEX_MEMORY_GB
+    (through the service's index operations, as the jobs call them), or --memory-budget, which wins."""
+    from typer.testing import CliRunner
+
+    from indexer.demo import write_demo_corpus
+    from service.cli import app
+
+    monkeypatch.setenv("XMODAL_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("XMODAL_MODELS_DIR", str(models_dir))
+    corpus = write_demo_corpus(tmp_path / "c.jsonl", n=30)
+    more = write_demo_corpus(tmp_path / "more.jsonl", n=40, seed=8)
+    runner = CliRunner()
+    assert runner.invoke(app, ["index", "build", "--name", "t", "--corpus", str(corpus)]).exit_code == 0
+    d = IndexDir(tmp_path / "data" / "indexes", "t")
+
+    monkeypatch.setenv("XMODAL_INDEX_MEMORY_GB", "0.000001")  # ~1 KiB: not even 30 vectors fit
+    for gib in (0.5, 0.25):
+        for command in (["index", "add", "t", "--corpus", str(more)], ["index", "compact", "t"]):
+            before = d.current()
+            result = runner.invoke(app, command)  # with XMODAL_INDEX_MEMORY_GB alone: refused, nothing published
+            assert isinstance(result.exception, IndexTooLarge) and "fits the memory budget" in result.exception.message
+            assert d.current() == before
+            result = runner.invoke(app, [*command, "--memory-budget", str(gib)])
+            assert result.exit_code == 0, result.output
+            segment = d.manifest().segments[-1]
+            assert d.segment_manifest(segment.id).faiss.choice["budget_bytes"] == int(gib * GB)
+    assert d.manifest().operation == "compact" and len(d.manifest().segments) == 1
