@@ -68,8 +68,8 @@ class Truth:
 
 
 class TopK:
-    """The exact top ``keep`` rows of ``queries`` over vectors fed chunk by chunk in row order (memory: queries x
-    chunk), each query's ``own`` row left out."""
+    """The exact top ``keep`` rows of ``queries`` over vectors fed chunk by chunk in row order, each query's ``own``
+    row left out."""
 
     def __init__(self, queries: np.ndarray, keep: int = KEEP, own: np.ndarray | None = None) -> None:
         self.queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -80,21 +80,27 @@ class TopK:
         self.seen = 0
 
     def add(self, start: int, block: np.ndarray) -> None:
+        """Fold in the rows ``start``.. of ``block``: FAISS's exact search of the chunk (its best ``keep`` + 1, a
+        query's own row dropped), merged with the best so far. Memory: queries x (keep + 1) beside the chunk."""
         if start != self.seen:
             raise AssertionError(f"chunks out of order: rows from {start}, expected {self.seen}")
         self.seen += len(block)
-        if not len(self.queries):
+        if not len(self.queries) or not len(block):
             return
-        scores = self.queries @ block.T
+        faiss = faiss_backend.import_faiss()
+        want = min(self.keep + 1, len(block))
+        scores, ids = faiss.knn(
+            self.queries, np.ascontiguousarray(block, dtype=np.float32), want, faiss.METRIC_INNER_PRODUCT
+        )
+        ids = np.where(ids >= 0, ids + start, -1)
         if self.own is not None:
-            inside = (self.own >= start) & (self.own < start + len(block))
-            scores[np.flatnonzero(inside), self.own[inside] - start] = -np.inf
+            scores[ids == self.own[:, None]] = -np.inf
+        scores[ids < 0] = -np.inf
         merged = np.concatenate([self.scores, scores], axis=1)
-        ids = np.concatenate([self.ids, np.broadcast_to(np.arange(start, start + len(block)), scores.shape)], axis=1)
-        keep = min(self.keep, merged.shape[1])
-        top = np.argpartition(-merged, keep - 1, axis=1)[:, :keep]
+        merged_ids = np.concatenate([self.ids, ids], axis=1)
+        top = np.argpartition(-merged, self.keep - 1, axis=1)[:, : self.keep]
         self.scores = np.take_along_axis(merged, top, axis=1)
-        self.ids = np.take_along_axis(ids, top, axis=1)
+        self.ids = np.take_along_axis(merged_ids, top, axis=1)
 
     def truth(self, k: int = 10) -> Truth:
         """The answers so far, best first; recall@``k`` (at most the rows available to a query)."""
