@@ -102,11 +102,13 @@ def add_items(
     checkpoint: bool = True,
     max_segments: int | None = None,
     engine: Engine | None = None,
+    memory_budget: int | None = None,
 ) -> VersionManifest:
     """Encode only ``items`` into a new segment and publish a version of the published one's segments plus it;
     an id the index already holds is an upsert (its old rows are tombstoned). Stored as the index stores tokens.
     With ``max_segments``, a version left with more segments gets its small segments merged (indexer.lifecycle's
-    tiered compaction; that version is returned)."""
+    tiered compaction; that version is returned). The new segment's index type (and the merged one's) is chosen
+    within ``memory_budget`` (bytes; None: no limit) as a build's is."""
     target = IndexDir(indexes_dir, name)
     base = target.manifest()
     _check_model(name, base, encoder)
@@ -135,12 +137,20 @@ def add_items(
         keep_versions=keep_versions,
         checkpoint=checkpoint,
         engine=engine,
+        memory_budget=memory_budget,
     )
     if max_segments is not None and len(version.segments) > max_segments:
         from indexer.lifecycle import compact
 
         log.info("index %s has %d segments (more than %d): compacting", name, len(version.segments), max_segments)
-        version = compact(indexes_dir, name, use_gpu=use_gpu, keep_versions=keep_versions, everything=False)
+        version = compact(
+            indexes_dir,
+            name,
+            use_gpu=use_gpu,
+            keep_versions=keep_versions,
+            everything=False,
+            memory_budget=memory_budget,
+        )
     return version
 
 

@@ -123,8 +123,11 @@ def default_params(key: str) -> dict:
 
 
 def all_vectors(index: Any) -> np.ndarray:
-    """Every stored vector [ntotal, D] in id order (approximate for compressed codes), e.g. to merge segments."""
+    """Every stored vector [ntotal, D] in id order (approximate for compressed codes), e.g. to merge segments. An
+    index with a refine step gives its finer codes' vectors (held in id order)."""
     faiss = import_faiss()
+    if isinstance(index, faiss.IndexRefine):
+        return faiss.downcast_index(index.refine_index).reconstruct_n(0, index.ntotal)
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf.make_direct_map()
@@ -136,6 +139,13 @@ def selector_params(index: Any, params: dict, selector: Any) -> Any:
     settings (per-call parameters replace them: an HNSW search would fall back to efSearch=16)."""
     faiss = import_faiss()
     base = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    if isinstance(base, faiss.IndexRefine):  # the selector restricts the candidates, which are then re-ranked
+        inner = selector_params(faiss.downcast_index(base.base_index), params, selector)
+        out = faiss.IndexRefineSearchParameters(
+            k_factor=float(params.get("k_factor_rf", base.k_factor)), base_index_params=inner
+        )
+        out.base_params = inner  # FAISS holds a raw pointer to it
+        return out
     if isinstance(base, faiss.IndexHNSW):
         return faiss.SearchParametersHNSW(sel=selector, efSearch=int(params.get("efSearch", 16)))
     if isinstance(base, faiss.IndexIVF):

@@ -61,7 +61,12 @@ class FaissInfo(BaseModel):
     choice: dict = Field(
         default_factory=dict,
         description="how the key was chosen (indexer.index_choice): n, dim, budget_bytes, estimated_bytes, reason, "
-        "nlist, train_sample; build_seconds and tune_seconds of the FAISS part",
+        "nlist, train_sample, ondisk, mapped_bytes; build_seconds and tune_seconds of the FAISS part",
+    )
+    ondisk: bool = Field(
+        False,
+        description="IVF-PQ on disk (indexer.ondisk): each modality's inverted lists in dense.<modality>.ivfdata and "
+        "its re-ranking SQ8 codes in dense.<modality>.refine.faiss, memory-mapped for search",
     )
 
 
@@ -94,7 +99,10 @@ class SegmentManifest(BaseModel):
     faiss: FaissInfo
     counts: dict[str, int] = Field(description="rows by modality")
     rows: dict[str, list[int]] = Field(description="[start, end) of each modality's rows in the items store")
-    recall_at_10: dict = Field(description="recall@10 of the FAISS indexes against exact search, on a sample")
+    recall_at_10: dict = Field(
+        description="recall@10 of the FAISS indexes against exact search on the tuning sample; ``heldout``: on the "
+        "held-out sample whose exact answers are kept in heldout/ (indexer.heldout)"
+    )
     calibration: dict = Field(default_factory=dict, description="'q->t': mean/std of top-10 scores (z-scores)")
     score_calibration: dict | None = Field(None, description="per 'q->t' pair: fitted score maps (indexer.calibration)")
     tokens: dict | None = Field(None, description="the token store for late interaction (None: dense only)")

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer import faiss_backend
+from indexer import faiss_backend, ondisk
+from indexer.index_choice import compressed
 from indexer.items import ItemStore
 from indexer.late.store import TokenStore
-from indexer.layout import ITEMS, TOKENS, IndexDir, SegmentRef, VersionManifest, dense_file, new_version_name
+from indexer.layout import ITEMS, TOKENS, IndexDir, SegmentRef, VersionManifest, new_version_name
 from indexer.publish import commit, tombstoned
 from indexer.segment_writer import LateBuild, RowRecord, write_segment
 from models.errors import IndexNotFound, InvalidInput
@@ -66,12 +67,18 @@ def small_segments(refs: list[SegmentRef]) -> list[SegmentRef]:
 
 
 def compact(
-    indexes_dir: Path, name: str, use_gpu: bool = True, keep_versions: int | None = None, everything: bool = True
+    indexes_dir: Path,
+    name: str,
+    use_gpu: bool = True,
+    keep_versions: int | None = None,
+    everything: bool = True,
+    memory_budget: int | None = None,
 ) -> VersionManifest:
     """Merge segments' live rows into one segment (deleted rows dropped) and publish it: every segment, or with
     ``everything=False`` the small ones and those with many deletions (:func:`small_segments`; what an add does past
-    ``max_segments``), the others kept as they are. Holds the writer lock throughout, so no add or delete lands in
-    between and is lost; they wait for it."""
+    ``max_segments``), the others kept as they are. The merged segment's index type is chosen within
+    ``memory_budget`` (bytes; None: no limit) as a build's is. Holds the writer lock throughout, so no add or
+    delete lands in between and is lost; they wait for it."""
     target = IndexDir(indexes_dir, name)
     t0 = time.perf_counter()
     with target.writing():
@@ -92,12 +99,14 @@ def compact(
                 )
         kept = [r for r in base.segments if r not in merged]
         rows, vectors, tokens = [], [], []
-        late = None
+        late, lossy = None, set()
         for ref in merged:
             seg = manifests[ref.id]
             if seg.tokens:
                 late = LateBuild(**{k: seg.tokens[k] for k in ("storage", "nbits", "pool_factor") if k in seg.tokens})
-            part_rows, part_vectors, part_tokens = _live_rows(target, ref, seg.rows, bool(seg.tokens))
+            if compressed(seg.faiss.key):
+                lossy.add(seg.faiss.key)
+            part_rows, part_vectors, part_tokens = _live_rows(target, ref, seg.rows, bool(seg.tokens), seg.faiss.ondisk)
             rows += part_rows
             vectors += part_vectors
             tokens += part_tokens
@@ -115,6 +124,13 @@ def compact(
                 use_gpu=use_gpu,
                 late=late,
                 build={"compacted": [r.id for r in merged]},
+                memory_budget=memory_budget,
+                truth_over=(
+                    f"the vectors reconstructed from the merged segments' codes ({', '.join(sorted(lossy))}: "
+                    "compaction keeps no original vectors)"
+                    if lossy
+                    else "the merged segments' vectors (stored exactly)"
+                ),
             )
             build = {
                 "segments_merged": len(merged),
@@ -135,7 +151,7 @@ def compact(
 
 
 def _live_rows(
-    target: IndexDir, ref: SegmentRef, ranges: dict[str, list[int]], with_tokens: bool
+    target: IndexDir, ref: SegmentRef, ranges: dict[str, list[int]], with_tokens: bool, on_disk: bool
 ) -> tuple[list[RowRecord], list[np.ndarray], list[np.ndarray]]:
     """A segment's live rows: their records, their vectors (from its FAISS indexes) and token vectors."""
     folder = target.segment_dir(ref.id)
@@ -148,7 +164,7 @@ def _live_rows(
         store.close()
     vectors = []
     for modality, (start, end) in sorted(ranges.items(), key=lambda kv: kv[1][0]):  # row order (JSON sorts keys)
-        index = faiss_backend.read(folder / dense_file(modality))
+        index = ondisk.read_dense(folder, modality, on_disk)
         vectors.append(faiss_backend.all_vectors(index)[~dead[start:end]])
     tokens = []
     if with_tokens:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from indexer import faiss_backend, gpu
+from indexer import faiss_backend, gpu, ondisk
 from indexer.gpu import GPU_MAX_K, Placement
 from indexer.integrity import check_segment_files, consistency_problems
 from indexer.items import ItemStore
@@ -38,7 +38,7 @@ class SegmentData:
         self.placement: dict[str, Placement] = {}
         for modality in self.manifest.rows:
             try:
-                index = faiss_backend.read(path / dense_file(modality))
+                index = ondisk.read_dense(path, modality, self.manifest.faiss.ondisk)
             except RuntimeError as exc:  # FAISS's reader on a damaged file (when checksums are not checked)
                 raise BundleError(f"segment {segment}: {dense_file(modality)} cannot be read ({exc})") from None
             faiss_backend.apply_params(index, self.manifest.faiss.params)
@@ -48,7 +48,7 @@ class SegmentData:
         if problems:
             self.items.close()
             raise BundleError(f"segment {segment} is inconsistent: {'; '.join(problems)}")
-        for modality, index in self.cpu_indexes.items():
+        for modality, index in self.cpu_indexes.items():  # an index on disk stays on the CPU (indexer.gpu says why)
             self.indexes[modality], self.placement[modality] = faiss_backend.to_device(index, use_gpu)
         self.tokens = TokenStore(path / TOKENS) if self.manifest.tokens else None
         self.row_modality = np.empty(self.manifest.size, dtype=object)

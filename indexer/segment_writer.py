@@ -11,13 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer import calibration, faiss_backend, gpu, index_choice, tuning
+from indexer import calibration, dense_build, gpu, index_choice, tuning
 from indexer.integrity import file_checksums
 from indexer.items import write_items
 from indexer.late.evaluate import measure_late
 from indexer.late.kernels import concat_rows
 from indexer.late.store import STORAGES, TokenStore, write_token_store
-from indexer.layout import ITEMS, MANIFEST, TOKENS, FaissInfo, ModelRef, SegmentManifest, dense_file, now_iso
+from indexer.layout import ITEMS, MANIFEST, TOKENS, FaissInfo, ModelRef, SegmentManifest, now_iso
+from indexer.vector_source import VectorSource
 from models.errors import InvalidInput
 from models.files import atomic_write_json
 
@@ -112,13 +113,15 @@ def write_segment(
     recall_target: float = tuning.RECALL_TARGET,
     memory_budget: int | None = None,
     exact_up_to: int = index_choice.EXACT_UP_TO,
+    truth_over: str = "the original float vectors",
 ) -> SegmentManifest:
     """Write segment ``segment`` of ``index`` into ``folder`` (a staging folder: the caller renames it); rows
     grouped by modality, ``vectors`` [R, D] in row order, with ``late`` each row's token vectors too. An approximate
-    FAISS index gets the cheapest search parameters that reach ``recall_target`` (indexer.tuning). Without
-    ``faiss_key``, the index type is chosen from the largest modality's row count, the dimension and ``memory_budget``
-    (bytes, None: no limit; ``exact_up_to``: Flat up to that many rows) by indexer.index_choice; IndexTooLarge
-    (InvalidInput) when nothing fits."""
+    FAISS index gets the cheapest search parameters that reach ``recall_target`` (indexer.tuning), then its recall is
+    measured on a held-out sample whose exact answers the segment keeps (indexer.heldout; ``truth_over``: what they
+    were computed over). Without ``faiss_key``, the index type is chosen from the largest modality's row count, the
+    dimension and ``memory_budget`` (bytes, None: no limit; ``exact_up_to``: Flat up to that many rows) by
+    indexer.index_choice, on disk (indexer.ondisk) when it says so; IndexTooLarge (InvalidInput) when nothing fits."""
     t0 = time.perf_counter()
     ranges = row_ranges([r.modality for r in records])
     largest = max(e - s for s, e in ranges.values())
@@ -126,26 +129,19 @@ def write_segment(
         choice = {"key": faiss_key, "reason": "given by the user", "n": largest, "dim": int(vectors.shape[1])}
     else:
         choice = index_choice.choose_index(largest, int(vectors.shape[1]), memory_budget, exact_up_to).record()
-    key = choice["key"]
+    key, on_disk = choice["key"], bool(choice.get("ondisk"))
     log.info("FAISS index %s: %s", key, choice["reason"])
     t_faiss = time.perf_counter()
-    indexes, placements = {}, {}
+    built: dict[str, dense_build.Built] = {}
     for modality, (start, end) in ranges.items():
-        part = np.ascontiguousarray(vectors[start:end])
-        built, placed = faiss_backend.build(part, key, use_gpu=use_gpu)
-        indexes[modality] = built, part
-        placements[modality] = placed.record()
+        source = VectorSource.of_array(vectors[start:end])
+        built[modality] = dense_build.build(folder, modality, source, key, on_disk, use_gpu=use_gpu)
     choice["build_seconds"] = round(time.perf_counter() - t_faiss, 3)
     t_tune = time.perf_counter()
-    params, recall = tuning.tune(list(indexes.values()), faiss_backend.default_params(key), recall_target)
+    params, recall, files = dense_build.tune_and_write(folder, built, key, recall_target, truth_over)
     choice["tune_seconds"] = round(time.perf_counter() - t_tune, 3)
     if not recall.get("reached", True):
         log.warning("FAISS %s reaches recall@10 %.3f only, short of %.2f", key, recall["value"], recall_target)
-    files = {}
-    for modality, (built, _) in indexes.items():
-        faiss_backend.apply_params(built, params)
-        faiss_backend.write(built, folder / dense_file(modality))
-        files[dense_file(modality)] = f"FAISS index of the {modality} rows' vectors; FAISS id i is the modality's row i"
     row_item = item_ordinals([r.id for r in records])
     manifest = SegmentManifest(
         index=index,
@@ -156,9 +152,10 @@ def write_segment(
         faiss=FaissInfo(
             key=key,
             params=params,
-            built_on=gpu.summary([p["device"] for p in placements.values()]),
-            placement=placements,
+            built_on=gpu.summary([b.placement.device for b in built.values()]),
+            placement={m: b.placement.record() for m, b in built.items()},
             choice=choice,
+            ondisk=on_disk,
         ),
         counts={m: e - s for m, (s, e) in ranges.items()},
         rows=ranges,

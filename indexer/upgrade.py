@@ -97,9 +97,11 @@ def backfill(
     keep_versions: int | None = None,
     max_segments: int | None = None,
     on_version: Callable[[VersionManifest], None] = lambda _v: None,
+    memory_budget: int | None = None,
 ) -> VersionManifest:
     """Re-encode ``name``'s OLD segments with ``encoder`` (the upgrade's NEW model), publishing a version per
-    segment (``on_version`` hears of each, e.g. to announce it); at most ``max_segments`` of them when given. Returns
+    segment (``on_version`` hears of each, e.g. to announce it); at most ``max_segments`` of them when given. Each
+    new segment's index is chosen within ``memory_budget`` (bytes), as an add's is. Returns
     the last version published (pure NEW when no OLD segment is left). ``progress(done, total)`` counts items."""
     target = IndexDir(indexes_dir, name)
     current = target.manifest()
@@ -120,7 +122,9 @@ def backfill(
         ref = todo[0]
         t0 = time.perf_counter()
         try:
-            current = _replace_segment(target, ref, encoder, batch_size, use_gpu, keep_versions, progress, done, total)
+            current = _replace_segment(
+                target, ref, encoder, batch_size, use_gpu, keep_versions, progress, done, total, memory_budget
+            )
         except SegmentGone:
             log.info("index %s: segment %s was merged meanwhile; backfilling what replaced it", name, ref.id)
             continue
@@ -150,6 +154,7 @@ def _replace_segment(
     progress: Progress | None,
     done: int,
     total: int,
+    memory_budget: int | None,
 ) -> VersionManifest:
     """Encode one OLD segment's live items with NEW and publish the version where the NEW segment replaces it."""
     items = items_of_segment(target, ref)
@@ -191,6 +196,7 @@ def _replace_segment(
         progress=step,
         late=late_of(target.manifest()),
         keep_versions=keep_versions,
+        memory_budget=memory_budget,
         check=lambda encoded: _no_failures(target.name, ref.id, encoded),
     )
 

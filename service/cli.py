@@ -323,6 +323,21 @@ def models_quantize(
 
 
 # --- index ----------------------------------------------------------------------------------------
+MemoryBudgetOpt = Annotated[
+    float | None,
+    typer.Option(
+        min=0.001,
+        help="GiB one FAISS index may take (default XMODAL_INDEX_MEMORY_GB, else no limit): the automatic "
+        "choice takes a smaller code, or lists on disk, to fit, or refuses",
+    ),
+]
+
+
+def _budget_bytes(s: Settings, gib: float | None) -> int | None:
+    """--memory-budget, else XMODAL_INDEX_MEMORY_GB, in bytes (None: no limit)."""
+    return s.index_memory_bytes if gib is None else int(gib * (1 << 30))
+
+
 @index_app.command("build")
 def index_build(
     name: Annotated[str, typer.Option("--name", help="index name")],
@@ -340,14 +355,7 @@ def index_build(
             "budget: Flat up to 50k vectors, then IVF with Flat, SQ8, then PQ codes)"
         ),
     ] = None,
-    memory_budget: Annotated[
-        float | None,
-        typer.Option(
-            min=0.001,
-            help="GiB one FAISS index may take (default XMODAL_INDEX_MEMORY_GB, else no limit): the automatic "
-            "choice takes a smaller code to fit, or refuses",
-        ),
-    ] = None,
+    memory_budget: MemoryBudgetOpt = None,
     batch_size: Annotated[int, typer.Option(min=1, max=1024)] = 32,
     publish: Annotated[bool, typer.Option("--publish/--no-publish", help="make it the served version")] = True,
     late: Annotated[
@@ -397,7 +405,7 @@ def index_build(
             encoder=encoder,
             corpus_path=corpus,
             faiss_key=faiss_key,
-            memory_budget=None if (gib := memory_budget or s.index_memory_gb) is None else int(gib * (1 << 30)),
+            memory_budget=_budget_bytes(s, memory_budget),
             batch_size=batch_size,
             publish=publish,
             use_gpu=s.device != "cpu",
@@ -465,6 +473,7 @@ def index_add(
     engine: EngineOpt = EngineName.local,
     ray_address: RayAddressOpt = None,
     ray_actors: RayActorsOpt = None,
+    memory_budget: MemoryBudgetOpt = None,
 ) -> None:
     """Encode only these items into a new segment and publish a version with it. An id the index already holds
     is replaced (upsert). Tokens are stored as the index stores them. A killed add run again resumes.
@@ -483,7 +492,7 @@ def index_add(
         def progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        m = add_corpus(s, name, corpus, progress, batch_size, encode)
+        m = add_corpus(s, name, corpus, progress, batch_size, encode, memory_budget=_budget_bytes(s, memory_budget))
     if m.operation == "compact":
         merged = m.build["segments_merged"]
         console.print(f"more than XMODAL_MAX_SEGMENTS={s.max_segments} segments: {merged} small ones merged into one")
@@ -520,7 +529,9 @@ def index_delete(
 
 
 @index_app.command("compact")
-def index_compact(name: Annotated[str, typer.Argument(help="index name")]) -> None:
+def index_compact(
+    name: Annotated[str, typer.Argument(help="index name")], memory_budget: MemoryBudgetOpt = None
+) -> None:
     """Merge the segments of the published version into one, dropping deleted rows, and publish it; nothing is
     encoded. Adds run it by themselves beyond XMODAL_MAX_SEGMENTS segments.
 
@@ -530,7 +541,7 @@ def index_compact(name: Annotated[str, typer.Argument(help="index name")]) -> No
 
     s = _settings()
     with console.status("compacting ..."):
-        m = compact_index(s, name)
+        m = compact_index(s, name, memory_budget=_budget_bytes(s, memory_budget))
     console.print(f"{m.build['segments_merged']} segments merged, {m.build['rows_dropped']} deleted rows dropped")
     _changed(s, m)
 

@@ -26,8 +26,10 @@ def add_corpus(
     progress: Callable[[int, int], None] | None = None,
     batch_size: int = 32,
     engine: Engine | None = None,
+    memory_budget: int | None = None,
 ) -> VersionManifest:
-    """Encode a corpus's items into a new segment of ``name`` (upserts; tiered compaction past max_segments)."""
+    """Encode a corpus's items into a new segment of ``name`` (upserts; tiered compaction past max_segments), its
+    index chosen within ``memory_budget`` (bytes; default XMODAL_INDEX_MEMORY_GB)."""
     from indexer.build import add_items
     from indexer.corpus import read_corpus
 
@@ -43,6 +45,7 @@ def add_corpus(
         keep_versions=settings.keep_versions,
         max_segments=settings.max_segments,
         engine=engine,
+        memory_budget=memory_budget if memory_budget is not None else settings.index_memory_bytes,
     )
 
 
@@ -92,11 +95,18 @@ def delete_ids(settings: Settings, name: str, ids: list[str]) -> tuple[VersionMa
     return delete_items(settings.indexes_dir, name, ids, keep_versions=settings.keep_versions)
 
 
-def compact_index(settings: Settings, name: str) -> VersionManifest:
-    """Merge every segment of ``name`` into one, deleted rows dropped."""
+def compact_index(settings: Settings, name: str, memory_budget: int | None = None) -> VersionManifest:
+    """Merge every segment of ``name`` into one, deleted rows dropped, its index chosen within ``memory_budget``
+    (bytes; default XMODAL_INDEX_MEMORY_GB)."""
     from indexer.lifecycle import compact
 
-    return compact(settings.indexes_dir, name, use_gpu=settings.device != "cpu", keep_versions=settings.keep_versions)
+    return compact(
+        settings.indexes_dir,
+        name,
+        use_gpu=settings.device != "cpu",
+        keep_versions=settings.keep_versions,
+        memory_budget=memory_budget if memory_budget is not None else settings.index_memory_bytes,
+    )
 
 
 def upgrade_index(
@@ -141,6 +151,7 @@ def upgrade_index(
         progress=progress,
         keep_versions=settings.keep_versions,
         on_version=on_version,
+        memory_budget=settings.index_memory_bytes,
     )
 
 

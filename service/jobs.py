@@ -91,6 +91,7 @@ def rebuild(settings: Settings, name: str, request: dict, progress: Callable[[in
         progress=progress,
         late=late,
         keep_versions=settings.keep_versions,
+        memory_budget=settings.index_memory_bytes,
     )
     return _published(settings, name, result.manifest.version)
 

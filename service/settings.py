@@ -87,8 +87,9 @@ class Settings(BaseSettings):
     index_memory_gb: float | None = Field(
         None,
         gt=0,
-        description="memory budget of one segment's FAISS index at build time, in GiB: the automatic index choice "
-        "takes the first index type whose estimate fits, or refuses the build (unset: no limit)",
+        description="memory budget of one segment's FAISS index, in GiB, wherever a segment is written (build, add, "
+        "compaction): the automatic index choice takes the first index type whose estimate fits, or refuses (unset: "
+        "no limit)",
     )
     keep_versions: int = Field(
         5,
@@ -155,6 +156,11 @@ class Settings(BaseSettings):
             if value is not None:
                 env[f"XMODAL_{name.upper()}"] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
         return env
+
+    @property
+    def index_memory_bytes(self) -> int | None:
+        """XMODAL_INDEX_MEMORY_GB in bytes (None: no limit)."""
+        return None if self.index_memory_gb is None else int(self.index_memory_gb * (1 << 30))
 
     @property
     def indexes_dir(self) -> Path:

@@ -56,7 +56,7 @@ def test_published_index_matches_exact_search(tmp_path: Path, encoder: Encoder, 
     assert m.recall_at_10["value"] == 1.0
     assert m.build["items_per_second"] > 0
     files = sorted(p.name for p in only_segment(tmp_path, "t").iterdir())
-    assert files == ["dense.text.faiss", "items.sqlite", "manifest.json"]
+    assert files == ["dense.text.faiss", "heldout", "items.sqlite", "manifest.json"]
 
     index = LoadedIndex(tmp_path, "t", expect_fingerprint=encoder.fingerprint, use_gpu=False)
     queries = encoder.encode_text(["rocket launch to the moon", "making soup in the kitchen", "a goal in the match"])

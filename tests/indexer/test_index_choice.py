@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from indexer import faiss_backend
-from indexer.index_choice import GB, IndexTooLarge, choose_index, estimate_bytes, nlist_for
+from indexer.index_choice import GB, IndexTooLarge, choose_index, estimate_bytes, mapped_bytes, nlist_for
 from indexer.layout import IndexDir, ModelRef, SegmentRef, new_version_name
 from indexer.publish import commit
 from indexer.search import LoadedIndex
@@ -34,13 +34,12 @@ EXACT_UP_TO = 2_000  # lowered so that a small corpus gets what a large one woul
         (200_000, None, "IVF2048,Flat"),
         (200_000, 0.2, "IVF2048,SQ8"),  # IVF-Flat (~0.29 GB) exceeds the budget
         (1_000_000, None, "IVF4096,SQ8"),
-        (1_000_000, 0.2, "IVF4096,PQ192x4fs"),
-        (5_000_000, 8, "IVF8192,SQ8"),
-        (10_000_000, None, "IVF16384,SQ8"),
-        (10_000_000, 4, "IVF16384,SQ8"),  # ~3.7 GiB
-        (10_000_000, 2, "IVF16384,PQ192x4fs"),
-        (10_000_001, None, "IVF16384,PQ192x4fs"),
-        (100_000_000, None, "IVF32768,PQ192x4fs"),
+        (1_000_000, 0.2, "IVF4096,PQ48np,Refine(SQ8)"),  # on disk: SQ8 in RAM (~0.37 GiB) exceeds the budget
+        (5_000_000, 8, "IVF4096,SQ8"),  # ~1.8 GiB; at most 4,096 lists
+        (5_000_000, 1, "IVF4096,PQ48np,Refine(SQ8)"),
+        (5_000_001, None, "IVF4096,PQ48np,Refine(SQ8)"),
+        (10_000_000, None, "IVF4096,PQ48np,Refine(SQ8)"),
+        (100_000_000, 0.01, "IVF4096,PQ48np,Refine(SQ8)"),  # ~6 MiB resident, ~41 GiB mapped
     ],
 )
 def test_choice_by_size_and_budget(n: int, budget_gb: float | None, key: str) -> None:
@@ -48,6 +47,7 @@ def test_choice_by_size_and_budget(n: int, budget_gb: float | None, key: str) ->
     choice = choose_index(n, 384, budget)
     assert choice.key == key
     assert budget is None or choice.estimated_bytes <= budget
+    assert choice.ondisk == ("Refine" in key) and (choice.mapped_bytes > 0) == choice.ondisk
     record = choice.record()
     assert record["n"] == n and record["dim"] == 384 and record["budget_bytes"] == budget and record["reason"]
     if choice.nlist:
@@ -61,13 +61,15 @@ def test_nlist_and_estimates() -> None:
     # bytes a vector: 4*dim for Flat, dim + id for SQ8, dim/4 + id for the fast-scan PQ
     assert estimate_bytes("Flat", 1000, 384) == 1000 * 1536
     per = {k: (estimate_bytes(k, 2_000_000, 384, 4096) - estimate_bytes(k, 1_000_000, 384, 4096)) / 1e6 for k in (
-        "IVF-Flat", "IVF-SQ8", "IVF-PQ")}  # fmt: skip
-    assert per == {"IVF-Flat": 1544, "IVF-SQ8": 392, "IVF-PQ": 104}
+        "IVF-Flat", "IVF-SQ8", "IVF-PQ-disk")}  # fmt: skip
+    assert per == {"IVF-Flat": 1544, "IVF-SQ8": 392, "IVF-PQ-disk": 0}  # on disk: nothing resident grows with n
+    # what it maps instead: 48 bytes of PQ code, an 8-byte id and 384 bytes of SQ8 code a vector
+    assert mapped_bytes("IVF-PQ-disk", 1_000_000, 384) == 440 * 1_000_000 and mapped_bytes("IVF-SQ8", 10, 384) == 0
 
 
 def test_a_budget_nothing_fits_is_refused_with_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(IndexTooLarge, match=r"no FAISS index of 100000000 vectors .* fits the memory budget of 1.000"):
-        choose_index(100_000_000, 384, GB)
+    with pytest.raises(IndexTooLarge, match=r"no FAISS index of 100000000 vectors .* fits the memory budget of 0.001"):
+        choose_index(100_000_000, 384, GB // 1000)  # even the on-disk index's centroids take ~6 MiB
     with pytest.raises(IndexTooLarge, match="memory budget"):
         choose_index(500, 384, 1000)  # too few vectors for an inverted file, and Flat too large
     vectors = clustered(3_000, DIM)
@@ -139,7 +141,10 @@ def test_built_above_the_flat_threshold_reaches_the_recall_target_and_searches_r
 
     report = verify_index(tmp_path, "s")["segments"][0]
     assert report["recall_at_10"]["value"] >= 0.95 and report["params"] == m.faiss.params
-    assert report["truth"] == ("reconstructed vectors" if kind == "SQ8" else "stored vectors")
+    assert report["truth"] == "exact search over the original float vectors"
+    assert report["recall_at_10"] == {
+        k: v for k, v in m.recall_at_10["heldout"].items() if k in ("value", "k", "sample")
+    }
 
 
 def test_training_sample_is_bounded() -> None:
@@ -170,3 +175,35 @@ def test_cli_memory_budget_refuses_then_the_same_build_resumes(
     m = IndexDir(tmp_path / "data" / "indexes", "t").manifest()
     assert m.faiss.key == "Flat" and m.faiss.choice["budget_bytes"] == 1 << 29
     assert m.build["resumed_vectors"] == m.build["vectors"] > 0
+
+
+def test_adds_and_compactions_choose_within_the_memory_budget(
+    tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The segment an add or a compaction writes gets its index chosen within the budget too: XMODAL_INDEX_MEMORY_GB
+    (through the service's index operations, as the jobs call them), or --memory-budget, which wins."""
+    from typer.testing import CliRunner
+
+    from indexer.demo import write_demo_corpus
+    from service.cli import app
+
+    monkeypatch.setenv("XMODAL_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("XMODAL_MODELS_DIR", str(models_dir))
+    corpus = write_demo_corpus(tmp_path / "c.jsonl", n=30)
+    more = write_demo_corpus(tmp_path / "more.jsonl", n=40, seed=8)
+    runner = CliRunner()
+    assert runner.invoke(app, ["index", "build", "--name", "t", "--corpus", str(corpus)]).exit_code == 0
+    d = IndexDir(tmp_path / "data" / "indexes", "t")
+
+    monkeypatch.setenv("XMODAL_INDEX_MEMORY_GB", "0.000001")  # ~1 KiB: not even 30 vectors fit
+    for gib in (0.5, 0.25):
+        for command in (["index", "add", "t", "--corpus", str(more)], ["index", "compact", "t"]):
+            before = d.current()
+            result = runner.invoke(app, command)  # with XMODAL_INDEX_MEMORY_GB alone: refused, nothing published
+            assert isinstance(result.exception, IndexTooLarge) and "fits the memory budget" in result.exception.message
+            assert d.current() == before
+            result = runner.invoke(app, [*command, "--memory-budget", str(gib)])
+            assert result.exit_code == 0, result.output
+            segment = d.manifest().segments[-1]
+            assert d.segment_manifest(segment.id).faiss.choice["budget_bytes"] == int(gib * GB)
+    assert d.manifest().operation == "compact" and len(d.manifest().segments) == 1
