@@ -194,6 +194,10 @@ def open_index(folder: Path, modality: str) -> Any:
                 str(folder / dense_file(modality)), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
             )
         codes = faiss.read_index(str(folder / refine_file(modality)), _mmap_flags())
+        # FAISS starts prefetch threads (32) on every search to read the probed lists in ahead of the scan: with the
+        # files in the page cache they cost more than they save (10M rows, one query at a time: 370 q/s with them,
+        # 1,322 without; docs/benchmarks.md), and an uncached page is read in when touched anyway.
+        faiss.downcast_InvertedLists(faiss.extract_index_ivf(base).invlists).prefetch_nthread = 0
         return faiss.IndexRefine(base, codes)  # the wrapper keeps both alive; it does not own them
     except RuntimeError as exc:
         raise BundleError(f"the on-disk index of the {modality} rows in {folder.name} cannot be read ({exc})") from None
