@@ -177,6 +177,7 @@ def test_cli_memory_budget_refuses_then_the_same_build_resumes(
     assert m.build["resumed_vectors"] == m.build["vectors"] > 0
 
 
+@pytest.mark.slow  # a build, two adds and two compactions through the CLI with the real encoder: ~10 s
 def test_adds_and_compactions_choose_within_the_memory_budget(
     tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
