@@ -6,11 +6,11 @@ full vectors (``IVFn,Flat``) up to ``IVF_FLAT_UP_TO``, 8-bit scalar codes (``IVF
 ``IVF_SQ8_UP_TO``, and beyond, IVF-PQ on disk (``IVFn,PQmnp,Refine(SQ8)``, indexer.ondisk): product-quantised codes
 (``m = dim/8`` sub-quantisers of 8 bits) in inverted lists kept in a file beside the index and memory-mapped, the
 best ``k_factor_rf * k`` candidates re-ranked by SQ8 codes, memory-mapped too. PQ codes alone level off short of
-recall@10 0.95 against exact search whatever nprobe (0.83 on bench/scale.py's clustered vectors); the SQ8 re-ranking
+recall@10 0.95 against exact search whatever nprobe (0.82: bench/refine.py); the SQ8 re-ranking
 brings them past it. Its memory is what stays resident (the coarse centroids, the PQ tables, the list headers): the
 lists and the re-ranking codes are pages of files the OS reads in as searches touch them and may drop again
 (``mapped_bytes``). In RAM, PQ codes plus SQ8 codes to re-rank would take more than SQ8 codes alone (dim/8 + 8 + dim
-bytes a vector against dim + 8), so fast-scan PQ without a refine step (recall 0.83) is no rung of the ladder.
+bytes a vector against dim + 8), so fast-scan PQ without a refine step (recall 0.82) is no rung of the ladder.
 When the preferred index's estimated memory exceeds the budget, the next smaller one is taken; when none fits,
 ``IndexTooLarge``.
 HNSW is never chosen automatically: at 1M clustered vectors (d=384) HNSW32 built slower than IVF4096,SQ8 and reached

@@ -12,7 +12,7 @@ its lists' file), ``dense.<m>.ivfdata`` (the lists: PQ codes and ids) and ``dens
 IndexScalarQuantizer holding every row's SQ8 code in row order). Searching (:func:`open_index`) maps the lists
 (IO_FLAG_ONDISK_SAME_DIR: found beside the index file wherever the segment was moved) and the SQ8 codes
 (IO_FLAG_MMAP_IFC), read-only, and wraps them in an IndexRefine: the IVF-PQ's best k_factor_rf * k candidates
-re-ranked by their SQ8 scores. PQ codes alone level off near recall@10 0.83; re-ranked they reach 0.95
+re-ranked by their SQ8 scores. PQ codes alone level off near recall@10 0.82 (bench/refine.py); re-ranked they reach 0.95
 (docs/benchmarks.md). FAISS's fast-scan PQ keeps its lists in blocks that on-disk lists cannot hold, so these are
 plain 8-bit PQ codes.
 """
