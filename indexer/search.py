@@ -93,7 +93,7 @@ class LoadedIndex:
                 f"{model.name} ({model.fingerprint[:12]}), not the loaded model ({expect_fingerprint[:12]})"
             )
         projection = self._projection = _projection(name, self.manifest, adapter)
-        self.adapter = adapter if projection is not None else None
+        old = self.manifest.upgrade.from_model if self.manifest.upgrade else None
         shared = {v.data.id: v.data for v in previous.segments} if previous is not None else {}
         opened: list[SegmentData] = []
         self.segments: list[SegmentView] = []
@@ -108,7 +108,6 @@ class LoadedIndex:
                         raise BundleError(f"index {name!r} version {self.version}: {exc.message}") from None
                     opened.append(data)
                 seg_model = data.manifest.model
-                old = self.manifest.upgrade.from_model if self.manifest.upgrade else None
                 if seg_model == model and data.manifest.dim == model.dim:
                     space = None
                 elif old is not None and seg_model == old and data.manifest.dim == old.dim:
@@ -351,7 +350,7 @@ class LoadedIndex:
     def vectors(self, rows: list[int]) -> np.ndarray | None:
         """The stored vectors of ``rows`` (the version's numbering) [n, D], or None where a FAISS index cannot
         give them back (an IVF index without a direct map); approximate for compressed (PQ) indexes."""
-        if self.adapter is not None:
+        if self._projection is not None:
             return None  # some rows are in OLD's space: no one vector space to give them back in
         out = np.empty((len(rows), self.manifest.dim), dtype=np.float32)
         try:

@@ -136,7 +136,8 @@ def upgrade_index(
     if current.upgrade is None and current.model.fingerprint == new.fingerprint:
         return current  # done already (e.g. a job retried after its last version was published)
     if current.upgrade is None or current.model.fingerprint != new.fingerprint:
-        chosen = _adapter_for(settings, current, new, adapter, fit)
+        fit_now = (lambda: fit(current, new)) if fit is not None else None  # noqa: E731 - current is this one
+        chosen = adapter_for(settings, current, new.fingerprint, model, adapter, fit_now)
         ref = ModelRef(name=new.name, fingerprint=new.fingerprint, dim=new.dim)
         current = start_upgrade(settings.indexes_dir, name, ref, chosen, keep_versions=settings.keep_versions)
         on_version(current)
@@ -155,15 +156,17 @@ def upgrade_index(
     )
 
 
-def _adapter_for(
+def adapter_for(
     settings: Settings,
     current: VersionManifest,
-    new: Encoder,
+    new_fingerprint: str,
+    new_bundle: str,
     adapter: str | None,
-    fit: Callable[[VersionManifest, Encoder], AdapterManifest] | None,
+    fit: Callable[[], AdapterManifest] | None = None,
 ) -> AdapterManifest:
     """The adapter bundle named, else the newest from NEW to the index's model, else ``fit``'s (the CLI fits one on
-    the index's own texts: service.adapter_fit; the service's jobs never write ONNX graphs)."""
+    the index's own texts: service.adapter_fit; the service's jobs never write ONNX graphs). ModelNotFound, saying
+    how to make one, when there is none."""
     from models.adapter import adapter_dir, find_adapter, load_adapter_manifest
     from models.errors import ModelNotFound
 
@@ -171,11 +174,11 @@ def _adapter_for(
     if adapter is not None:
         return load_adapter_manifest(adapter_dir(models_dir, adapter))
     try:
-        return load_adapter_manifest(find_adapter(models_dir, new.fingerprint, current.model.fingerprint))
+        return load_adapter_manifest(find_adapter(models_dir, new_fingerprint, current.model.fingerprint))
     except ModelNotFound as exc:
         if fit is None:
             raise ModelNotFound(
-                f"{exc.message}, or let `xmodal index upgrade {current.name} --to {new.bundle_dir.name}` fit one on "
-                "the index's own texts"
+                f"{exc.message}, or let `xmodal index upgrade {current.name} --to {new_bundle}` fit one on the "
+                "index's own texts"
             ) from None
-    return fit(current, new)
+    return fit()

@@ -147,22 +147,13 @@ def check_upgrade(settings: Settings, name: str, request: UpgradeRequest) -> Non
     """404 before queueing: no published index, no such model, no adapter bundle between the two models (the service
     fits none: that needs the `export` extra; the CLI's `xmodal index upgrade` does)."""
     from indexer.layout import IndexDir
-    from models.adapter import adapter_dir, find_adapter, load_adapter_manifest
     from models.bundle import load_manifest
-    from models.errors import ModelNotFound
 
     current = IndexDir(settings.indexes_dir, name).manifest()
     new = load_manifest(settings.all_models_dir / request.model)
-    if request.adapter is not None:
-        load_adapter_manifest(adapter_dir(settings.all_models_dir, request.adapter))
-    elif current.upgrade is None or current.model.fingerprint != new.fingerprint:  # else: resume the backfill
-        try:
-            find_adapter(settings.all_models_dir, new.fingerprint, current.model.fingerprint)
-        except ModelNotFound as exc:
-            raise ModelNotFound(
-                f"{exc.message}, or let `xmodal index upgrade {name} --to {request.model}` fit one on the index's own "
-                "texts"
-            ) from None
+    resuming = current.upgrade is not None and current.model.fingerprint == new.fingerprint
+    if request.adapter is not None or not resuming:
+        index_ops.adapter_for(settings, current, new.fingerprint, request.model, request.adapter)
 
 
 def _published(settings: Settings, name: str, version: str) -> str:
