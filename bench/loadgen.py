@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import random
@@ -69,6 +70,34 @@ def header(head: bytes, name: bytes) -> bytes | None:
     start = at + len(name) + 3
     end = head.find(b"\r\n", start)
     return head[start : end if end >= 0 else len(head)].strip()
+
+
+class Photos:
+    """Image queries (``--kind image``): JPEG photos sent as base64 in ``query.image``, each request's bytes made
+    distinct (so every one misses the caches) by a JPEG comment segment after the start-of-image marker, the
+    picture unchanged. The comment makes the inserted bytes a multiple of 3, so a request's base64 is the base64 of
+    the marker and comment, then the photo's own base64 after its marker, computed once."""
+
+    def __init__(self, folder: str, index: str) -> None:
+        files = sorted(
+            (p for p in os.scandir(folder) if p.name.lower().endswith((".jpg", ".jpeg"))), key=lambda p: p.name
+        )
+        if not files:
+            raise SystemExit(f"--images {folder}: no JPEG photos there")
+        self.rests = []
+        for entry in files:
+            with open(entry.path, "rb") as f:
+                data = f.read()
+            if data[:2] != b"\xff\xd8":
+                raise SystemExit(f"{entry.path} is not a JPEG")
+            self.rests.append(base64.b64encode(data[2:]))
+        self.head = json.dumps({"index": index, "query": {"image": ""}, "k": 10}).encode().split(b'""')
+
+    def body(self, i: int, tag: str) -> bytes:
+        payload = tag.encode()[:60].ljust(60)  # SOI (2) + marker and length (4) + 60: 66, a multiple of 3
+        head = b"\xff\xd8\xff\xfe" + (len(payload) + 2).to_bytes(2, "big") + payload
+        image = base64.b64encode(head) + self.rests[i % len(self.rests)]
+        return self.head[0] + b'"' + image + b'"' + self.head[1]
 
 
 class Conn(asyncio.Protocol):
@@ -138,13 +167,19 @@ class Run:
         self.opening: set[asyncio.Task] = set()
         self.next_request = 0
         n = int(args.rate * args.seconds * 1.3) + 64 if args.mode == "open" else args.clients * 64
+        if args.kind == "image":
+            self.photos = Photos(args.images, args.index)
+            n = min(n, 512)  # a photo's request is ~200 KB: the rest are built as they are sent (a copy each)
         self.requests = [self.build(i) for i in range(n)]
         self.on_answer: Callable[[Conn, int, float], None] | None = None  # closed loop: the client's next step
 
     def build(self, i: int) -> bytes:
-        words = f"{WORDS[i % 16]} {WORDS[(i * 7 + i // 16) % 16]}"
-        text = words if self.args.kind == "hit" else f"{words} {self.args.tag} {i}"
-        body = json.dumps({"index": self.args.index, "query": {"text": text}, "k": 10}).encode()
+        if self.args.kind == "image":
+            body = self.photos.body(i, f"{self.args.tag} {i}")
+        else:
+            words = f"{WORDS[i % 16]} {WORDS[(i * 7 + i // 16) % 16]}"
+            text = words if self.args.kind == "hit" else f"{words} {self.args.tag} {i}"
+            body = json.dumps({"index": self.args.index, "query": {"text": text}, "k": 10}).encode()
         head = f"POST {self.args.path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
         return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
 
@@ -334,7 +369,13 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=5.0, help="a client timeout after this many seconds")
     parser.add_argument("--connections", type=int, default=1024, help="the most connections open at once")
     parser.add_argument("--preconnect", type=int, default=32, help="connections opened before the clock starts")
-    parser.add_argument("--kind", choices=("miss", "hit"), default="miss", help="miss: every text distinct")
+    parser.add_argument(
+        "--kind",
+        choices=("miss", "hit", "image"),
+        default="miss",
+        help="miss: every text distinct; hit: 16 texts again and again; image: photos of --images, each distinct",
+    )
+    parser.add_argument("--images", default="", help="--kind image: a folder of JPEG photos")
     parser.add_argument("--tag", default=str(time.time_ns()), help="makes texts distinct from other runs'")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--watch", type=int, default=0, help="a process (the service) whose CPU time to report")

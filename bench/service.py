@@ -14,7 +14,8 @@ run: on a shared machine, read the figures with them).
 1. Cache-missing text searches (every query distinct, so every request encodes) from ``--concurrency`` closed-loop
    clients, micro-batching off (``XMODAL_BATCH_MAX=1``) and on (the default 32), admission fixed at 512 in flight
    (``XMODAL_QUEUE_TARGET_MS=0``): queries/s, p50/p99, the mean encoder batch (from /metrics), non-200 answers.
-   The sustainable peak is the best micro-batched row with 8 or more clients.
+   The sustainable peak is the best micro-batched row with 8 or more clients. Then the same for image searches:
+   real COCO photos (../shared/data/coco-mini; skipped when absent) as base64, every request's bytes distinct.
 2. Overload, default settings: open-loop arrivals (Poisson) at 2x and 8x the peak, then 64 closed-loop clients that
    honour Retry-After; and 8x against the fixed limit of before (``XMODAL_QUEUE_TARGET_MS=0``, 64 in flight).
    Open loop, because overload is many independent users: a refused request does not slow the arrivals of the
@@ -63,6 +64,7 @@ from bench.common import table  # noqa: E402
 from bench.lifecycle import free_port  # noqa: E402
 
 LOADGEN = Path(__file__).with_name("loadgen.py")
+PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini" / "images"
 MB = 1 << 20
 
 
@@ -106,21 +108,23 @@ class Serving:
         found = re.search(rf"^{re.escape(name)}{re.escape('{' + labels + '}') if labels else ''} (\S+)$", text, re.M)
         return float(found.group(1)) if found else 0.0
 
-    def batches(self) -> tuple[float, float]:
-        """(queries, batches) the text lane has encoded so far."""
+    def batches(self, lane: str) -> tuple[float, float]:
+        """(queries, batches) the lane (text, image) has encoded so far."""
         return (
-            self.metric("xmodal_batch_size_sum", 'lane="text"'),
-            self.metric("xmodal_batch_size_count", 'lane="text"'),
+            self.metric("xmodal_batch_size_sum", f'lane="{lane}"'),
+            self.metric("xmodal_batch_size_count", f'lane="{lane}"'),
         )
 
     def load(self, seconds: float, *options: str) -> dict:
-        """bench/loadgen.py against this service, watching its CPU; its JSON summary, with the mean text batch."""
+        """bench/loadgen.py against this service, watching its CPU; its JSON summary, with the mean batch of the
+        lane the queries go to."""
         cmd = [sys.executable, str(LOADGEN), "--url", self.url, "--seconds", str(seconds)]
-        before = self.batches()
+        lane = "image" if "image" in options else "text"
+        before = self.batches(lane)
         run = subprocess.run(
             [*cmd, "--watch", str(self.proc.pid), *options], capture_output=True, text=True, check=True
         )
-        after = self.batches()
+        after = self.batches(lane)
         result = json.loads(run.stdout.strip().splitlines()[-1])
         result["mean_batch"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
         return result
@@ -149,16 +153,17 @@ def fmt(x: float | None, digits: int = 1) -> str:
 
 
 # --- 1. cache-missing searches: micro-batching off and on -------------------------------------------------------------
-def encode_rates(data: Path, seconds: float, levels: list[int]) -> tuple[list, float, int]:
-    """The rows, the sustainable peak (best micro-batched q/s with 8+ clients) and its client count."""
+def encode_rates(data: Path, seconds: float, levels: list[int], *kind: str) -> tuple[list, float, int]:
+    """The rows, the sustainable peak (best micro-batched q/s with 8+ clients) and its client count; ``kind``:
+    loadgen options of the queries (default: distinct texts)."""
     rows, peak, best = [], 0.0, 8
     for label, batch_max in (("off", "1"), ("on", "32")):
         env = {"XMODAL_BATCH_MAX": batch_max, "XMODAL_MAX_INFLIGHT": "512", "XMODAL_QUEUE_TARGET_MS": "0"}
         with Serving(data, env) as s:
-            s.load(3, "--mode", "closed", "--clients", "8", "--tag", f"warm{label}")
+            s.load(3, "--mode", "closed", "--clients", "8", "--tag", f"warm{label}", *kind)
             for clients in levels:
-                log(f"micro-batching {label}, {clients} closed-loop clients ...")
-                r = s.load(seconds, "--mode", "closed", "--clients", str(clients), "--tag", f"{label}{clients}")
+                log(f"micro-batching {label}, {clients} closed-loop clients {' '.join(kind)} ...")
+                r = s.load(seconds, "--mode", "closed", "--clients", str(clients), "--tag", f"{label}{clients}", *kind)
                 mean = r["mean_batch"]
                 if label == "on" and clients >= 8 and r["ok_per_s"] > peak:
                     peak, best = r["ok_per_s"], clients
@@ -372,6 +377,9 @@ def main() -> None:
         prepare(data)
         t1 = time.monotonic()
         encode_rows, peak, best = encode_rates(data, args.seconds, levels) if parts & {"1", "2"} else ([], 0.0, 8)
+        image_rows = []
+        if "1" in parts and PHOTOS.is_dir():
+            image_rows, _, _ = encode_rates(data, args.seconds, levels, "--kind", "image", "--images", str(PHOTOS))
         overload_rows, reference = overload(data, args.seconds, peak, best) if "2" in parts and peak else ([], 0.0)
         hit_rows = cache_hits(data, args.seconds) if "3" in parts else []
         rss_rows = uploads(data) if "4" in parts else []
@@ -383,6 +391,12 @@ def main() -> None:
         head = ["micro-batching", "clients", "q/s", "p50 ms", "p99 ms", "mean batch", "not 200", *cores]
         print(table(head, encode_rows))
         print(f"\nSustainable peak (best micro-batched row, 8+ clients): {peak:.1f} q/s at {best} clients")
+    if image_rows:
+        print(f"\n## Cache-missing image searches (COCO photos of {PHOTOS}, each request's bytes distinct)\n")
+        head = ["micro-batching", "clients", "q/s", "p50 ms", "p99 ms", "mean batch", "not 200", *cores]
+        print(table(head, image_rows))
+    elif "1" in parts:
+        print(f"\nImage searches not measured: no photos at {PHOTOS} (the shared data folder is absent).")
     if overload_rows:
         print(f"\n## Overload (cache-missing text searches; offered: 2x and 8x {peak:.1f}/s; 5 s client timeout)\n")
         print(f"'of peak': 200/s over {reference:.1f} q/s, the mean of the peak measured again before and after.\n")

@@ -10,10 +10,12 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import HTTPConnection
+from starlette.types import Receive, Scope, Send
 
 from service.admin_routes import router as admin_router
-from service.admission import AdmissionGate
-from service.auth import ApiKeyGate, document_api_keys
+from service.admission import AdmissionGate, FrontDoor
+from service.auth import ApiKeyGate, document_api_keys, key_matches, presented_key
 from service.clip_compat import router as clip_router
 from service.drain import Drain, DrainGate
 from service.errors import install_error_handlers
@@ -32,15 +34,47 @@ from service.state import ServiceState
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings) -> FastAPI:
+class XmodalApp(FastAPI):
+    """FastAPI, with admission's refusals on arrival answered before FastAPI's own layers run (see FrontDoor)."""
+
+    front_door: FrontDoor | None = None  # set once the service has started
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        door = self.front_door
+        if door is not None and await door.refused(scope, send):
+            return
+        await super().__call__(scope, receive, send)
+
+
+def front_door(settings: Settings, state: ServiceState, drain: Drain) -> FrontDoor:
+    """Refusals on arrival, except for what the inner layers answer otherwise: while draining (503), without a
+    valid key (401/403), and a browser's cross-origin request when CORS is on (its answer needs CORS headers)."""
+    keys = settings.api_key_list + settings.admin_key_list if settings.api_key_list else []
+    cors = bool(settings.cors_origin_list)
+
+    def let_through(scope: Scope) -> bool:
+        if drain.draining:
+            return True
+        if keys:
+            given = presented_key(HTTPConnection(scope))
+            if given is None or not key_matches(given, keys):
+                return True
+        return cors and any(name == b"origin" for name, _ in scope["headers"])
+
+    requests = state.metrics.requests
+    return FrontDoor(state.admission, lambda path: requests.labels(path, "429").inc(), let_through)
+
+
+def create_app(settings: Settings) -> XmodalApp:
     drain = Drain(settings.drain_s)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: XmodalApp) -> AsyncIterator[None]:
         state = ServiceState(settings)
         app.state.xmodal = state
         registry = state.registry
         app.state.admission = state.admission  # for AdmissionGate
+        app.front_door = front_door(settings, state, drain)
         app.state.jobs = make_jobs(settings, on_done=registry.refresh)
         await run_in_threadpool(registry.load_models)
         await run_in_threadpool(registry.refresh)
@@ -68,10 +102,11 @@ def create_app(settings: Settings) -> FastAPI:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            app.front_door = None
             await app.state.jobs.close()
             await state.close()
 
-    app = FastAPI(
+    app = XmodalApp(
         title="xmodal",
         summary="Cross-modal embedding retrieval: ONNX encoders, FAISS indexes, Redis cache",
         version="0.1.0",
@@ -87,7 +122,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.state.drain = drain
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    app.add_middleware(AdmissionGate)  # inside the key check: a request without a key is not admitted
+    app.add_middleware(AdmissionGate)  # inside the key check: a request without a key takes no place in flight
     if settings.api_key_list:  # XMODAL_API_KEYS: before any body is read
         app.add_middleware(ApiKeyGate, keys=settings.api_key_list, admin_keys=settings.admin_key_list)
         document_api_keys(app)
@@ -107,7 +142,7 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-def app_from_environment() -> FastAPI:
+def app_from_environment() -> XmodalApp:
     """The app with settings from the environment: the factory each `xmodal serve --workers N` process calls."""
     settings = Settings()
     configure_logging(settings.log_format)  # a fresh process: nothing configured its logging yet

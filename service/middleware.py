@@ -11,7 +11,6 @@ from fastapi import HTTPException
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.admission import SHED
 from service.errors import error_response
 from service.logs import request_id
 
@@ -78,7 +77,7 @@ class RequestId:
     """Each request's id: the client's ``X-Request-ID`` when it is sane (1-128 of ``A-Za-z0-9._:-``), else a new
     one. Sent back in the response's ``X-Request-ID``, carried by every log line of the request (service.logs), and
     ending with one access line (method, path, status, duration; never headers or the query string; at DEBUG for
-    probes, scrapes and requests refused by admission)."""
+    probes and scrapes; requests refused on arrival by admission never reach it: service.admission.FrontDoor)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -107,7 +106,5 @@ class RequestId:
             ms = round((time.perf_counter() - t0) * 1000, 2)
             method, path = scope["method"], scope["path"]
             fields = {"method": method, "path": path, "status": status, "duration_ms": ms}
-            # Refused by admission: at DEBUG too (service.admission logs a count every 10 s), so that logging 1000s
-            # of refusals a second does not take the CPU the admitted requests need.
-            level = logging.DEBUG if path in QUIET_PATHS or SHED in scope else logging.INFO
+            level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
             access_log.log(level, "%s %s %d %.1f ms", method, path, status, ms, extra=fields)

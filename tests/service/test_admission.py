@@ -123,6 +123,34 @@ def test_a_stuck_encoder_sheds_at_once_while_admitted_requests_finish_and_the_li
         assert [r.status_code for r in burst] == [200] * 8
 
 
+def test_refusals_on_arrival_leave_keys_and_draining_to_the_layers_inside(served_data: Path) -> None:
+    """The front door answers 429 before FastAPI runs, but not to a request the layers inside answer otherwise: no
+    key or a wrong one (401/403 when keys are set), and any request while the service drains (503)."""
+    settings = {"max_inflight": 1, "min_inflight": 1, "api_keys": "search-key", "request_timeout_s": 120}
+    key = {"authorization": "Bearer search-key"}
+    with server(served_data, **settings) as srv, httpx.Client(base_url=srv.url, timeout=120) as c:
+        with Stall(srv) as stall, ThreadPoolExecutor(1) as pool:
+            stuck = pool.submit(c.post, "/v1/search", json=search_body("the one place"), headers=key)
+            wait_for(lambda: metric(c, "xmodal_search_inflight") == 1)
+            assert c.post("/v1/search", json=search_body("no key")).status_code == 401
+            wrong = c.post("/v1/search", json=search_body("wrong key"), headers={"x-api-key": "nope"})
+            assert wrong.status_code == 403
+            refused = [c.post("/v1/search", json=search_body(f"full {i}"), headers=key) for i in range(2)]
+            for r in refused:
+                check_refusal(r)
+            ids = [r.headers["x-request-id"] for r in refused]
+            assert len(set(ids)) == 2 and all(ids), ids  # each refusal has an id of its own
+            srv.server.config.app.state.drain.draining = True  # what SIGTERM sets (tests/test_drain.py sends one)
+            try:
+                draining = c.post("/v1/search", json=search_body("while draining"), headers=key)
+                assert draining.status_code == 503 and draining.json()["error"]["code"] == "shutting_down"
+            finally:
+                srv.server.config.app.state.drain.draining = False
+            stall.release()
+            assert stuck.result().status_code == 200
+        assert metric(c, "xmodal_http_requests_total", path="/v1/search", status="429") == 2
+
+
 def test_a_client_slow_to_send_its_body_holds_no_place(served_data: Path) -> None:
     body = json.dumps(search_body("a slow upload")).encode()
     with (
