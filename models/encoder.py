@@ -34,14 +34,16 @@ class TokenOutput:
 class Encoder:
     """Loads a bundle once and encodes batches. Thread-safe: ONNX Runtime sessions allow concurrent run()."""
 
-    def __init__(self, bundle_dir: Path, device: Device = "auto", threads: int = 0, verify: bool = True):
+    def __init__(
+        self, bundle_dir: Path, device: Device = "auto", threads: int = 0, verify: bool = True, spinning: bool = True
+    ):
         self.bundle_dir = bundle_dir
         self.manifest: ModelManifest = verify_bundle(bundle_dir) if verify else load_manifest(bundle_dir)
         self._sessions: dict[str, Any] = {}
         self._pre: dict[str, Any] = {}
         self.providers: dict[str, list[str]] = {}
         for modality, tower in self.manifest.towers.items():
-            session, active = create_session(bundle_dir / tower.onnx, device=device, threads=threads)
+            session, active = create_session(bundle_dir / tower.onnx, device, threads, spinning)
             self._sessions[modality] = session
             self.providers[modality] = active
             config = tower.preprocessing

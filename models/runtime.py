@@ -93,13 +93,19 @@ def preload_cuda_libraries() -> str:
     return said
 
 
-def create_session(path: Path, device: Device = "auto", threads: int = 0) -> tuple[Any, list[str]]:
-    """An inference session and the providers it really runs on."""
+def create_session(
+    path: Path, device: Device = "auto", threads: int = 0, spinning: bool = True
+) -> tuple[Any, list[str]]:
+    """An inference session and the providers it really runs on. ``spinning=False``: the intra-op threads sleep
+    between parallel sections instead of spinning for the next one (for a process whose other threads need the
+    cores: a service; see service.settings ``ort_spinning``)."""
     ort = import_onnxruntime()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads > 0:
         opts.intra_op_num_threads = threads
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     wanted = choose_providers(ort.get_available_providers(), device)
     if CUDA in wanted:
         preload_cuda_libraries()

@@ -72,7 +72,8 @@ class Registry:
             if known is not None:
                 return known
             s = self.settings
-            encoder = Encoder(bundle_dir, device=s.device, threads=s.threads)  # checks the fingerprint of its files
+            # checks the fingerprint of its files
+            encoder = Encoder(bundle_dir, device=s.device, threads=s.threads, spinning=s.ort_spinning)
             if "text" in encoder.modalities:
                 encoder.encode_text(["warm up"])  # the first run allocates; keep it off the first request
             queries = self._make_queries(encoder)

@@ -33,6 +33,20 @@ def test_session_reports_active_providers(encoder) -> None:
     assert set(encoder.modalities) == {"text", "image", "audio"}
 
 
+def test_sessions_spin_unless_told_not_to(encoder) -> None:
+    """Index builds keep ONNX Runtime's spinning threads; the service (XMODAL_ORT_SPINNING off) has them sleep."""
+    from models.encoder import Encoder
+
+    quiet = Encoder(encoder.bundle_dir, spinning=False)
+    key = "session.intra_op.allow_spinning"
+    for modality in encoder.modalities:
+        assert quiet._sessions[modality].get_session_options().get_session_config_entry(key) == "0"
+        with pytest.raises(Exception, match="does not have configuration"):  # unset: ONNX Runtime's default, spin
+            encoder._sessions[modality].get_session_options().get_session_config_entry(key)
+    text = ["a red circle", "a violin"]
+    assert abs(quiet.encode_text(text) - encoder.encode_text(text)).max() < 1e-6  # the same vectors
+
+
 def test_missing_onnxruntime_names_both_extras(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
     with pytest.raises(MissingDependency) as err:
