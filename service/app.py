@@ -15,7 +15,7 @@ from starlette.types import Receive, Scope, Send
 
 from service.admin_routes import router as admin_router
 from service.admission import AdmissionGate, FrontDoor
-from service.auth import ApiKeyGate, document_api_keys, key_matches, presented_key
+from service.auth import AdminGate, ApiKeyGate, document_api_keys, key_matches, presented_key
 from service.clip_compat import router as clip_router
 from service.drain import Drain, DrainGate
 from service.errors import install_error_handlers
@@ -123,6 +123,7 @@ def create_app(settings: Settings) -> XmodalApp:
     app.state.drain = drain
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(AdmissionGate)  # inside the key check: a request without a key takes no place in flight
+    app.add_middleware(AdminGate, routes=admin_router.routes, keys=settings.admin_key_list)  # before any body is read
     if settings.api_key_list:  # XMODAL_API_KEYS: before any body is read
         app.add_middleware(ApiKeyGate, keys=settings.api_key_list, admin_keys=settings.admin_key_list)
         document_api_keys(app)

@@ -1,16 +1,24 @@
 """API keys: `Authorization: Bearer <key>` (what OpenAI's client sends) or `X-API-Key: <key>`, compared in constant
 time against every configured key. Admin routes need an admin key (XMODAL_ADMIN_KEYS); every other route but the
-open ones needs an API key or an admin key once XMODAL_API_KEYS is set. Keys are never logged nor echoed in errors."""
+open ones needs an API key or an admin key once XMODAL_API_KEYS is set. Keys are never logged nor echoed in errors.
+
+Both checks are pure ASGI gates in front of the app, so a request refused costs no body parsing (JSON, multipart).
+One rule for the answers, on every route: 401 `unauthorized` when no key is sent (with `WWW-Authenticate: Bearer`),
+403 `forbidden` when the key sent is not accepted there (not a configured key, or a search key on an admin route),
+403 `admin_disabled` on admin routes while no admin key is configured."""
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import Sequence
 
 from fastapi import Depends, FastAPI, Request
 from starlette.requests import HTTPConnection
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import AdminDisabled, Unauthorized, error_response
+from models.errors import XmodalError
+from service.errors import AdminDisabled, Forbidden, Unauthorized, xmodal_response
 from service.state import ServiceState, get_state
 
 # Open whatever keys are set: probes, Prometheus, the API's own docs, and the search page with its static files
@@ -37,15 +45,46 @@ def key_matches(given: str, keys: list[str]) -> bool:
     return matched
 
 
-def require_admin(request: Request, state: ServiceState = Depends(get_state)) -> None:
-    keys = state.settings.admin_key_list
+ADMIN_CHECKED = "admin_key_checked"  # set in the request's scope state by AdminGate once the key is good
+
+
+def admin_refusal(given: str | None, keys: list[str]) -> XmodalError | None:
+    """Why a request with key ``given`` may not use an admin route (None: it may)."""
     if not keys:
-        raise AdminDisabled("admin routes are disabled: set XMODAL_ADMIN_KEYS (comma-separated keys) to enable them")
-    given = presented_key(request)
+        return AdminDisabled("admin routes are disabled: set XMODAL_ADMIN_KEYS (comma-separated keys) to enable them")
     if given is None:
-        raise Unauthorized("this route needs an admin key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`")
+        return Unauthorized("this route needs an admin key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`")
     if not key_matches(given, keys):
-        raise Unauthorized("the admin key is not valid")
+        return Forbidden("the key is not an admin key")
+    return None
+
+
+class AdminGate:
+    """The admin routes (``routes``: a request that matches one by path and method) need an admin key, checked
+    before anything reads the body, whether or not XMODAL_API_KEYS is set: a client without one costs no parsing of
+    a 10 MB JSON body."""
+
+    def __init__(self, app: ASGIApp, routes: Sequence[BaseRoute], keys: list[str]) -> None:
+        self.app, self.routes, self.keys = app, list(routes), keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not any(route.matches(scope)[0] == Match.FULL for route in self.routes):
+            return await self.app(scope, receive, send)
+        refusal = admin_refusal(presented_key(HTTPConnection(scope)), self.keys)
+        if refusal is not None:
+            return await xmodal_response(refusal)(scope, receive, send)
+        scope.setdefault("state", {})[ADMIN_CHECKED] = True
+        await self.app(scope, receive, send)
+
+
+def require_admin(request: Request, state: ServiceState = Depends(get_state)) -> None:
+    """The admin router's guard: passed by AdminGate, which checked the key before the body; checked here (after it)
+    only where the app was built without the gate, so that an admin route is never open."""
+    if request.scope.get("state", {}).get(ADMIN_CHECKED):
+        return
+    refusal = admin_refusal(presented_key(request), state.settings.admin_key_list)
+    if refusal is not None:
+        raise refusal
 
 
 class ApiKeyGate:
@@ -62,13 +101,14 @@ class ApiKeyGate:
             return await self.app(scope, receive, send)
         given = presented_key(HTTPConnection(scope))
         if given is None:
-            message = "this route needs an API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`"
-            refusal = error_response(401, "unauthorized", message, headers={"www-authenticate": "Bearer"})
+            refusal: XmodalError = Unauthorized(
+                "this route needs an API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`"
+            )
         elif not key_matches(given, self.keys):
-            refusal = error_response(403, "forbidden", "the API key is not valid")
+            refusal = Forbidden("the API key is not valid")
         else:
             return await self.app(scope, receive, send)
-        await refusal(scope, receive, send)
+        await xmodal_response(refusal)(scope, receive, send)
 
 
 def document_api_keys(app: FastAPI) -> None:
@@ -90,8 +130,8 @@ def document_api_keys(app: FastAPI) -> None:
                     continue
                 for operation in operations.values():
                     operation["security"] = [{"apiKey": []}]
-                    operation["responses"].setdefault("401", {**error, "description": "no API key"})
-                    operation["responses"].setdefault("403", {**error, "description": "not a valid API key"})
+                    operation["responses"].setdefault("401", {**error, "description": "no key sent"})
+                    operation["responses"].setdefault("403", {**error, "description": "the key sent is not valid"})
         return app.openapi_schema
 
     app.openapi = openapi

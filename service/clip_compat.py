@@ -23,16 +23,19 @@ from typing import Any, Literal
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from indexer.search import LoadedIndex
 from models.errors import InvalidInput, NotFound
-from service.errors import NotReady
+from service.errors import ClientGone, NotReady
 from service.media import MediaNotFound, find_media, media_of
-from service.routes import ERRORS, search
+from service.render import json_response
+from service.routes import ERRORS, Lifetime, searched
 from service.schemas import RequestBody, Result, SearchRequest
 from service.state import ServiceState, get_state
 
@@ -77,12 +80,27 @@ class MetadataRequest(RequestBody):
     indice_name: str = Field(min_length=1)
 
 
-def post_route(path: str, body: type[BaseModel], summary: str) -> Callable:
+class KnnResult(BaseModel):
+    """One /knn-service result: the item's metadata columns (its metadata fields, `caption`, `url` where it has one,
+    `image` as base64 JPEG for a local picture, `xmodal_id`) for the first `num_images` results, then only `id` and
+    `similarity`."""
+
+    model_config = ConfigDict(extra="allow")
+    id: int = Field(description="the item's int id in the served version (tag << 32 | row)")
+    similarity: float
+
+
+class MetadataEntry(BaseModel):
+    id: int
+    metadata: dict[str, Any] = Field(description="the item's metadata columns, as in a /knn-service result")
+
+
+def post_route(path: str, body: type[BaseModel], answer: Any, summary: str) -> Callable:
     """A POST route that reads its body itself (JSON under any content type), documented as the JSON ``body``."""
     schema = {"requestBody": {"required": True, "content": {"application/json": {"schema": body.model_json_schema()}}}}
     return router.post(
         path,
-        response_model=list[dict[str, Any]],
+        response_model=answer,
         responses=ERRORS,
         openapi_extra=schema,
         summary=f"{summary} (a JSON body, with or without a JSON content type)",
@@ -94,6 +112,8 @@ async def read_body(request: Request, model: type[RequestBody]) -> Any:
     routes (400 malformed JSON, 422 naming the field)."""
     try:
         data = json.loads(await request.body())
+    except ClientDisconnect:  # gone before its body was read: nothing to answer (499, as a search's client gone)
+        raise ClientGone("the client closed the connection before its body was read") from None
     except (ValueError, RecursionError):  # ValueError: bad JSON, or bytes that are not UTF-8
         invalid = {"type": "json_invalid", "loc": ("body", 0), "msg": "JSON decode error"}
         raise RequestValidationError([invalid]) from None
@@ -187,19 +207,25 @@ def columns(item_id: str, text: str | None, metadata: dict, image: str | None) -
     return out
 
 
-async def served_search(req: SearchRequest, state: ServiceState) -> tuple[list[Result], LoadedIndex]:
+async def served_search(
+    req: SearchRequest, state: ServiceState, request: Request, life: Lifetime
+) -> tuple[list[Result], LoadedIndex]:
     """The search's results and the version that answered them (searched again if a new one was swapped in
-    meanwhile, so that rows are always read from the version that ranked them)."""
+    meanwhile, so that rows are always read from the version that ranked them); both within the request's one
+    deadline, counted from its arrival, and dropped if its client hangs up."""
     for _ in range(2):
-        response = await search(req, state)
+        response = await searched(req, state, request, life)
         index = state.registry.index(req.index)
         if index.version == response.index_version:
             return response.results, index
     raise NotReady(f"index {req.index!r} was republished twice during this request; retry")
 
 
-@post_route("/knn-service", KnnRequest, "clip-retrieval: nearest neighbours of a text, image or vector")
-async def knn_service(request: Request, state: ServiceState = Depends(get_state)) -> list[dict]:
+@post_route(
+    "/knn-service", KnnRequest, list[KnnResult], "clip-retrieval: nearest neighbours of a text, image or vector"
+)
+async def knn_service(request: Request, state: ServiceState = Depends(get_state)) -> Response:
+    life = Lifetime.of(request, state.settings)  # before the body is read: the deadline counts from arrival anyway
     req = await read_body(request, KnnRequest)
     name = req.indice_name or next(iter(sorted(state.registry.indexes)), "")
     state.registry.index(name)  # an unknown index is a 404 before anything else
@@ -207,8 +233,8 @@ async def knn_service(request: Request, state: ServiceState = Depends(get_state)
     k = min(total, state.settings.max_k)
     search_req = search_request(req, name, max(k, 1))
     if k == 0:
-        return []
-    results, index = await served_search(search_req, state)
+        return await json_response([])
+    results, index = await served_search(search_req, state, request, life)
     if req.deduplicate:
         results = await run_in_threadpool(deduplicated, index, results, req.modality)
     rows = await run_in_threadpool(index.items.first_rows, [r.id for r in results])
@@ -220,7 +246,7 @@ async def knn_service(request: Request, state: ServiceState = Depends(get_state)
         entry["id"] = clip_id(index.version, rows[r.id])
         entry["similarity"] = r.similarity
         out.append(entry)
-    return out
+    return await json_response(out)  # pictures and metadata of up to XMODAL_MAX_K results: rendered off the loop
 
 
 @router.get("/indices-list", response_model=list[str], summary="clip-retrieval: the names of the served indexes")
@@ -228,11 +254,16 @@ async def indices_list(state: ServiceState = Depends(get_state)) -> list[str]:
     return sorted(state.registry.indexes)
 
 
-@post_route("/metadata", MetadataRequest, "clip-retrieval: the metadata columns of int ids from /knn-service")
-async def metadata(request: Request, state: ServiceState = Depends(get_state)) -> list[dict]:
+@post_route(
+    "/metadata",
+    MetadataRequest,
+    list[MetadataEntry],
+    "clip-retrieval: the metadata columns of int ids from /knn-service",
+)
+async def metadata(request: Request, state: ServiceState = Depends(get_state)) -> Response:
     req = await read_body(request, MetadataRequest)
     if not req.ids:
-        return []  # as clip_back, before looking at the index
+        return await json_response([])  # as clip_back, before looking at the index
     if len(req.ids) > state.settings.max_k:
         raise InvalidInput(f"ids holds {len(req.ids)} ids; the limit is {state.settings.max_k}")
     index = state.registry.index(req.indice_name)
@@ -241,7 +272,12 @@ async def metadata(request: Request, state: ServiceState = Depends(get_state)) -
     ids = [found[row]["id"] for row in rows]
     media = await run_in_threadpool(media_of, index, ids)
     images = await run_in_threadpool(pictures, state, index, [i for i in ids if "image" in media.get(i, [])])
-    return [
-        {"id": cid, "metadata": columns(found[row]["id"], found[row]["text"], found[row]["metadata"], images.get(iid))}
-        for cid, row, iid in zip(req.ids, rows, ids, strict=True)
-    ]
+    return await json_response(
+        [
+            {
+                "id": cid,
+                "metadata": columns(found[row]["id"], found[row]["text"], found[row]["metadata"], images.get(iid)),
+            }
+            for cid, row, iid in zip(req.ids, rows, ids, strict=True)
+        ]
+    )

@@ -75,9 +75,15 @@ class ResponseTooLarge(XmodalError):
 
 
 class Unauthorized(XmodalError):
-    """No admin key, or a wrong one."""
+    """No key sent where one is needed (401, WWW-Authenticate: Bearer)."""
 
     code = "unauthorized"
+
+
+class Forbidden(XmodalError):
+    """A key was sent that this route does not accept: not a configured key, or a search key on an admin route."""
+
+    code = "forbidden"
 
 
 class AdminDisabled(XmodalError):
@@ -94,6 +100,7 @@ STATUS: list[tuple[type[XmodalError], int]] = [
     (InputTooLarge, 413),
     (ClientGone, 499),  # nginx's code for it: no client reads it
     (Unauthorized, 401),
+    (Forbidden, 403),
     (AdminDisabled, 403),
     (NotReady, 503),
     (NotFound, 404),
@@ -149,20 +156,26 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str, list]:
     return "invalid_request", "; ".join(parts), clean
 
 
+def xmodal_response(exc: XmodalError) -> JSONResponse:
+    """A typed error's answer: its status, its body, its headers (Retry-After, WWW-Authenticate). Also what the pure
+    ASGI gates in front of the routes send (service.auth), which the exception handlers do not see."""
+    status = status_for(exc)
+    if status >= 500:
+        log.error("%s: %s", exc.code, exc.message)
+    headers = None
+    if isinstance(exc, Overloaded):
+        headers = {"Retry-After": str(exc.retry_after_s)}
+        if exc.retry_after_ms is not None:
+            headers["Retry-After-Ms"] = str(exc.retry_after_ms)
+    elif isinstance(exc, Unauthorized):
+        headers = {"WWW-Authenticate": "Bearer"}
+    return error_response(status, exc.code, exc.message, exc.details, headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(XmodalError)
     async def _xmodal(_req: Request, exc: XmodalError) -> JSONResponse:
-        status = status_for(exc)
-        if status >= 500:
-            log.error("%s: %s", exc.code, exc.message)
-        headers = None
-        if isinstance(exc, Overloaded):
-            headers = {"Retry-After": str(exc.retry_after_s)}
-            if exc.retry_after_ms is not None:
-                headers["Retry-After-Ms"] = str(exc.retry_after_ms)
-        elif isinstance(exc, Unauthorized):
-            headers = {"WWW-Authenticate": "Bearer"}
-        return error_response(status, exc.code, exc.message, exc.details, headers)
+        return xmodal_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(req: Request, exc: RequestValidationError) -> JSONResponse:

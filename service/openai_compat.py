@@ -11,15 +11,18 @@ from typing import Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
-from pydantic import ConfigDict, Field
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from models.encoder import Encoder, TokenOutput
+from models.encoder import Encoder
 from models.errors import InvalidInput
 from service.errors import ResponseTooLarge
 from service.payloads import decode_base64, input_modality
+from service.render import render_in_pieces
 from service.routes import ERRORS, while_connected
 from service.schemas import RequestBody
+from service.settings import Settings
 from service.state import ServiceState, deadline_of, get_state
 
 router = APIRouter(tags=["OpenAI compatibility"])
@@ -33,7 +36,9 @@ class EmbeddingsRequest(RequestBody):
     model: str | None = Field(None, description="a loaded model (GET /v1/models); default: the service's default model")
     encoding_format: Literal["float", "base64"] = Field("float", description="base64: little-endian float32")
     modality: Literal["text", "image", "audio"] | None = Field(
-        None, description="default: image or audio when every input is such a data URI, else text"
+        None,
+        description="default: image or audio when every input is such a file (a data URI, or raw base64 of a known "
+        "image or audio format: PNG, JPEG, GIF, WebP, TIFF, BMP, WAV, FLAC, OGG, MP3), else text",
     )
     dimensions: int | None = Field(
         None, ge=1, description="a shorter embedding: only for models whose manifest declares Matryoshka dimensions"
@@ -41,8 +46,34 @@ class EmbeddingsRequest(RequestBody):
     tokens: bool = Field(False, description="also return each input's token vectors ([n, dim], real tokens only)")
 
 
-@router.post("/v1/embeddings", responses=ERRORS, summary="OpenAI-compatible embeddings of texts, images or audio")
-async def embeddings(req: EmbeddingsRequest, request: Request, state: ServiceState = Depends(get_state)) -> dict:
+class Embedding(BaseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str = Field(description="floats, or with `encoding_format: base64` little-endian float32")
+    tokens: list[list[float]] | str | None = Field(
+        None, description="with `tokens`: the input's token vectors [n, dim], as floats or base64 as `embedding`"
+    )
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+@router.post(
+    "/v1/embeddings",
+    response_model=EmbeddingsResponse,
+    responses=ERRORS,
+    summary="OpenAI-compatible embeddings of texts, images or audio",
+)
+async def embeddings(req: EmbeddingsRequest, request: Request, state: ServiceState = Depends(get_state)) -> Response:
     deadline = deadline_of(request, state.settings)
     queries = state.registry.model(req.model)
     encoder = queries.encoder
@@ -57,33 +88,47 @@ async def embeddings(req: EmbeddingsRequest, request: Request, state: ServiceSta
             raise InvalidInput(f"every input must be non-empty and at most {state.settings.max_text_chars} characters")
         usage = sum(await run_in_threadpool(encoder.count_tokens, inputs))  # 256 long texts: not on the event loop
         if req.tokens:  # refuse before the work: each token is a dim-float vector in the answer
-            check_response_floats(state, (usage + len(inputs)) * encoder.dim)
+            check_response_floats(state.settings, (usage + len(inputs)) * encoder.dim)
         items: list[str | bytes] = list(inputs)
-    else:
-        items = [decode_base64(x, f"input[{i}]") for i, x in enumerate(inputs)]
+    else:  # files of up to XMODAL_MAX_BODY_BYTES: decoded off the event loop
+        items = await run_in_threadpool(decoded, inputs)
         usage = 0
     async with state.admission.admit():  # the same query encoder as searches: cache, decoding budget, micro-batches
         found = await while_connected(request, queries.encode(modality, items, deadline, tokens=req.tokens))
+    model = state.registry.model_ids()[encoder.fingerprint]
+    # Up to XMODAL_MAX_RESPONSE_FLOATS floats (tens of MB of JSON): shaped and rendered in a worker thread.
+    body = await run_in_threadpool(
+        embeddings_answer, found, req, dims, model, usage, state.settings.max_response_floats
+    )
+    return Response(body, media_type="application/json")
+
+
+def embeddings_answer(found: list, req: EmbeddingsRequest, dims: int, model: str, usage: int, max_floats: int) -> bytes:
+    """The answer's JSON: each input's vector (Matryoshka: the leading ``dims``, renormalised) and, with
+    ``req.tokens``, its token vectors, as floats or base64. ResponseTooLarge past ``max_floats``."""
     if req.tokens:
         vecs = np.stack([f.embedding[0] for f in found])
-        out = TokenOutput(vecs, [f.tokens[0] for f in found])
-        check_response_floats(state, vecs.size + sum(t.size for t in out.tokens))
+        tokens = [f.tokens[0] for f in found]
+        floats = vecs.size + sum(t.size for t in tokens)
+        if floats > max_floats:
+            raise ResponseTooLarge(too_many_floats(floats, max_floats), param="tokens")
     else:
         vecs = np.stack(found)
-    if dims != encoder.dim:  # Matryoshka: the leading dims, renormalised
+    if dims != vecs.shape[1]:  # Matryoshka: the leading dims, renormalised
         vecs = vecs[:, :dims] / np.linalg.norm(vecs[:, :dims], axis=1, keepdims=True)
     data = []
     for i, v in enumerate(vecs):
         item = {"object": "embedding", "index": i, "embedding": _encode_floats(v, req.encoding_format)}
         if req.tokens:
-            item["tokens"] = _encode_floats(out.tokens[i], req.encoding_format)
+            item["tokens"] = _encode_floats(tokens[i], req.encoding_format)
         data.append(item)
-    return {
-        "object": "list",
-        "data": data,
-        "model": state.registry.model_ids()[encoder.fingerprint],
-        "usage": {"prompt_tokens": usage, "total_tokens": usage},
-    }
+    return render_in_pieces(  # an item at a time: each holds at most the model's longest input's token vectors
+        {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": usage, "total_tokens": usage}}
+    )
+
+
+def decoded(inputs: list[str]) -> list[bytes]:
+    return [decode_base64(x, f"input[{i}]") for i, x in enumerate(inputs)]
 
 
 def output_dims(encoder: Encoder, wanted: int | None) -> int:
@@ -99,40 +144,61 @@ def output_dims(encoder: Encoder, wanted: int | None) -> int:
     return wanted
 
 
-def check_response_floats(state: ServiceState, floats: int) -> None:
-    limit = state.settings.max_response_floats
-    if floats > limit:
-        raise ResponseTooLarge(
-            f"the answer would hold {floats:,} floats, over the limit of {limit:,} (XMODAL_MAX_RESPONSE_FLOATS); "
-            "send fewer or shorter inputs, or leave out `tokens`",
-            param="tokens",
-        )
+def check_response_floats(settings: Settings, floats: int) -> None:
+    if floats > settings.max_response_floats:
+        raise ResponseTooLarge(too_many_floats(floats, settings.max_response_floats), param="tokens")
 
 
-@router.get("/v1/models", summary="Loaded models (OpenAI shape)")
-async def models(state: ServiceState = Depends(get_state)) -> dict:
+def too_many_floats(floats: int, limit: int) -> str:
+    return (
+        f"the answer would hold {floats:,} floats, over the limit of {limit:,} (XMODAL_MAX_RESPONSE_FLOATS); "
+        "send fewer or shorter inputs, or leave out `tokens`"
+    )
+
+
+class ModelCard(BaseModel):
+    id: str = Field(description="the bundle's name: what `model` takes")
+    object: Literal["model"]
+    created: int = Field(description="when the bundle was made, Unix seconds")
+    owned_by: str
+    fingerprint: str
+    dim: int
+    modalities: list[str]
+    matryoshka_dims: list[int] = Field(description="the shorter `dimensions` it can give (Matryoshka)")
+    default: bool = Field(description="the model used when a request names none")
+    indexes: list[str] = Field(description="the served indexes built with it")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+@router.get("/v1/models", response_model=ModelList, summary="Loaded models (OpenAI shape)")
+async def models(state: ServiceState = Depends(get_state)) -> ModelList:
     ids, indexes = state.registry.model_ids(), state.registry.indexes
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": ids[fingerprint],
-                "object": "model",
-                "created": int(dt.datetime.fromisoformat(q.encoder.manifest.created_at).timestamp()),
-                "owned_by": "xmodal",
-                "fingerprint": fingerprint,
-                "dim": q.dim,
-                "modalities": q.encoder.modalities,
-                "matryoshka_dims": q.encoder.manifest.matryoshka_dims,
-                "default": fingerprint == state.registry.default,
-                "indexes": sorted(n for n, i in indexes.items() if i.manifest.model.fingerprint == fingerprint),
-            }
+    return ModelList(
+        object="list",
+        data=[
+            ModelCard(
+                id=ids[fingerprint],
+                object="model",
+                created=int(dt.datetime.fromisoformat(q.encoder.manifest.created_at).timestamp()),
+                owned_by="xmodal",
+                fingerprint=fingerprint,
+                dim=q.dim,
+                modalities=q.encoder.modalities,
+                matryoshka_dims=q.encoder.manifest.matryoshka_dims,
+                default=fingerprint == state.registry.default,
+                indexes=sorted(n for n, i in indexes.items() if i.manifest.model.fingerprint == fingerprint),
+            )
             for fingerprint, q in state.registry.models.items()
         ],
-    }
+    )
 
 
-def _encode_floats(array: np.ndarray, encoding_format: str) -> list | str:
+def _encode_floats(array: np.ndarray, encoding_format: str) -> np.ndarray | str:
+    """float32 as base64 (little-endian), or as an array service.render writes as JSON floats."""
     if encoding_format == "base64":
         return base64.b64encode(np.ascontiguousarray(array, dtype="<f4").tobytes()).decode()
-    return array.tolist()
+    return np.ascontiguousarray(array, dtype=np.float32)

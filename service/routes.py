@@ -7,6 +7,7 @@ import base64
 import os
 import time
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
@@ -14,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from indexer import faiss_backend, gpu
 from indexer.layout import IndexDir
@@ -22,12 +24,19 @@ from models.runtime import device_of, import_onnxruntime
 from service.errors import ClientGone
 from service.fetch import with_fetched_image
 from service.payloads import upload_modality
+from service.render import json_response
 from service.schemas import (
     MAX_K,
     ErrorResponse,
+    Health,
+    IndexInfo,
+    IndexList,
+    IndexSummary,
+    Readiness,
     SearchRequest,
     SearchResponse,
 )
+from service.settings import Settings
 from service.state import ServiceState, deadline_of, get_state
 
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 413, 415, 422, 429, 503)}
@@ -38,11 +47,26 @@ T = TypeVar("T")
 @router.post(
     "/v1/search", response_model=SearchResponse, responses=ERRORS, summary="Search an index with a text or vector query"
 )
-async def search(
-    req: SearchRequest, state: ServiceState = Depends(get_state), request: Request = None
-) -> SearchResponse:
-    t0 = time.perf_counter()
-    deadline = deadline_of(request, state.settings)
+async def search(req: SearchRequest, request: Request, state: ServiceState = Depends(get_state)) -> Response:
+    answer = await searched(req, state, request, Lifetime.of(request, state.settings))
+    return await json_response(answer)
+
+
+@dataclass(frozen=True)
+class Lifetime:
+    """When a request arrived and its deadline, taken once: a route that searches twice (/knn-service) or hands over
+    to another (/v1/search/file) does not start the clock again."""
+
+    t0: float  # time.perf_counter() when the route began: took_ms
+    deadline: float  # time.monotonic(): XMODAL_REQUEST_TIMEOUT_S from the request's arrival
+
+    @classmethod
+    def of(cls, request: Request, settings: Settings) -> Lifetime:
+        return cls(time.perf_counter(), deadline_of(request, settings))
+
+
+async def searched(req: SearchRequest, state: ServiceState, request: Request, life: Lifetime) -> SearchResponse:
+    """``req`` answered, within ``life``'s deadline; dropped (ClientGone) if ``request``'s client hangs up first."""
     if req.k > state.settings.max_k:  # the schema's own bound is the absolute one; this service's may be lower
         raise RequestValidationError(
             [
@@ -57,14 +81,12 @@ async def search(
     if req.query.image_url is not None:  # once the request is known good; then the path of a base64 image
         req = await with_fetched_image(req, state)
     async with state.admission.admit():
-        return await while_connected(request, state.search.search(req, index, deadline, t0))
+        return await while_connected(request, state.search.search(req, index, life.deadline, life.t0))
 
 
-async def while_connected(request: Request | None, work: Coroutine[Any, Any, T]) -> T:
+async def while_connected(request: Request, work: Coroutine[Any, Any, T]) -> T:
     """``work``'s result, unless the client hangs up first: then ``work`` is cancelled, so its queries leave the
-    encoder's queue unencoded (ClientGone, which nobody reads)."""
-    if request is None:  # called from another route, which watches its own client
-        return await work
+    encoder's queue unencoded (ClientGone, which nobody reads). Only once ``request``'s body has been read."""
     task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(disconnected(request))
     try:
@@ -96,17 +118,19 @@ async def search_file(
     calibration: str | None = Form(None, description="as in /v1/search: raw, zscore, platt, isotonic, centred, rrf"),
     state: ServiceState = Depends(get_state),
     request: Request = None,
-) -> SearchResponse:
+) -> Response:
+    life = Lifetime.of(request, state.settings)
     data = await file.read()
     if not data:
         raise InvalidInput("the uploaded file is empty")
     modality = modality or upload_modality(file)
     if modality not in ("image", "audio"):
         raise InvalidInput(f"modality must be image or audio, not {modality!r}")
+    encoded = await run_in_threadpool(base64.b64encode, data)  # up to XMODAL_MAX_BODY_BYTES: not on the event loop
     try:
         req = SearchRequest(
             index=index,
-            query={modality: base64.b64encode(data).decode()},
+            query={modality: encoded.decode()},
             k=k,
             mode=mode,
             modalities=[m.strip() for m in modalities.split(",") if m.strip()] if modalities else None,
@@ -115,50 +139,56 @@ async def search_file(
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
     # The same path as a JSON search with a base64 image: same validation, same cache keys.
-    return await search(req, state, request)
+    return await json_response(await searched(req, state, request, life))
 
 
-@router.get("/v1/indexes", summary="Published indexes being served")
-async def list_served(state: ServiceState = Depends(get_state)) -> dict:
-    return {
-        "indexes": [
-            {
-                "name": name,
-                "version": idx.version,
-                "items": idx.size,
-                "modalities": idx.modalities,
-                "model": idx.manifest.model.name,
-                "faiss": idx.manifest.faiss.key,
-                "segments": len(idx.manifest.segments),
-                "late": idx.has_tokens,
-                "upgrading_from": idx.manifest.upgrade.from_model.name if idx.manifest.upgrade else None,
-            }
+@router.get("/v1/indexes", response_model=IndexList, summary="Published indexes being served")
+async def list_served(state: ServiceState = Depends(get_state)) -> IndexList:
+    return IndexList(
+        indexes=[
+            IndexSummary(
+                name=name,
+                version=idx.version,
+                items=idx.size,
+                modalities=idx.modalities,
+                model=idx.manifest.model.name,
+                faiss=idx.manifest.faiss.key,
+                segments=len(idx.manifest.segments),
+                late=idx.has_tokens,
+                upgrading_from=idx.manifest.upgrade.from_model.name if idx.manifest.upgrade else None,
+            )
             for name, idx in sorted(state.registry.indexes.items())
         ],
-        "refused": state.registry.index_errors,
-    }
+        refused=state.registry.index_errors,
+    )
 
 
-@router.get("/v1/indexes/{name}", responses=ERRORS, summary="The manifest of an index's served version")
-async def index_info(name: str, state: ServiceState = Depends(get_state)) -> dict:
+@router.get(
+    "/v1/indexes/{name}",
+    response_model=IndexInfo,
+    responses=ERRORS,
+    summary="The manifest of an index's served version",
+)
+async def index_info(name: str, state: ServiceState = Depends(get_state)) -> IndexInfo:
     loaded = state.registry.index(name)
-    return {
-        "name": name,
-        "version": loaded.version,
-        "device": loaded.device,
-        "placement": loaded.placement(),
-        "versions": IndexDir(state.settings.indexes_dir, name).versions(),
-        "manifest": loaded.manifest.model_dump(),
-    }
+    return IndexInfo(
+        name=name,
+        version=loaded.version,
+        device=loaded.device,
+        placement=loaded.placement(),
+        versions=await run_in_threadpool(IndexDir(state.settings.indexes_dir, name).versions),
+        manifest=loaded.manifest.model_dump(),
+    )
 
 
-@router.get("/healthz", summary="Liveness: the process answers")
-async def healthz() -> dict:
-    return {"status": "ok"}
+@router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
+async def healthz() -> Health:
+    return Health(status="ok")
 
 
 @router.get(
     "/readyz",
+    response_model=Readiness,
     summary="Readiness: model loaded and warmed, indexes loaded",
     responses={
         503: {

@@ -219,3 +219,70 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class IndexSummary(BaseModel):
+    name: str
+    version: str
+    items: int = Field(description="items in the served version")
+    modalities: list[str]
+    model: str = Field(description="the model the index was built with")
+    faiss: str = Field(description="FAISS factory key")
+    segments: int
+    late: bool = Field(description="whether it has a token store (`mode: late`)")
+    upgrading_from: str | None = Field(description="during a model upgrade: the old model")
+
+
+class IndexList(BaseModel):
+    indexes: list[IndexSummary]
+    refused: dict[str, str] = Field(description="indexes published but not served, and why")
+
+
+class IndexInfo(BaseModel):
+    name: str
+    version: str
+    device: str = Field(description="where FAISS searches it: gpu, cpu or mixed (see placement)")
+    placement: dict[str, dict[str, dict[str, Any]]] = Field(
+        description="per segment and modality: the device and the reason (indexer.gpu.Placement)"
+    )
+    versions: list[str] = Field(description="the versions on disk")
+    manifest: dict[str, Any] = Field(description="the served version's manifest")
+
+
+class ModelStatus(BaseModel):
+    name: str
+    fingerprint: str
+    dim: int
+    providers: dict[str, list[str]] = Field(description="per tower: the providers its session really runs on")
+    device: str = Field(description="cuda, cpu or mixed")
+
+
+class IndexStatus(BaseModel):
+    version: str
+    items: int
+    device: str = Field(description="where FAISS searches it: gpu, cpu, or mixed (see placement)")
+    placement: dict[str, dict[str, dict[str, Any]]]
+    model: str
+
+
+class Devices(BaseModel):
+    setting: str = Field(description="XMODAL_DEVICE")
+    faiss_gpus: int = Field(description="the GPUs FAISS sees")
+    onnxruntime_providers: list[str] = Field(description="the providers this ONNX Runtime offers")
+
+
+class Readiness(BaseModel):
+    ready: bool
+    pid: int = Field(description="which worker answered (`xmodal serve --workers N`)")
+    model: ModelStatus | None = Field(description="the default model, once loaded")
+    models: list[ModelStatus]
+    model_error: str | None
+    model_errors: dict[str, str] = Field(description="configured bundles not loaded, and why")
+    indexes: dict[str, IndexStatus]
+    devices: Devices
+    refused_indexes: dict[str, str]
+    cache: dict[str, Any] = Field(description="the cache's backend and state")

@@ -4,16 +4,18 @@ search metrics. Each index is searched with the model it was built with (service
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
+from pydantic import TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
 from indexer.search import Hit, LateRequest, LoadedIndex
 from models.encoder import Encoder
 from models.errors import InvalidInput
 from service.cache import Cache, result_key
+from service.errors import ResponseTooLarge
 from service.explain import describe
 from service.media import media_of
 from service.metrics import Metrics
@@ -22,6 +24,13 @@ from service.query_encoder import QueryEncoder
 from service.registry import Registry
 from service.schemas import LateOptions, Query, Result, SearchRequest, SearchResponse, TokenMatch
 from service.settings import Settings
+
+T = TypeVar("T")
+RESULTS = TypeAdapter(list[Result])  # a cached answer's results: read and written as JSON bytes, off the loop
+# What one match of an explained late result counts towards XMODAL_MAX_RESPONSE_FLOATS besides its heat map: about
+# what it takes in the answer (its numbers: query and item token, similarity, a box of 4 or 2 character offsets, and
+# its text), in floats.
+MATCH_VALUES = 8
 
 
 class SearchService:
@@ -46,19 +55,19 @@ class SearchService:
     async def search(self, req: SearchRequest, index: LoadedIndex, deadline: float, t0: float) -> SearchResponse:
         """``req`` answered on ``index`` (from ``index_for``); ``deadline`` and ``t0`` are the request's."""
         queries = self.registry.queries_for(index)
-        key = result_key(index.name, index.version, req.model_dump(mode="json"))
+        key = await off_loop_if(carries_file(req.query), request_key, index, req)
         with self._stage("cache", index, req):
             raw = await self.cache.get(key)
         cached = raw is not None
         self.metrics.cache.labels("result", "hit" if cached else "miss").inc()
         if cached:
-            results = [Result(**r) for r in json.loads(raw)]
+            results = await run_in_threadpool(RESULTS.validate_json, raw)  # k results, heat maps: off the loop
         else:
             if req.mode == "late":
                 results = await self._late(req, index, queries, deadline)
             else:
                 results = await self._dense(req, index, queries, deadline)
-            payload = json.dumps([r.model_dump(exclude_none=True) for r in results]).encode()
+            payload = await run_in_threadpool(RESULTS.dump_json, results, exclude_none=True)
             await self.cache.set(key, payload, self.settings.result_ttl_s)
         took = round((time.perf_counter() - t0) * 1000, 3)
         self.metrics.search_seconds.labels(str(cached).lower()).observe(took / 1000)
@@ -80,7 +89,7 @@ class SearchService:
         if q.embedding is not None:
             vec = queries.given_vector(q.embedding)
         else:
-            vec = await queries.vector(*query_input(q), deadline)
+            vec = await queries.vector(*await off_loop_if(carries_file(q), query_input, q), deadline)
         args = (vec, req.k, req.modalities, req.filter, q.modality, req.calibration)
         with self._stage("dense", index, req):
             hits, media = await run_in_threadpool(hits_and_media, index, index.search, *args)
@@ -91,8 +100,13 @@ class SearchService:
     ) -> list[Result]:
         """Late interaction: the query's token vectors, MaxSim over the token store, explained on request."""
         q = req.query
-        out = await queries.tokens(*query_input(q), deadline)
         options = req.late or LateOptions()
+        out = await queries.tokens(*await off_loop_if(carries_file(q), query_input, q), deadline)
+        if options.explain:  # before the search: the most this request can get
+            results, query_tokens = min(req.k, index.size), len(out.tokens[0])
+            most = results * query_tokens
+            what = f"up to {results} results x {query_tokens} query tokens"
+            self._check_explained_size(options, most, most if options.heatmap else 0, what)
         late = LateRequest(
             out.tokens[0], out.embedding[0], options.params(), explain=options.explain, heatmap=options.heatmap
         )
@@ -101,9 +115,33 @@ class SearchService:
             hits, media = await run_in_threadpool(hits_and_media, index, index.search_late, *args)
         if not options.explain:
             return [result(h, media=media.get(h.id)) for h in hits]
+        found = sum(len(h.matches or []) for h in hits)  # the real ones, before anything is rendered
+        self._check_explained_size(options, found, heat_values(hits), f"{found} matches in {len(hits)} results")
         pooled = (index.manifest.tokens or {}).get("pool_factor", 1) > 1
         matches = await run_in_threadpool(explained, hits, queries.encoder, q.text, pooled)  # tokenizes: off the loop
         return [result(h, m, media.get(h.id)) for h, m in zip(hits, matches, strict=True)]
+
+    def _check_explained_size(self, options: LateOptions, matches: int, heat: int, what: str) -> None:
+        """413 when a late answer's explanations would hold more than XMODAL_MAX_RESPONSE_FLOATS values: each match
+        counts MATCH_VALUES, each heat map value one. Checked before the search on the most the request can get (one
+        match per query token of each of min(k, items) results, and with a heat map at least one value each), then
+        after it, before anything is rendered, on the real matches and heat maps."""
+        values = matches * MATCH_VALUES + heat
+        limit = self.settings.max_response_floats
+        if values > limit:
+            lower = (
+                "leave out `late.heatmap`, or lower `k`"
+                if options.heatmap
+                else "lower `k`, or leave out `late.explain`"
+            )
+            raise ResponseTooLarge(
+                f"the answer would hold {values:,} values ({what}; {MATCH_VALUES} per match"
+                f"{', plus each heat map value' if options.heatmap else ''}), over the limit of {limit:,} "
+                f"(XMODAL_MAX_RESPONSE_FLOATS); {lower}",
+                param="late.heatmap" if options.heatmap else "k",
+                limit=limit,
+                values=values,
+            )
 
     @contextlib.contextmanager
     def _stage(self, stage: str, index: LoadedIndex, req: SearchRequest) -> Iterator[None]:
@@ -111,6 +149,24 @@ class SearchService:
         yield
         modality = req.query.modality or "embedding"
         self.metrics.stage_seconds.labels(stage, index.name, modality).observe(time.perf_counter() - t0)
+
+
+def carries_file(q: Query) -> bool:
+    return q.image is not None or q.audio is not None
+
+
+async def off_loop_if(heavy: bool, fn: Callable[..., T], *args: object) -> T:
+    """``fn(*args)``, in a worker thread when ``heavy`` (a query carrying a file of up to XMODAL_MAX_BODY_BYTES: its
+    base64 decoding and hashing are not for the event loop), else at once (a thread hop costs more than the call)."""
+    return await run_in_threadpool(fn, *args) if heavy else fn(*args)
+
+
+def request_key(index: LoadedIndex, req: SearchRequest) -> str:
+    return result_key(index.name, index.version, req.model_dump(mode="json"))
+
+
+def heat_values(hits: list[Hit]) -> int:
+    return sum(len(m.heat) for h in hits for m in h.matches or [] if m.heat is not None)
 
 
 def query_input(q: Query) -> tuple[str, str | bytes]:

@@ -1,12 +1,17 @@
-"""Search API keys (XMODAL_API_KEYS) through the real app: every search-side route needs a key once keys are set
-(401 without, 403 for a wrong one, an admin key passes too); probes, metrics and the page stay open; and the real
-`openai` client, given `api_key`, is let in while a wrong key raises its PermissionDeniedError."""
+"""API keys through the real app. Search keys (XMODAL_API_KEYS): every search-side route needs a key once keys are
+set (401 without, 403 for a wrong one, an admin key passes too); probes, metrics and the page stay open; and the real
+`openai` client, given `api_key`, is let in while a wrong key raises its PermissionDeniedError. Admin keys
+(XMODAL_ADMIN_KEYS): checked before the body is read, whether or not search keys are set, with the same statuses
+(401 without a key, 403 with one that is not an admin key)."""
 
 from __future__ import annotations
 
 import logging
+import socket
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -97,10 +102,64 @@ def test_the_openapi_schema_documents_the_keys(client: TestClient, served_data: 
 
 
 def test_admin_routes_keep_their_own_keys(client: TestClient) -> None:
-    # a search key is not an admin key
+    # a search key is not an admin key: a key sent but not accepted here, as a wrong key is on search routes
     r = client.get("/v1/jobs", headers={"Authorization": "Bearer search-key-one"})
-    assert r.status_code == 401
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", r.text
+    assert "search-key" not in r.text
     assert client.get("/v1/jobs", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
+
+
+@pytest.mark.parametrize("api_keys", [KEYS, ""], ids=["search keys set", "search keys unset"])
+def test_a_wrong_key_is_403_and_no_key_401_on_search_and_admin_routes_alike(served_data: Path, api_keys: str) -> None:
+    settings = Settings(data_dir=served_data, reload_interval_s=0, api_keys=api_keys, admin_keys=ADMIN)
+    admin = ("POST", "/v1/indexes/demo/compact", None)
+    routes = [admin, ("POST", "/v1/search", TEXT)] if api_keys else [admin]
+    with TestClient(create_app(settings)) as c:
+        for method, path, body in routes:
+            missing = call(c, method, path, body)
+            assert missing.status_code == 401 and missing.json()["error"]["code"] == "unauthorized", path
+            assert missing.headers["www-authenticate"] == "Bearer"
+            wrong = call(c, method, path, body, "not-a-key", header="x-api-key")
+            assert wrong.status_code == 403 and wrong.json()["error"]["code"] == "forbidden", (path, wrong.text)
+            assert "www-authenticate" not in wrong.headers and "not-a-key" not in wrong.text
+
+
+def test_admin_keys_are_checked_before_the_body_is_read(served_data: Path) -> None:
+    """No search keys set: only the admin gate stands in front of the admin routes. A request without an admin key
+    that announces a body at the size limit and sends none of it is answered at once (nothing waits for the body);
+    malformed JSON without a key is a 401 or 403, never a 400 or 422 (nothing parsed it)."""
+    settings = Settings(data_dir=served_data, reload_interval_s=0, admin_keys=ADMIN)
+    with ServerThread(settings) as server:
+        for key, status in ((None, 401), ("wrong", 403), ("anything", 403)):
+            headers = "" if key is None else f"Authorization: Bearer {key}\r\n"
+            head = (
+                f"POST /v1/indexes/demo/items HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{headers}"
+                f"Content-Length: {settings.max_body_bytes}\r\n\r\n"
+            )
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+                raw.sendall(head.encode() + b'{"items": [')  # a first chunk; the rest never comes
+                t0 = time.monotonic()
+                answer = raw.recv(65536).decode()
+                assert time.monotonic() - t0 < 5
+            assert answer.startswith(f"HTTP/1.1 {status} "), answer[:200]
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            bad = c.post("/v1/indexes/demo/items", content=b"{nope", headers={"content-type": "application/json"})
+            assert bad.status_code == 401, bad.text
+            good = c.post(
+                "/v1/indexes/demo/items",
+                content=b"{nope",
+                headers={"X-API-Key": ADMIN, "content-type": "application/json"},
+            )
+            assert good.status_code == 400 and good.json()["error"]["code"] == "malformed_json"  # past the gate
+            assert c.get("/v1/jobs/abc").status_code == 401  # GET admin routes too
+            assert c.get("/v1/indexes/demo").status_code == 200  # search side: open without search keys
+
+
+def test_admin_routes_are_off_without_admin_keys_before_the_body(served_data: Path) -> None:
+    with TestClient(create_app(Settings(data_dir=served_data, reload_interval_s=0))) as c:
+        r = c.post("/v1/indexes/demo/items", content=b"{nope", headers={"X-API-Key": ADMIN})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled", r.text
+        assert "XMODAL_ADMIN_KEYS" in r.json()["error"]["message"]
 
 
 def test_search_is_open_without_keys(served_data: Path) -> None:

@@ -143,3 +143,34 @@ def test_late_scope_all_deeper_than_a_modality_holds(client: TestClient) -> None
     )
     assert r.status_code == 200, r.text
     assert len(r.json()["results"]) == 5
+
+
+def test_explanations_past_the_response_limit_are_413_naming_what_to_lower(client: TestClient, late_data: Path) -> None:
+    """XMODAL_MAX_RESPONSE_FLOATS bounds a late answer's explanations (8 per match, 1 per heat map value): the most a
+    request can get is refused before the search; otherwise the real answer is counted before it is rendered. The
+    limit is exact: an answer of exactly that many values is sent, one more is refused."""
+    body = {"query": {"text": "two red circles"}, "modalities": ["image"], "k": 40, "mode": "late"}
+    full = search(client, **body, late={"heatmap": True}).json()["results"]
+    matches = sum(len(r["matches"]) for r in full)
+    values = matches * 8 + sum(len(m["heat"]) for r in full for m in r["matches"])
+    assert len(full) == 40 and values > 1024
+    for limit, status in ((values, 200), (values - 1, 413)):
+        settings = Settings(data_dir=late_data, reload_interval_s=0, max_response_floats=limit)
+        with TestClient(create_app(settings)) as small:
+            r = search(small, **body, late={"heatmap": True})
+            assert r.status_code == status, r.text
+            if status == 200:
+                assert r.json()["results"] == full
+                continue
+            error = r.json()["error"]
+            assert error["code"] == "response_too_large" and error["param"] == "late.heatmap"
+            assert f"{values:,} values ({matches} matches in 40 results" in error["message"]
+            assert f"over the limit of {limit:,} (XMODAL_MAX_RESPONSE_FLOATS)" in error["message"]
+            assert "leave out `late.heatmap`, or lower `k`" in error["message"]
+            # the most a request could get is refused before the search: k x query tokens matches
+            r = search(small, **{**body, "k": 1000}, late={"explain": True})
+            assert r.status_code == 413, r.text
+            error = r.json()["error"]
+            assert error["param"] == "k" and "up to " in error["message"] and "query tokens" in error["message"]
+            assert "lower `k`, or leave out `late.explain`" in error["message"]
+            assert search(small, **body).status_code == 200  # unexplained: no explanations to count

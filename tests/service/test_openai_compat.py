@@ -82,6 +82,28 @@ def test_media_data_uris_are_embedded_as_media(client, encoder: Encoder, media_c
         client.embeddings.create(model=DEFAULT_MODEL, input=[uri], extra_body={"modality": "text"})
 
 
+def test_raw_base64_media_is_detected_or_refused_never_embedded_as_text(client, media_corpus: Path) -> None:
+    png = (media_corpus.parent / "images" / "img-00003.png").read_bytes()
+    raw = base64.b64encode(png).decode()
+    as_uri = client.embeddings.create(model=DEFAULT_MODEL, input=["data:image/png;base64," + raw])
+    as_raw = client.embeddings.create(model=DEFAULT_MODEL, input=[raw])  # no data URI, no modality: by its bytes
+    assert as_raw.data[0].embedding == as_uri.data[0].embedding
+    with pytest.raises(openai.BadRequestError, match="not text: set `modality`"):
+        client.embeddings.create(model=DEFAULT_MODEL, input=[raw], extra_body={"modality": "text"})
+    with pytest.raises(openai.BadRequestError, match="one modality per request"):
+        client.embeddings.create(model=DEFAULT_MODEL, input=[raw, "a caption"])
+    unknown = base64.b64encode(bytes(range(256)) * 4).decode()  # base64 data of no known format
+    with pytest.raises(
+        openai.BadRequestError, match=r"input\[0\] is base64 data of no image or audio format"
+    ) as caught:
+        client.embeddings.create(model=DEFAULT_MODEL, input=[unknown])
+    assert caught.value.param == "modality"
+    text = client.embeddings.create(
+        model=DEFAULT_MODEL, input=["//todoFixThisLater", "a purple giraffe reads the morning newspaper"]
+    )  # still texts
+    assert len(text.data) == 2 and text.usage.prompt_tokens > 0
+
+
 def test_errors_reach_the_client_with_the_services_message(client) -> None:
     with pytest.raises(openai.NotFoundError, match="is not loaded; loaded: "):
         client.embeddings.create(model="text-embedding-3-small", input="a")
