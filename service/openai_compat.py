@@ -111,7 +111,8 @@ def check_response_floats(state: ServiceState, floats: int) -> None:
 
 @router.get("/v1/models", summary="Loaded models (OpenAI shape)")
 async def models(state: ServiceState = Depends(get_state)) -> dict:
-    ids, indexes = state.registry.model_ids(), state.registry.indexes
+    served = state.registry.served  # one snapshot: the models and indexes that belong together
+    ids, indexes = served.model_ids(), served.indexes
     return {
         "object": "list",
         "data": [
@@ -124,10 +125,10 @@ async def models(state: ServiceState = Depends(get_state)) -> dict:
                 "dim": q.dim,
                 "modalities": q.encoder.modalities,
                 "matryoshka_dims": q.encoder.manifest.matryoshka_dims,
-                "default": fingerprint == state.registry.default,
+                "default": fingerprint == served.default,
                 "indexes": sorted(n for n, i in indexes.items() if i.manifest.model.fingerprint == fingerprint),
             }
-            for fingerprint, q in state.registry.models.items()
+            for fingerprint, q in served.models.items()
         ],
     }
 
