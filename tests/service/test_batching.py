@@ -29,9 +29,10 @@ from prometheus_client import CollectorRegistry
 
 from models.encoder import Encoder
 from models.errors import InvalidInput
-from service.batcher import BatchMetrics, MicroBatcher
+from service.batcher import MicroBatcher
 from service.budget import MB, MemoryBudget
 from service.errors import DeadlineExceeded, InputTooLarge, Overloaded
+from service.metrics import BatchMetrics
 from service.settings import Settings
 from tests.conftest import ServerThread
 
@@ -117,6 +118,11 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def model_label(encoder: Encoder) -> str:
+    """The batch metrics' model label: two models' lanes stay apart."""
+    return f"{encoder.name}@{encoder.fingerprint[:12]}"
+
+
 # --- batches equal single encodes -------------------------------------------------------------------------------------
 def test_concurrent_queries_share_batches_and_equal_single_encodes(served_data: Path, encoder: Encoder) -> None:
     with server(served_data, batch_wait_ms=100) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
@@ -170,7 +176,8 @@ def test_sounds_of_different_lengths_are_batched_and_budgeted(served_data: Path,
         minute = sound(60, 48000, channels=2, fmt="FLAC")
         r = c.post("/v1/search", json={"index": "demo", "query": {"audio": b64(minute)}})
         assert r.status_code == 413 and r.json()["error"]["code"] == "input_too_large", r.text
-        assert metric(c, "xmodal_decode_seconds_count", modality="audio") == 4  # the minute was never decoded
+        decoded = metric(c, "xmodal_search_stage_seconds_count", stage="decode", index="-", modality="audio")
+        assert decoded == 4  # the minute was never decoded
 
 
 def test_batched_searches_rank_as_unbatched_ones(served_data: Path) -> None:
@@ -252,8 +259,9 @@ def test_a_batch_the_encoder_refuses_fails_only_the_input_at_fault(encoder: Enco
     assert isinstance(blank, InvalidInput) and "empty" in blank.message
     for text, got in (("a dog", dog), ("a violinist plays on a crowded street corner", violin), ("rain", rain)):
         np.testing.assert_allclose(got[0], encoder.encode_text([text])[0], atol=2e-5)
-    assert registry.get_sample_value("xmodal_batch_failed_total", {"lane": "text"}) == 1
-    assert registry.get_sample_value("xmodal_batch_size_sum", {"lane": "text"}) == 3 + 1  # the batch, then rain
+    lane = {"model": model_label(encoder), "lane": "text"}
+    assert registry.get_sample_value("xmodal_batch_failed_total", lane) == 1
+    assert registry.get_sample_value("xmodal_batch_size_sum", lane) == 3 + 1  # the batch, then rain
 
 
 def test_a_lane_holds_no_decoded_file_once_it_is_encoded(encoder: Encoder) -> None:
@@ -306,8 +314,9 @@ def test_expired_and_cancelled_queries_are_dropped_unencoded(served_data: Path, 
         batcher.close()
 
     asyncio.run(go())
-    assert registry.get_sample_value("xmodal_batch_dropped_total", {"lane": "text", "reason": "cancelled"}) == 1
-    assert registry.get_sample_value("xmodal_batch_size_sum", {"lane": "text"}) == 1  # only "encoded" was
+    lane = {"model": model_label(encoder), "lane": "text"}
+    assert registry.get_sample_value("xmodal_batch_dropped_total", {**lane, "reason": "cancelled"}) == 1
+    assert registry.get_sample_value("xmodal_batch_size_sum", lane) == 1  # only "encoded" was
 
 
 def test_a_client_that_hangs_up_leaves_the_queue_unencoded(served_data: Path) -> None:
