@@ -53,8 +53,7 @@ async def embeddings(req: EmbeddingsRequest, request: Request, state: ServiceSta
     if not inputs or len(inputs) > limit:
         raise InvalidInput(f"input must hold 1 to {limit} {modality} items", param="input")
     if modality == "text":
-        if any(not t.strip() or len(t) > state.settings.max_text_chars for t in inputs):
-            raise InvalidInput(f"every input must be non-empty and at most {state.settings.max_text_chars} characters")
+        queries.check_texts(inputs)
         usage = sum(await run_in_threadpool(encoder.count_tokens, inputs))  # 256 long texts: not on the event loop
         if req.tokens:  # refuse before the work: each token is a dim-float vector in the answer
             check_response_floats(state, (usage + len(inputs)) * encoder.dim)

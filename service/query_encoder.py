@@ -54,10 +54,18 @@ class QueryEncoder:
         self.batcher.close()
 
     def check_text(self, text: str, field: str = "query.text") -> None:
+        """A text to encode: not blank, at most XMODAL_MAX_TEXT_CHARS characters."""
+        if not text.strip():
+            raise InvalidInput(f"{field} must not be empty", param=field)
         if len(text) > self.settings.max_text_chars:
             raise InvalidInput(
                 f"{field} is {len(text)} characters; the limit is {self.settings.max_text_chars}", param=field
             )
+
+    def check_texts(self, texts: Sequence[str], field: str = "input") -> None:
+        """``check_text`` for each, named ``field[i]``: callers refuse a request with it before any other work."""
+        for i, text in enumerate(texts):
+            self.check_text(text, f"{field}[{i}]")
 
     async def vector(self, modality: str, item: str | bytes, deadline: float, index: str = NO_INDEX) -> np.ndarray:
         """One query's vector: a text, or an image / audio file's bytes. ``index``: the served index it is for (the
@@ -95,7 +103,8 @@ class QueryEncoder:
         TokenOutput (one row). Through the embedding cache; the misses are decoded (within the decoding memory
         budget, off the event loop) and join micro-batches with other requests' queries. ``deadline``
         (time.monotonic()) is the request's: counted from its arrival, not from here. ``index`` labels the
-        stage metrics: the served index these are queries of, NO_INDEX for none."""
+        stage metrics: the served index these are queries of, NO_INDEX for none. Texts are checked by the caller
+        (``check_texts``), before the request's other work."""
         kind = f"{modality}+tokens" if tokens else modality
         keys = [embedding_key(self.fingerprint, kind, x.encode() if isinstance(x, str) else x) for x in inputs]
         found: list = []
