@@ -103,9 +103,11 @@ class Serving:
         self.proc.wait(timeout=60)
 
     def metric(self, name: str, labels: str = "") -> float:
-        """One sample of /metrics (0 when absent); ``labels`` as written there, e.g. ``lane="text"``."""
+        """One sample of /metrics (0 when absent); ``labels`` as written there, e.g. ``lane="text"``, among others
+        (the batch series also carry the model)."""
         text = httpx.get(self.url + "/metrics", timeout=10).text
-        found = re.search(rf"^{re.escape(name)}{re.escape('{' + labels + '}') if labels else ''} (\S+)$", text, re.M)
+        among = rf"\{{(?:[^}}]*,)?{re.escape(labels)}(?:,[^}}]*)?\}}" if labels else ""
+        found = re.search(rf"^{re.escape(name)}{among} (\S+)$", text, re.M)
         return float(found.group(1)) if found else 0.0
 
     def batches(self, lane: str) -> tuple[float, float]:

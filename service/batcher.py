@@ -15,6 +15,7 @@ equal encoding alone: texts are padded to the batch's longest with an attention 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections import deque
@@ -23,42 +24,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.concurrency import run_in_threadpool
 
 from models.encoder import Encoder, TokenOutput
 from service.admission import charge
 from service.errors import DeadlineExceeded, NotReady, Overloaded
+from service.logs import request_id
+from service.metrics import NO_INDEX, BatchMetrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 TOKENIZE_INLINE_CHARS = 2048  # longer inputs are tokenised (for their cost) off the event loop
-BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
-
-
-class BatchMetrics:
-    """Queue wait, batch sizes actually formed, encode time per batch, queries dropped or refused; by lane."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        lane = ["lane"]
-        self.queue_seconds = Histogram(
-            "xmodal_batch_queue_seconds", "a query's wait for its batch", lane, registry=registry, buckets=SECONDS
-        )
-        self.batch_size = Histogram(
-            "xmodal_batch_size", "queries per encoded batch", lane, registry=registry, buckets=BATCH_SIZES
-        )
-        self.encode_seconds = Histogram(
-            "xmodal_batch_encode_seconds", "encoder time per batch", lane, registry=registry, buckets=SECONDS
-        )
-        self.dropped = Counter(
-            "xmodal_batch_dropped", "queries dropped unencoded", ["lane", "reason"], registry=registry
-        )
-        self.rejected = Counter("xmodal_batch_rejected", "queries refused: queue full", lane, registry=registry)
-        self.failed = Counter(
-            "xmodal_batch_failed", "batches that raised (then encoded one by one)", lane, registry=registry
-        )
 
 
 @dataclass(eq=False)  # compared by identity: its item may be an array or a picture
@@ -68,6 +45,8 @@ class Query:
     deadline: float  # time.monotonic()
     future: asyncio.Future
     on_leave: Callable[[], None] | None = None  # called once the lane holds it no more (dropped or encoded)
+    index: str = NO_INDEX  # for the stage metrics: the served index it is for
+    request: str | None = None  # the id of the request it came from (the lane's own lines carry none)
     queued: float = field(default_factory=time.monotonic)
 
     def leave(self) -> None:
@@ -88,36 +67,46 @@ class LaneKey:
 
 
 class Lane:
-    """One tower's queue and its worker task."""
+    """One tower's queue and its worker task. The task starts in an empty context: it serves every request, so it
+    carries none's id (the request that happened to create it would otherwise tag the lane's lines forever)."""
 
     def __init__(self, batcher: MicroBatcher, key: LaneKey) -> None:
         self.batcher, self.key, self.label = batcher, key, key.label
+        self.series = (batcher.model, key.label)  # the batch metrics' labels: model and lane
         settings = batcher.settings
         self.max_items = settings.batch_max
         self.max_cost = {"text": settings.batch_max_tokens, "image": settings.batch_max_pixels}.get(key.modality)
         self.padded = key.modality == "text"  # a text batch costs items x its longest
         self.queue: deque[Query] = deque()
         self.wakeup = asyncio.Event()
-        self.task = asyncio.get_running_loop().create_task(self.run(), name=f"xmodal-batch-{self.label}")
+        name = f"xmodal-batch-{batcher.model}-{self.label}"
+        self.task = asyncio.get_running_loop().create_task(self.run(), name=name, context=contextvars.Context())
 
     def submit(
-        self, items: Sequence[Any], costs: Sequence[int], deadline: float, on_leave: Callable[[], None] | None
+        self,
+        items: Sequence[Any],
+        costs: Sequence[int],
+        deadline: float,
+        on_leave: Callable[[], None] | None,
+        index: str = NO_INDEX,
     ) -> list[asyncio.Future]:
         """All of ``items`` join the queue, or none does (Overloaded)."""
         limit = self.batcher.settings.batch_queue
         if len(self.queue) + len(items) > limit:
-            self.batcher.metrics.rejected.labels(self.label).inc(len(items))
+            self.batcher.metrics.rejected.labels(*self.series).inc(len(items))
             raise Overloaded(f"the {self.label} encoder has {len(self.queue)} queries waiting (limit {limit})")
         loop = asyncio.get_running_loop()
         futures = []
+        rid = request_id.get()
         for item, cost in zip(items, costs, strict=True):
-            query = Query(item, cost, deadline, loop.create_future(), on_leave)
+            query = Query(item, cost, deadline, loop.create_future(), on_leave, index, rid)
             self.queue.append(query)
             futures.append(query.future)
         self.wakeup.set()
         return futures
 
     async def run(self) -> None:
+        log.debug("micro-batch lane %s of model %s started", self.label, self.batcher.model)
         while True:
             try:
                 batch = await self.next_batch()
@@ -134,7 +123,7 @@ class Lane:
         expired = now > query.deadline
         if not query.future.done() and not expired:
             return True
-        self.batcher.metrics.dropped.labels(self.label, "deadline" if expired else "cancelled").inc()
+        self.batcher.metrics.dropped.labels(*self.series, "deadline" if expired else "cancelled").inc()
         if not query.future.done():
             query.future.set_exception(DeadlineExceeded("the query waited for the encoder past its deadline"))
         return False
@@ -180,10 +169,11 @@ class Lane:
 
     async def encode(self, batch: list[Query]) -> None:
         now = time.monotonic()
-        metrics = self.batcher.metrics
+        metrics, modality = self.batcher.metrics, self.key.modality
         for query in batch:
-            metrics.queue_seconds.labels(self.label).observe(now - query.queued)
-        metrics.batch_size.labels(self.label).observe(len(batch))
+            metrics.queue_seconds.labels(*self.series).observe(now - query.queued)
+            metrics.stages.labels("queue", query.index, modality).observe(now - query.queued)
+        metrics.batch_size.labels(*self.series).observe(len(batch))
         loop = asyncio.get_running_loop()
         items = [q.item for q in batch]
         pool = self.batcher.executor
@@ -191,10 +181,21 @@ class Lane:
         try:
             try:
                 results: list[Any] = await loop.run_in_executor(pool, self.batcher.encode_batch, self.key, items)
-            except Exception:  # noqa: BLE001 - whichever input made it raise fails alone, below
-                metrics.failed.labels(self.label).inc()
+            except Exception as exc:  # noqa: BLE001 - whichever input made it raise fails alone, below
+                metrics.failed.labels(*self.series).inc()
+                log.warning(
+                    "a %s batch of %d queries raised (%s: %s); encoding them one by one",
+                    self.label,
+                    len(batch),
+                    type(exc).__name__,
+                    exc,
+                    extra={"request_ids": sorted({q.request for q in batch if q.request})},
+                )
                 results = await loop.run_in_executor(pool, self.batcher.encode_each, self.key, items)
-            metrics.encode_seconds.labels(self.label).observe(time.perf_counter() - t0)
+            took = time.perf_counter() - t0
+            metrics.encode_seconds.labels(*self.series).observe(took)
+            for query in batch:
+                metrics.stages.labels("encode", query.index, modality).observe(took)
             for query, result in zip(batch, results, strict=True):
                 if query.future.done():
                     continue
@@ -229,6 +230,7 @@ class MicroBatcher:
         in_flight: Callable[[], int] | None = None,
     ) -> None:
         self.encoder, self.settings, self.metrics = encoder, settings, metrics
+        self.model = f"{encoder.name}@{encoder.fingerprint[:12]}"  # its batch metrics' label: two models stay apart
         self.in_flight = in_flight  # requests under way; None: unknown, always worth waiting for
         self.lanes: dict[LaneKey, Lane] = {}
         # One batch at a time per lane: a thread each for text, image, audio, with and without tokens.
@@ -241,14 +243,16 @@ class MicroBatcher:
         items: Sequence[Any],
         deadline: float,
         on_leave: Callable[[], None] | None = None,
+        index: str = NO_INDEX,
     ) -> list[Any]:
         """Each item's vector ([dim] float32) or, with ``tokens``, its TokenOutput of one row; in order.
-        ``on_leave`` is called for each item once no queue or batch holds it (at once if it was refused)."""
+        ``on_leave`` is called for each item once no queue or batch holds it (at once if it was refused); ``index``
+        labels the items' queue and encode stages (service.metrics)."""
         key = LaneKey(modality, tokens)
         lane = self.lanes.get(key) or self.lanes.setdefault(key, Lane(self, key))
         try:
             costs = await self.costs(modality, items)
-            futures = lane.submit(items, costs, deadline, on_leave)
+            futures = lane.submit(items, costs, deadline, on_leave, index)
             charge(len(items))  # the request's work, for admission
         except BaseException:
             for _ in items:

@@ -1,12 +1,17 @@
 """The service's log lines: text or JSON (XMODAL_LOG_FORMAT), each carrying the id of the request it was logged in.
 
 The id lives in a context variable that service.middleware.RequestId sets for the request's task; threads that
-Starlette runs work in (run_in_threadpool) copy the context, so lines logged there carry it too. A filter on the
-handler copies it into every record, whichever logger (ours, uvicorn's, a library's) wrote it.
+Starlette runs work in (run_in_threadpool) copy the context, and so does the query encoder for its decoding
+threads, so lines logged there carry it too; the micro-batcher's lanes serve every request and carry none. A
+filter on the handler copies it into every record, whichever logger (ours, uvicorn's, a library's) wrote it.
+
+An unexpected error's traceback is written once: service.errors logs it under the request's id, and uvicorn's own
+"Exception in ASGI application" line for the same exception (Starlette re-raises it for the server) is dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -27,6 +32,22 @@ class RequestIdFilter(logging.Filter):
         rid = request_id.get()
         record.request_id = rid
         record.request_tag = f" [{rid}]" if rid else ""
+        return True
+
+
+class TracebackOnce(logging.Filter):
+    """Drops uvicorn's line for an exception whose traceback this handler has already written."""
+
+    MARK = "_xmodal_traceback_logged"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None:
+            return True
+        if record.name == "uvicorn.error" and getattr(exc, self.MARK, False):
+            return False
+        with contextlib.suppress(AttributeError):  # an exception type with __slots__: then written twice
+            setattr(exc, self.MARK, True)
         return True
 
 
@@ -52,6 +73,7 @@ def configure_logging(fmt: str, stream: IO[str] | None = None) -> logging.Handle
     """The root logger's one handler (stderr by default): our INFO lines, libraries' warnings."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(RequestIdFilter())
+    handler.addFilter(TracebackOnce())
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]

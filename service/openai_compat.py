@@ -84,8 +84,7 @@ async def embeddings(req: EmbeddingsRequest, request: Request, state: ServiceSta
     if not inputs or len(inputs) > limit:
         raise InvalidInput(f"input must hold 1 to {limit} {modality} items", param="input")
     if modality == "text":
-        if any(not t.strip() or len(t) > state.settings.max_text_chars for t in inputs):
-            raise InvalidInput(f"every input must be non-empty and at most {state.settings.max_text_chars} characters")
+        queries.check_texts(inputs)
         usage = sum(await run_in_threadpool(encoder.count_tokens, inputs))  # 256 long texts: not on the event loop
         if req.tokens:  # refuse before the work: each token is a dim-float vector in the answer
             check_response_floats(state.settings, (usage + len(inputs)) * encoder.dim)
@@ -176,7 +175,8 @@ class ModelList(BaseModel):
 
 @router.get("/v1/models", response_model=ModelList, summary="Loaded models (OpenAI shape)")
 async def models(state: ServiceState = Depends(get_state)) -> ModelList:
-    ids, indexes = state.registry.model_ids(), state.registry.indexes
+    served = state.registry.served  # one snapshot: the models and indexes that belong together
+    ids, indexes = served.model_ids(), served.indexes
     return ModelList(
         object="list",
         data=[
@@ -189,10 +189,10 @@ async def models(state: ServiceState = Depends(get_state)) -> ModelList:
                 dim=q.dim,
                 modalities=q.encoder.modalities,
                 matryoshka_dims=q.encoder.manifest.matryoshka_dims,
-                default=fingerprint == state.registry.default,
+                default=fingerprint == served.default,
                 indexes=sorted(n for n, i in indexes.items() if i.manifest.model.fingerprint == fingerprint),
             )
-            for fingerprint, q in state.registry.models.items()
+            for fingerprint, q in served.models.items()
         ],
     )
 

@@ -5,6 +5,7 @@ through here, so both get the same limits, cache keys and batches."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import Callable, Coroutine, Sequence
 
@@ -16,7 +17,7 @@ from models.errors import InvalidInput
 from service.batcher import MicroBatcher
 from service.budget import MemoryBudget
 from service.cache import Cache, embedding_key
-from service.metrics import Metrics
+from service.metrics import NO_INDEX, Metrics
 from service.settings import Settings
 
 
@@ -53,22 +54,31 @@ class QueryEncoder:
         self.batcher.close()
 
     def check_text(self, text: str, field: str = "query.text") -> None:
+        """A text to encode: not blank, at most XMODAL_MAX_TEXT_CHARS characters."""
+        if not text.strip():
+            raise InvalidInput(f"{field} must not be empty", param=field)
         if len(text) > self.settings.max_text_chars:
             raise InvalidInput(
                 f"{field} is {len(text)} characters; the limit is {self.settings.max_text_chars}", param=field
             )
 
-    async def vector(self, modality: str, item: str | bytes, deadline: float) -> np.ndarray:
-        """One query's vector: a text, or an image / audio file's bytes."""
+    def check_texts(self, texts: Sequence[str], field: str = "input") -> None:
+        """``check_text`` for each, named ``field[i]``: callers refuse a request with it before any other work."""
+        for i, text in enumerate(texts):
+            self.check_text(text, f"{field}[{i}]")
+
+    async def vector(self, modality: str, item: str | bytes, deadline: float, index: str = NO_INDEX) -> np.ndarray:
+        """One query's vector: a text, or an image / audio file's bytes. ``index``: the served index it is for (the
+        stage metrics' label)."""
         if isinstance(item, str):
             self.check_text(item)
-        return (await self.encode(modality, [item], deadline))[0]
+        return (await self.encode(modality, [item], deadline, index=index))[0]
 
-    async def tokens(self, modality: str, item: str | bytes, deadline: float) -> TokenOutput:
+    async def tokens(self, modality: str, item: str | bytes, deadline: float, index: str = NO_INDEX) -> TokenOutput:
         """One query's pooled vector and token vectors, for late interaction."""
         if isinstance(item, str):
             self.check_text(item)
-        return (await self.encode(modality, [item], deadline, tokens=True))[0]
+        return (await self.encode(modality, [item], deadline, tokens=True, index=index))[0]
 
     def given_vector(self, values: list[float]) -> np.ndarray:
         """A query vector sent as such: the model's dimension, finite, non-zero; unit length returned."""
@@ -81,25 +91,36 @@ class QueryEncoder:
             raise InvalidInput("query.embedding must be finite and non-zero")
         return vec / norm  # cosine similarity: unit query
 
-    async def encode(self, modality: str, inputs: Sequence[str | bytes], deadline: float, tokens: bool = False) -> list:
+    async def encode(
+        self,
+        modality: str,
+        inputs: Sequence[str | bytes],
+        deadline: float,
+        tokens: bool = False,
+        index: str = NO_INDEX,
+    ) -> list:
         """Texts, or image / audio files' bytes → each one's vector ([dim] float32) or, with ``tokens``, its
         TokenOutput (one row). Through the embedding cache; the misses are decoded (within the decoding memory
         budget, off the event loop) and join micro-batches with other requests' queries. ``deadline``
-        (time.monotonic()) is the request's: counted from its arrival, not from here."""
+        (time.monotonic()) is the request's: counted from its arrival, not from here. ``index`` labels the
+        stage metrics: the served index these are queries of, NO_INDEX for none. Texts are checked by the caller
+        (``check_texts``), before the request's other work."""
         kind = f"{modality}+tokens" if tokens else modality
         keys = [embedding_key(self.fingerprint, kind, x.encode() if isinstance(x, str) else x) for x in inputs]
         found: list = []
+        t0 = time.perf_counter()
         for key in keys:  # one at a time: a 256-text request must not open 256 Redis connections
             found.append(self._from_cache(await self.cache.get(key), tokens))
+        self.metrics.stage("embedding_cache", index, modality, time.perf_counter() - t0)
         misses = [i for i, v in enumerate(found) if v is None]
         self.metrics.cache.labels("embedding", "hit").inc(len(inputs) - len(misses))
         if not misses:
             return found
         self.metrics.cache.labels("embedding", "miss").inc(len(misses))
         if modality == "text":
-            fresh = await self.batcher.encode("text", tokens, [inputs[i] for i in misses], deadline)
+            fresh = await self.batcher.encode("text", tokens, [inputs[i] for i in misses], deadline, index=index)
         else:
-            fresh = await all_of([self._decoded_encode(modality, inputs[i], tokens, deadline) for i in misses])
+            fresh = await all_of([self._decoded_encode(modality, inputs[i], tokens, deadline, index) for i in misses])
         for i, value in zip(misses, fresh, strict=True):
             if tokens and len(value.tokens[0]) == 0:
                 raise InvalidInput(f"the {modality} query has no tokens to match")
@@ -108,19 +129,22 @@ class QueryEncoder:
         return found
 
     async def _decoded_encode(
-        self, modality: str, data: bytes, tokens: bool, deadline: float
+        self, modality: str, data: bytes, tokens: bool, deadline: float, index: str
     ) -> np.ndarray | TokenOutput:
         """Decode one file within the memory budget (reserved from its header), then encode it in a batch; its
-        decoded form's memory is held until it is encoded."""
+        decoded form's memory is held until it is encoded. The decoding thread runs in a copy of the request's
+        context: its log lines carry the request's id."""
         cost = await run_in_threadpool(self.encoder.decode_cost, modality, data)
         loop = asyncio.get_running_loop()
         async with self.budget.reserve(max(cost.peak, cost.kept), f"this {modality}") as reservation:
             t0 = time.perf_counter()
-            decoded = await reservation.hold_while(loop.run_in_executor(None, self.encoder.decode, modality, data))
-            self.metrics.decode_seconds.labels(modality).observe(time.perf_counter() - t0)
+            in_context = contextvars.copy_context().run
+            decoding = loop.run_in_executor(None, in_context, self.encoder.decode, modality, data)
+            decoded = await reservation.hold_while(decoding)
+            self.metrics.stage("decode", index, modality, time.perf_counter() - t0)
             reservation.shrink(cost.kept)
             reservation.hand_over()  # the batcher gives it back once no queue or batch holds the decoded file
-            found = await self.batcher.encode(modality, tokens, [decoded], deadline, reservation.release)
+            found = await self.batcher.encode(modality, tokens, [decoded], deadline, reservation.release, index)
             return found[0]
 
     def _from_cache(self, raw: bytes | None, tokens: bool) -> np.ndarray | TokenOutput | None:

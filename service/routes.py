@@ -198,7 +198,7 @@ async def healthz() -> Health:
     },
 )
 async def readyz(state: ServiceState = Depends(get_state)) -> JSONResponse:
-    registry = state.registry
+    registry = state.registry.served  # one snapshot: models, indexes and errors that belong together
     ids = registry.model_ids()
     models = [
         {

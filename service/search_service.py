@@ -56,7 +56,7 @@ class SearchService:
         """``req`` answered on ``index`` (from ``index_for``); ``deadline`` and ``t0`` are the request's."""
         queries = self.registry.queries_for(index)
         key = await off_loop_if(carries_file(req.query), request_key, index, req)
-        with self._stage("cache", index, req):
+        with self._stage("result_cache", index, req):
             raw = await self.cache.get(key)
         cached = raw is not None
         self.metrics.cache.labels("result", "hit" if cached else "miss").inc()
@@ -89,9 +89,9 @@ class SearchService:
         if q.embedding is not None:
             vec = queries.given_vector(q.embedding)
         else:
-            vec = await queries.vector(*await off_loop_if(carries_file(q), query_input, q), deadline)
+            vec = await queries.vector(*await off_loop_if(carries_file(q), query_input, q), deadline, index.name)
         args = (vec, req.k, req.modalities, req.filter, q.modality, req.calibration)
-        with self._stage("dense", index, req):
+        with self._stage("search", index, req):
             hits, media = await run_in_threadpool(hits_and_media, index, index.search, *args)
         return [result(h, media=media.get(h.id)) for h in hits]
 
@@ -101,7 +101,7 @@ class SearchService:
         """Late interaction: the query's token vectors, MaxSim over the token store, explained on request."""
         q = req.query
         options = req.late or LateOptions()
-        out = await queries.tokens(*await off_loop_if(carries_file(q), query_input, q), deadline)
+        out = await queries.tokens(*await off_loop_if(carries_file(q), query_input, q), deadline, index.name)
         if options.explain:  # before the search: the most this request can get
             results, query_tokens = min(req.k, index.size), len(out.tokens[0])
             most = results * query_tokens
@@ -111,7 +111,7 @@ class SearchService:
             out.tokens[0], out.embedding[0], options.params(), explain=options.explain, heatmap=options.heatmap
         )
         args = (late, req.k, req.modalities, req.filter, q.modality, req.calibration)
-        with self._stage("late", index, req):
+        with self._stage("late_rerank", index, req):
             hits, media = await run_in_threadpool(hits_and_media, index, index.search_late, *args)
         if not options.explain:
             return [result(h, media=media.get(h.id)) for h in hits]

@@ -193,7 +193,7 @@ def test_indexes_health_ready_metrics(client: TestClient) -> None:
     search(client, query={"text": "metrics please"})
     metrics = client.get("/metrics").text
     assert 'xmodal_search_seconds_count{cached="false"}' in metrics
-    for stage in ("cache", "dense"):  # per stage, by index and query modality
+    for stage in ("result_cache", "embedding_cache", "queue", "encode", "search"):  # by index and query modality
         assert f'xmodal_search_stage_seconds_count{{index="demo",modality="text",stage="{stage}"}}' in metrics
     assert 'xmodal_http_requests_total{path="/v1/search",status="200"}' in metrics
 

@@ -1,7 +1,8 @@
 """Micro-batching and the decoding memory budget, against the real app over HTTP (uvicorn in a thread) and the real
 ONNX encoder: concurrent queries share batches and get exactly what they would alone, a full queue is a 429 with
-Retry-After, a bad input fails alone, an expired deadline is dropped unencoded, and a small file that would decode
-into hundreds of megabytes is refused or waits without the process growing past the budget."""
+Retry-After, a bad input fails alone (refused at decoding, or raised by the ONNX run in a shared batch), an expired
+deadline is dropped unencoded, and a small file that would decode into hundreds of megabytes is refused or waits
+without the process growing past the budget."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import os
 import re
+import shutil
 import socket
 import struct
 import threading
@@ -29,11 +32,13 @@ from prometheus_client import CollectorRegistry
 
 from models.encoder import Encoder
 from models.errors import InvalidInput
-from service.batcher import BatchMetrics, MicroBatcher
+from service.batcher import MicroBatcher
 from service.budget import MB, MemoryBudget
 from service.errors import DeadlineExceeded, InputTooLarge, Overloaded
+from service.metrics import BatchMetrics
 from service.settings import Settings
 from tests.conftest import ServerThread
+from tests.service.log_records import Records
 
 TEXTS = [
     "a dog",
@@ -117,6 +122,11 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def model_label(encoder: Encoder) -> str:
+    """The batch metrics' model label: two models' lanes stay apart."""
+    return f"{encoder.name}@{encoder.fingerprint[:12]}"
+
+
 # --- batches equal single encodes -------------------------------------------------------------------------------------
 def test_concurrent_queries_share_batches_and_equal_single_encodes(served_data: Path, encoder: Encoder) -> None:
     with server(served_data, batch_wait_ms=100) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
@@ -170,7 +180,8 @@ def test_sounds_of_different_lengths_are_batched_and_budgeted(served_data: Path,
         minute = sound(60, 48000, channels=2, fmt="FLAC")
         r = c.post("/v1/search", json={"index": "demo", "query": {"audio": b64(minute)}})
         assert r.status_code == 413 and r.json()["error"]["code"] == "input_too_large", r.text
-        assert metric(c, "xmodal_decode_seconds_count", modality="audio") == 4  # the minute was never decoded
+        decoded = metric(c, "xmodal_search_stage_seconds_count", stage="decode", index="-", modality="audio")
+        assert decoded == 4  # the minute was never decoded
 
 
 def test_batched_searches_rank_as_unbatched_ones(served_data: Path) -> None:
@@ -252,8 +263,70 @@ def test_a_batch_the_encoder_refuses_fails_only_the_input_at_fault(encoder: Enco
     assert isinstance(blank, InvalidInput) and "empty" in blank.message
     for text, got in (("a dog", dog), ("a violinist plays on a crowded street corner", violin), ("rain", rain)):
         np.testing.assert_allclose(got[0], encoder.encode_text([text])[0], atol=2e-5)
-    assert registry.get_sample_value("xmodal_batch_failed_total", {"lane": "text"}) == 1
-    assert registry.get_sample_value("xmodal_batch_size_sum", {"lane": "text"}) == 3 + 1  # the batch, then rain
+    lane = {"model": model_label(encoder), "lane": "text"}
+    assert registry.get_sample_value("xmodal_batch_failed_total", lane) == 1
+    assert registry.get_sample_value("xmodal_batch_size_sum", lane) == 3 + 1  # the batch, then rain
+
+
+def with_token_past_the_embedding_table(models_dir: Path, data: Path) -> Encoder:
+    """A data folder whose xmodal-mini has one word more in its tokenizer than rows in its text tower's embedding
+    table (a tokenizer and a graph that do not match, as a botched export would pair them): the ONNX run raises on
+    any text holding ``[BOOM]`` and on nothing else. The graph, the rest of the tokenizer and the runtime are the
+    real ones; the bundle is fingerprinted afresh, so the service loads it as any other."""
+    from tokenizers import AddedToken, Tokenizer
+
+    from models.bundle import DEFAULT_MODEL, MANIFEST, compute_fingerprint, load_manifest
+    from models.files import atomic_write_json
+
+    bundle = data / "models" / DEFAULT_MODEL
+    shutil.copytree(models_dir / DEFAULT_MODEL, bundle)
+    tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+    rows = tokenizer.get_vocab_size()
+    tokenizer.add_tokens([AddedToken("[BOOM]", single_word=True)])
+    assert tokenizer.token_to_id("[BOOM]") == rows  # one past the table's last row
+    tokenizer.save(str(bundle / "tokenizer.json"))
+    manifest = load_manifest(bundle)
+    fingerprint = compute_fingerprint(bundle, manifest.towers)
+    atomic_write_json(bundle / MANIFEST, manifest.model_copy(update={"fingerprint": fingerprint}).model_dump())
+    return Encoder(bundle, device="cpu")
+
+
+def test_an_input_the_real_encoder_refuses_fails_alone_in_its_shared_batch(models_dir: Path, tmp_path: Path) -> None:
+    """Over HTTP, concurrent requests meet in one batch; the ONNX run raises for one of them (no input this service
+    lets through makes the shipped model raise: validation checks what the encoder checks, and decoding already ran
+    every step preprocessing repeats; so its tokenizer knows a word its graph cannot embed). Only that request
+    fails, the others get the vectors they would get alone, and the lane keeps serving."""
+    encoder = with_token_past_the_embedding_table(models_dir, tmp_path)
+    texts = ["a dog", "rain on a tin roof", "a [BOOM] in the text", "a violinist", "waves at night", "a red car"]
+    bad = 2
+    with (
+        Records() as logs,
+        server(tmp_path, batch_wait_ms=2000) as srv,
+        httpx.Client(base_url=srv.url, timeout=60) as c,
+    ):
+        found = at_once(
+            len(texts),
+            lambda i: c.post("/v1/embeddings", json={"input": texts[i]}, headers={"X-Request-ID": f"req-{i}"}),
+        )
+        assert found[bad].status_code == 500 and found[bad].json()["error"]["code"] == "internal_error"
+        assert "InvalidArgument" in found[bad].json()["error"]["message"]
+        for i, f in enumerate(found):
+            if i != bad:
+                assert f.status_code == 200, f.text
+                np.testing.assert_allclose(
+                    f.json()["data"][0]["embedding"], encoder.encode_text([texts[i]])[0], atol=2e-5
+                )
+        # one batch of all six, which raised; then each alone
+        assert metric(c, "xmodal_batch_size_count", lane="text") == 1
+        assert metric(c, "xmodal_batch_size_sum", lane="text") == len(texts)
+        assert metric(c, "xmodal_batch_failed_total", lane="text") == 1
+        assert c.post("/v1/embeddings", json={"input": "still served"}).status_code == 200
+    # the lane says which requests its failed batch held, under no request id of its own
+    (warning,) = [r for r in logs.of("service.batcher") if r.levelno == logging.WARNING]
+    assert "InvalidArgument" in warning.getMessage() and warning.request_id is None
+    assert warning.request_ids == sorted(f"req-{i}" for i in range(len(texts)))
+    (failed,) = [r for r in logs.of("service.errors") if r.exc_info]
+    assert failed.request_id == f"req-{bad}"
 
 
 def test_a_lane_holds_no_decoded_file_once_it_is_encoded(encoder: Encoder) -> None:
@@ -306,8 +379,9 @@ def test_expired_and_cancelled_queries_are_dropped_unencoded(served_data: Path, 
         batcher.close()
 
     asyncio.run(go())
-    assert registry.get_sample_value("xmodal_batch_dropped_total", {"lane": "text", "reason": "cancelled"}) == 1
-    assert registry.get_sample_value("xmodal_batch_size_sum", {"lane": "text"}) == 1  # only "encoded" was
+    lane = {"model": model_label(encoder), "lane": "text"}
+    assert registry.get_sample_value("xmodal_batch_dropped_total", {**lane, "reason": "cancelled"}) == 1
+    assert registry.get_sample_value("xmodal_batch_size_sum", lane) == 1  # only "encoded" was
 
 
 def test_a_client_that_hangs_up_leaves_the_queue_unencoded(served_data: Path) -> None:

@@ -194,3 +194,30 @@ def test_builds_keep_the_newest_versions_and_never_the_published_one_goes(data: 
     assert {p.name for p in d.segments_dir.iterdir()} == listed  # the segments of removed versions went too
     with pytest.raises(Exception, match="keep at least one"):
         d.prune(0)
+
+
+def test_refusals_are_forgotten_once_served_or_unpublished_and_readers_keep_their_snapshot(data: Path) -> None:
+    """A refused index's reason goes once it serves, or once it is no longer published (its folder removed), so a
+    replica becomes ready again; a reader holds one snapshot of models, indexes and refusals that a refresh (in
+    another thread) replaces, never changes."""
+    _, new = versions(data)
+    faiss = path_of(data, new) / "dense.text.faiss"
+    good = faiss.read_bytes()
+    damage_bytes(faiss, 100, os.urandom(4000))
+    gone = data / "indexes" / "gone"
+    gone.mkdir()
+    (gone / "CURRENT").write_text("v-that-was-never-written\n")  # published, but nothing to serve
+    with client(data) as c:
+        registry = c.app.state.xmodal.registry
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and set(ready.json()["refused_indexes"]) == {"a", "gone"}
+        held = registry.served
+        faiss.write_bytes(good)
+        shutil.rmtree(gone)
+        registry.refresh()
+        ready = c.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["refused_indexes"] == {}, ready.json()
+        assert c.get("/v1/indexes").json()["refused"] == {} and served(c) == new
+        # what a reader held is as it was: the refresh published a new snapshot
+        assert set(held.index_errors) == {"a", "gone"} and set(held.indexes) == {"b"} and not held.ready()
+        assert registry.served is not held and set(registry.served.indexes) == {"a", "b"}

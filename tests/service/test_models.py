@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from indexer.build import build_index
 from indexer.corpus import read_jsonl
@@ -112,6 +113,20 @@ def test_each_index_is_searched_with_its_own_model(two_models: Path) -> None:
         assert default["model"] == DEFAULT_MODEL and len(default["data"][0]["embedding"]) == 384
         # the same text, two models: two cache entries, not one answer for both
         assert not np.allclose(default["data"][0]["embedding"][: clip.dim], vec)
+
+        # each model's lanes are batch series of their own
+        lanes = {
+            (s.labels["model"], s.labels["lane"]): s.value
+            for family in text_string_to_metric_families(c.get("/metrics").text)
+            for s in family.samples
+            if s.name == "xmodal_batch_size_count"
+        }
+        mini = listed[DEFAULT_MODEL]["fingerprint"]
+        assert set(lanes) == {
+            (f"{CLIP}@{clip.fingerprint[:12]}", "text"),
+            (f"{CLIP}@{clip.fingerprint[:12]}", "image"),
+            (f"{DEFAULT_MODEL}@{mini[:12]}", "text"),
+        }, lanes
 
 
 def test_models_the_service_may_not_load_refuse_their_index(two_models: Path, tmp_path: Path) -> None:
