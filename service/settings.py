@@ -55,7 +55,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(10 << 20, ge=1024, description="larger request bodies get 413 (base64 images count)")
     max_text_chars: int = Field(4096, ge=1)
     max_response_floats: int = Field(
-        2_000_000, ge=1024, description="floats one /v1/embeddings answer may hold (token vectors count); more is 413"
+        2_000_000,
+        ge=1024,
+        description="floats one answer may hold: /v1/embeddings (token vectors count) and late search explanations "
+        "(8 a match, 1 a heat-map value); more is 413",
     )
     max_inflight: int = Field(
         64, ge=1, description="the hard ceiling: searches and embeddings in flight at once, 429 beyond, whatever load"

@@ -512,6 +512,8 @@ def test_decoding_memory_is_budgeted(served_data: Path) -> None:
         if r.status_code == 429:
             assert r.headers["retry-after"] == "1" and "decoding memory is busy" in r.json()["error"]["message"]
         assert grew < budget << 20, grew
+        # a refused request's other pictures may still be decoding: the storm meets an idle service
+        wait_for(lambda: metric(c, "xmodal_decode_memory_bytes") == 0, 10)
         # 16 requests at once, each its own such picture (the 6.3 GB and a 6.4 s /healthz): one at a time
         storm = [{"index": "demo", "query": {"image": b64(tagged(bomb, f"storm {i}"))}} for i in range(16)]
         slowest, stop = [0.0], threading.Event()
@@ -532,7 +534,7 @@ def test_decoding_memory_is_budgeted(served_data: Path) -> None:
             stop.set()
             prober.join()
         codes = [f.status_code for f in found]
-        assert set(codes) <= {200, 429} and 200 in codes, codes
+        assert set(codes) <= {200, 429} and 200 in codes, [(f.status_code, f.text[:150]) for f in found]
         assert grew < budget << 20, grew
         assert slowest[0] < 2.0, slowest  # the event loop never decodes
         wait_for(lambda: metric(c, "xmodal_decode_memory_bytes") == 0, 10)  # all given back, once decodes end
