@@ -36,6 +36,7 @@ from service.schemas import (
     SearchRequest,
     SearchResponse,
 )
+from service.search_service import large_answer
 from service.settings import Settings
 from service.state import ServiceState, deadline_of, get_state
 
@@ -49,7 +50,7 @@ T = TypeVar("T")
 )
 async def search(req: SearchRequest, request: Request, state: ServiceState = Depends(get_state)) -> Response:
     answer = await searched(req, state, request, Lifetime.of(request, state.settings))
-    return await json_response(answer)
+    return await json_response(answer, large=large_answer(req))
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ async def search_file(
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
     # The same path as a JSON search with a base64 image: same validation, same cache keys.
-    return await json_response(await searched(req, state, request, life))
+    return await json_response(await searched(req, state, request, life), large=large_answer(req))
 
 
 @router.get("/v1/indexes", response_model=IndexList, summary="Published indexes being served")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import TypeVar
 
 from pydantic import TypeAdapter
@@ -26,7 +27,9 @@ from service.schemas import LateOptions, Query, Result, SearchRequest, SearchRes
 from service.settings import Settings
 
 T = TypeVar("T")
-RESULTS = TypeAdapter(list[Result])  # a cached answer's results: read and written as JSON bytes, off the loop
+RESULTS = TypeAdapter(list[Result])  # a cached answer's results, read and written as JSON bytes
+LARGE_K = 100  # answers of more results, or with explanations, are serialised off the event loop
+LARGE_BYTES = 1 << 16  # cached answers longer than this are read off the event loop
 # What one match of an explained late result counts towards XMODAL_MAX_RESPONSE_FLOATS besides its heat map: about
 # what it takes in the answer (its numbers: query and item token, similarity, a box of 4 or 2 character offsets, and
 # its text), in floats.
@@ -61,13 +64,13 @@ class SearchService:
         cached = raw is not None
         self.metrics.cache.labels("result", "hit" if cached else "miss").inc()
         if cached:
-            results = await run_in_threadpool(RESULTS.validate_json, raw)  # k results, heat maps: off the loop
+            results = await off_loop_if(len(raw) > LARGE_BYTES, RESULTS.validate_json, raw)
         else:
             if req.mode == "late":
                 results = await self._late(req, index, queries, deadline)
             else:
                 results = await self._dense(req, index, queries, deadline)
-            payload = await run_in_threadpool(RESULTS.dump_json, results, exclude_none=True)
+            payload = await off_loop_if(large_answer(req), partial(RESULTS.dump_json, exclude_none=True), results)
             await self.cache.set(key, payload, self.settings.result_ttl_s)
         took = round((time.perf_counter() - t0) * 1000, 3)
         self.metrics.search_seconds.labels(str(cached).lower()).observe(took / 1000)
@@ -157,8 +160,15 @@ def carries_file(q: Query) -> bool:
 
 async def off_loop_if(heavy: bool, fn: Callable[..., T], *args: object) -> T:
     """``fn(*args)``, in a worker thread when ``heavy`` (a query carrying a file of up to XMODAL_MAX_BODY_BYTES: its
-    base64 decoding and hashing are not for the event loop), else at once (a thread hop costs more than the call)."""
+    base64 decoding and hashing; a large answer), else at once: for a search of 10 results a thread hop costs more
+    than the call, and two more hops a search halved the cache hits one process answers (bench/service.py)."""
     return await run_in_threadpool(fn, *args) if heavy else fn(*args)
+
+
+def large_answer(req: SearchRequest) -> bool:
+    """Whether the answer to ``req`` may be large enough to serialise off the event loop: more than LARGE_K results,
+    or late search explanations (heat maps: query tokens x item tokens a result)."""
+    return req.k > LARGE_K or (req.mode == "late" and req.late is not None and req.late.explain)
 
 
 def request_key(index: LoadedIndex, req: SearchRequest) -> str:
