@@ -22,7 +22,7 @@ from service.errors import install_error_handlers
 from service.events import listen
 from service.job_queue import make_jobs
 from service.logs import configure_logging
-from service.middleware import BodyLimit, CountRequests, RequestId
+from service.middleware import BodyBudget, BodyLimit, CountRequests, RequestId
 from service.openai_compat import router as openai_router
 from service.openapi import document_service
 from service.page import mount_static
@@ -74,6 +74,7 @@ def create_app(settings: Settings) -> XmodalApp:
         app.state.xmodal = state
         registry = state.registry
         app.state.admission = state.admission  # for AdmissionGate
+        app.state.body_budget = state.body_budget  # for BodyBudget
         app.front_door = front_door(settings, state, drain)
         app.state.jobs = make_jobs(settings, on_done=registry.refresh)
         await run_in_threadpool(registry.load_models)
@@ -123,6 +124,7 @@ def create_app(settings: Settings) -> XmodalApp:
     app.state.drain = drain
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(AdmissionGate)  # inside the key check: a request without a key takes no place in flight
+    app.add_middleware(BodyBudget, limit=settings.max_body_bytes)  # waiting for body memory holds no place in flight
     app.add_middleware(AdminGate, routes=admin_router.routes, keys=settings.admin_key_list)  # before any body is read
     if settings.api_key_list:  # XMODAL_API_KEYS: before any body is read
         app.add_middleware(ApiKeyGate, keys=settings.api_key_list, admin_keys=settings.admin_key_list)

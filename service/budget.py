@@ -1,9 +1,14 @@
-"""Memory lent to decoding, shared by all requests: an input reserves what its header says decoding will take
-before any pixel or sample is decoded, keeps what its decoded form takes until it is encoded, then gives it back.
+"""Memory lent to a use, shared by all requests. Two budgets use it:
 
-An input that needs more than the whole budget is refused (413); one that must wait waits at most
-``decode_wait_s``, first come first served, then gets 429 with Retry-After. So the process's decoding memory stays
-under ``decode_memory_mb`` however many requests arrive at once.
+- decoding (``XMODAL_DECODE_MEMORY_MB``): an input reserves what its header says decoding will take before any
+  pixel or sample is decoded, keeps what its decoded form takes until it is encoded, then gives it back;
+- request bodies (``XMODAL_BODY_MEMORY_MB``, service.middleware.BodyBudget): a request with a large body reserves
+  a few times its length (the bytes, the JSON text, the base64-decoded file) before its body is read, until its
+  answer is sent.
+
+A reservation over the whole budget is refused (413); one that must wait waits at most ``decode_wait_s``, first
+come first served, then gets 429 with Retry-After. So that memory stays under the budget however many requests
+arrive at once.
 """
 
 from __future__ import annotations
@@ -58,21 +63,38 @@ class Reservation:
         self.shrink(0)
 
 
-class MemoryBudget:
-    """Bytes reserved on the event loop (no lock needed); the decoding itself runs in worker threads."""
+@dataclass(frozen=True)
+class Use:
+    """What a budget lends memory to: its gauge, its setting and the words of its errors."""
 
-    def __init__(self, capacity: int, wait_s: float, registry: CollectorRegistry | None = None) -> None:
-        self.capacity, self.wait_s = capacity, wait_s
+    gauge: str
+    setting: str
+    doing: str  # "decoding this image would take ..."
+    lent_to: str  # "... the MB the service lends decoding"
+
+
+DECODING = Use("xmodal_decode_memory_bytes", "XMODAL_DECODE_MEMORY_MB", "decoding", "decoding")
+BODIES = Use("xmodal_body_memory_bytes", "XMODAL_BODY_MEMORY_MB", "reading", "request bodies")
+
+
+class MemoryBudget:
+    """Bytes reserved on the event loop (no lock needed); the work itself (decoding) may run in worker threads."""
+
+    def __init__(
+        self, capacity: int, wait_s: float, registry: CollectorRegistry | None = None, use: Use = DECODING
+    ) -> None:
+        self.capacity, self.wait_s, self.use = capacity, wait_s, use
         self.used = 0
         self.waiters: deque[Waiter] = deque()
-        self.gauge = Gauge("xmodal_decode_memory_bytes", "decoding memory reserved", registry=registry)
+        self.gauge = Gauge(use.gauge, f"memory reserved for {use.lent_to}", registry=registry)
 
     @contextlib.asynccontextmanager
     async def reserve(self, size: int, what: str) -> AsyncIterator[Reservation]:
         if size > self.capacity:
+            use = self.use
             raise InputTooLarge(
-                f"decoding {what} would take about {size / MB:,.0f} MB, over the {self.capacity / MB:,.0f} MB the "
-                "service lends decoding (XMODAL_DECODE_MEMORY_MB): send a smaller file",
+                f"{use.doing} {what} would take about {size / MB:,.0f} MB, over the {self.capacity / MB:,.0f} MB the "
+                f"service lends {use.lent_to} ({use.setting}): send a smaller file",
                 needed_bytes=size,
                 budget_bytes=self.capacity,
             )
@@ -102,7 +124,8 @@ class MemoryBudget:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise Overloaded(
-                f"decoding memory is busy: {what} needs about {size / MB:,.0f} MB and waited {self.wait_s:g} s; retry"
+                f"the memory lent to {self.use.lent_to} is busy: {what} needs about {size / MB:,.0f} MB and waited "
+                f"{self.wait_s:g} s; retry"
             ) from None
 
     def _take(self, size: int) -> None:

@@ -11,7 +11,8 @@ from fastapi import HTTPException
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_response
+from service.budget import MB, MemoryBudget
+from service.errors import InputTooLarge, Overloaded, error_response, xmodal_response
 from service.logs import request_id
 
 
@@ -40,6 +41,44 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
+
+
+class BodyBudget:
+    """A request whose body is over ``SMALL_BODY`` bytes (from Content-Length; a chunked one counts as the largest
+    body allowed) reserves ``COPIES`` x its length of the body budget (XMODAL_BODY_MEMORY_MB) before its body is
+    read, and holds it until its answer is sent: so many large uploads at once wait their turn, or get 429 (413 for
+    one larger than the whole budget), rather than the process growing by their copies. A search's JSON of a few
+    KB passes at once."""
+
+    SMALL_BODY = 1 << 16
+    COPIES = 3  # the body's bytes, its JSON text, the base64-decoded file(s)
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        budget: MemoryBudget | None = getattr(scope["app"].state, "body_budget", None) if "app" in scope else None
+        if scope["type"] != "http" or budget is None:
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit():
+            length = int(declared)
+        elif b"transfer-encoding" in headers:
+            length = self.limit
+        else:
+            length = 0
+        if length <= self.SMALL_BODY:
+            return await self.app(scope, receive, send)
+        holding = budget.reserve(min(length, self.limit) * self.COPIES, f"a body of {length / MB:,.1f} MB")
+        try:
+            await holding.__aenter__()
+        except (InputTooLarge, Overloaded) as exc:  # before a byte of the body is read
+            return await xmodal_response(exc)(scope, receive, send)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            await holding.__aexit__(None, None, None)
 
 
 class CountRequests:

@@ -88,7 +88,15 @@ class Settings(BaseSettings):
     decode_memory_mb: int = Field(
         512, ge=1, description="memory lent to decoding images and audio, all requests together (413 over it)"
     )
-    decode_wait_s: float = Field(2.0, ge=0, description="how long an input waits for decoding memory before 429")
+    decode_wait_s: float = Field(
+        2.0, ge=0, description="how long an input waits for decoding memory, or a body for body memory, before 429"
+    )
+    body_memory_mb: int = Field(
+        256,
+        ge=1,
+        description="memory lent to request bodies of over 64 KiB, all requests together: each reserves 3x its "
+        "length (its bytes, its JSON text, its decoded files) before it is read (413 over it, 429 after waiting)",
+    )
     serve_media: bool = Field(
         True, description="serve the indexed items' own pictures and sounds (by item id) for the search page at /"
     )

@@ -14,7 +14,7 @@ from fastapi import Request
 
 from models.encoder import Encoder
 from service.admission import Admission
-from service.budget import MB, MemoryBudget
+from service.budget import BODIES, MB, MemoryBudget
 from service.cache import Cache, CircuitBreaker, LocalCache, RedisCache
 from service.media import MediaRenderer
 from service.metrics import Metrics
@@ -42,6 +42,9 @@ class ServiceState:
         self.media = MediaRenderer(settings.media_cache_bytes)
         self.admission = Admission.from_settings(settings, self.metrics.registry)
         self.decode_budget = MemoryBudget(settings.decode_memory_mb * MB, settings.decode_wait_s, self.metrics.registry)
+        self.body_budget = MemoryBudget(
+            settings.body_memory_mb * MB, settings.decode_wait_s, self.metrics.registry, use=BODIES
+        )
         self.registry = Registry(settings, self._query_encoder, on_index=self._index_loaded)
         self.search = SearchService(self.registry, self.cache, self.metrics, settings)
 
