@@ -334,8 +334,8 @@ class FrontDoor:
     thing, outside FastAPI's own middleware): a ``GATED`` POST that arrives while the service is at its limit gets its
     429 here, its body never read. Under 8x overload most requests are refused, and their cost comes out of the CPU
     the admitted ones need: through the whole middleware stack a refusal cost about 180 us of CPU, here about 100 us
-    (of which uvicorn's own share is 50-90 us). Not refused here, so that the layers inside answer them as before: a request while the
-    service drains (503), and one without a valid key when keys are set (401/403).
+    (of which uvicorn's own share is 50-90 us). Not refused here, so that the layers inside answer them as before:
+    a request while the service drains (503), and one without a valid key when keys are set (401/403).
 
     ``count(path)`` counts the refusal in the request counts by route (what CountRequests does for the others); each
     answer carries an ``X-Request-ID`` (a per-process prefix and a counter: no uuid per refusal)."""
