@@ -59,10 +59,7 @@ def build(
 
     rows = np.concatenate([tune_rows, held_rows])
     if ondisk_lists:
-        faiss = faiss_backend.import_faiss()
-        nlist = faiss.extract_index_ivf(faiss.index_factory(source.dim, key, faiss.METRIC_INNER_PRODUCT)).nlist
-        train_rows = faiss_backend.train_rows(source.n, nlist)
-        ondisk.build(folder, modality, source, key, train_rows, rows, answer, [observe])
+        ondisk.build(folder, modality, source, key, rows, answer, [observe])
         index = ondisk.open_index(folder, modality)
         placement = Placement("cpu", "on-disk inverted lists are built and searched on the CPU")
     else:

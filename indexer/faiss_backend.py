@@ -61,7 +61,8 @@ def build(vectors: np.ndarray, key: str, use_gpu: bool = True) -> tuple[Any, Pla
         raise InvalidInput(f"invalid FAISS index key {key!r}: {exc}") from None
     ivf = faiss.try_extract_index_ivf(index)  # on the CPU form: a GPU copy is no faiss.IndexIVF
     rows = train_rows(len(vectors), ivf.nlist if ivf is not None else 0)
-    placement = gpu.place(index, use_gpu, gpu_count(faiss) if use_gpu else 0)
+    gpus = gpu_count(faiss) if use_gpu else 0
+    placement = gpu.place(index, use_gpu, gpus)
     if placement.device == "gpu":
         placement = dataclasses.replace(placement, gpus=1)  # a build uses one GPU (replicas would repeat the work)
         try:
@@ -69,7 +70,7 @@ def build(vectors: np.ndarray, key: str, use_gpu: bool = True) -> tuple[Any, Pla
         except RuntimeError as exc:  # the CPU index is untouched: the GPU worked on a clone
             placement = gpu.fallback(exc)
             log.warning("FAISS %s: %s", key, placement.reason)
-    elif use_gpu and gpu_count(faiss) > 0:
+    elif gpus > 0:
         log.warning("FAISS %s is built on the CPU: %s", key, placement.reason)
     _train_add(index, vectors, rows)
     return index, placement

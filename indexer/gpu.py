@@ -57,12 +57,12 @@ def _faiss() -> Any:
 def gpu_support(index: Any) -> Support:
     """Whether ``index`` (a CPU FAISS index) can be cloned to a GPU, from its type and parameters alone."""
     faiss = _faiss()
-    return _support(faiss, faiss.downcast_index(index), index)
+    # ``index`` stays referenced here while its downcast view is looked at (the view does not own the C++ index)
+    return _support(faiss, faiss.downcast_index(index))
 
 
-def _support(faiss: Any, index: Any, owner: Any) -> Support:
-    """``index``: the downcast view of ``owner``, which must stay referenced while it is looked at (the view does not
-    own the C++ index: were the owner collected, it would point at freed memory)."""
+def _support(faiss: Any, index: Any) -> Support:
+    """``index``: the downcast view of an index its caller keeps referenced."""
     name = type(index).__name__
     if isinstance(index, faiss.IndexPreTransform):
         inner = gpu_support(index.index)

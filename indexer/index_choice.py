@@ -74,10 +74,10 @@ def nlist_for(n: int) -> int:
     return max(nlist, min(NLIST_MIN, max(1, n // MIN_POINTS_PER_LIST)))
 
 
-def pq_m(dim: int, dims_each: int = 8) -> int:
+def pq_m(dim: int) -> int:
     """Sub-quantisers of the on-disk PQ code: dim/8 (8 dimensions each, 8 bits each: dim/8 bytes a vector), or the
     largest divisor of dim below."""
-    m = max(1, dim // dims_each)
+    m = max(1, dim // 8)
     while dim % m:
         m -= 1
     return m

@@ -65,15 +65,15 @@ def build(
     modality: str,
     source: VectorSource,
     key: str,
-    train_rows: np.ndarray | None,
     extra_rows: np.ndarray | None = None,
     on_extra: Callable[[np.ndarray], None] | None = None,
     observers: Iterable[Callable[[int, np.ndarray], None]] = (),
 ) -> None:
     """Write ``modality``'s on-disk index of ``source``'s vectors into ``folder`` (factory ``key``: ``IVFn,PQmnp,
-    Refine(SQ8)``), trained on ``train_rows`` (None: every row). The vectors of ``extra_rows`` are taken in the pass
-    that takes the training sample and handed to ``on_extra`` before the vectors are added; each chunk read for the
-    add is handed to every observer (first row, vectors): exact answers of those rows are computed in the same pass
+    Refine(SQ8)``), trained on a sample sized for its lists (faiss_backend.train_rows). The vectors of ``extra_rows``
+    are taken in the pass that takes the training sample and handed to ``on_extra`` before the vectors are added;
+    each chunk read for the add is handed to every observer (first row, vectors): exact answers of those rows are
+    computed in the same pass
     (indexer.dense_build)."""
     faiss = faiss_backend.import_faiss()
     index = faiss.index_factory(source.dim, key, faiss.METRIC_INNER_PRODUCT)
@@ -83,7 +83,8 @@ def build(
     sq = faiss.downcast_index(index.refine_index)
     if not isinstance(sq, faiss.IndexScalarQuantizer):
         raise AssertionError(f"the refine step of an on-disk index is a scalar quantizer, not {key!r}")
-    rows = np.arange(source.n) if train_rows is None else np.asarray(train_rows)
+    train_rows = faiss_backend.train_rows(source.n, faiss.extract_index_ivf(index).nlist)
+    rows = np.arange(source.n) if train_rows is None else train_rows
     wanted = rows if extra_rows is None else np.concatenate([rows, extra_rows])
     taken = source.take(wanted)
     sample = taken[: len(rows)]

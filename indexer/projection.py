@@ -43,8 +43,8 @@ class Query:
     """A query array (a vector [1, D] or token vectors [L, D]) in the query model's space, and, projected once on
     first use, in the OLD model's space: what each segment is searched with (``of``)."""
 
-    def __init__(self, x: np.ndarray, modality: str | None, projection: Projection | None) -> None:
-        self.x, self.modality, self._projection = x, modality, projection
+    def __init__(self, x: np.ndarray, modality: str | None) -> None:
+        self.x, self.modality = x, modality
         self._projected: np.ndarray | None = None
 
     def of(self, space: Projection | None) -> np.ndarray:

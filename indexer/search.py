@@ -152,7 +152,7 @@ class LoadedIndex:
         target's scores are mapped to scores comparable across modalities (``score``; ``calibration``, default
         the index's, see indexer.calibration and :meth:`fusion`) and near duplicates of the query come first;
         ``similarity`` stays the raw cosine."""
-        q = Query(self._vector(query), query_modality, self._projection)
+        q = Query(self._vector(query), query_modality)
         targets = self._targets(modalities)
         per_target = {t: self._search_modality(q, k, t, filter) for t in targets}
         fusion = self.fusion(calibration, query_modality, targets, "dense", duplicates_first)
@@ -203,8 +203,8 @@ class LoadedIndex:
         if params.scope not in SCOPES:
             raise InvalidInput(f"late scope must be one of {list(SCOPES)}, not {params.scope!r}")
         targets = self._targets(modalities)
-        vector = None if query.vector is None else Query(self._vector(query.vector), query_modality, self._projection)
-        tokens = Query(tokens, query_modality, self._projection)
+        vector = None if query.vector is None else Query(self._vector(query.vector), query_modality)
+        tokens = Query(tokens, query_modality)
         groups = [[t] for t in targets] if params.scope == "modality" else [targets]
         found = {"+".join(g): self._late_group(tokens, vector, k, g, filter, params) for g in groups}
         per_group = {g: [hit for hit, _ in pairs] for g, pairs in found.items()}

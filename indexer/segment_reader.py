@@ -130,10 +130,8 @@ class SegmentView:
     def faiss_rows(self, q: np.ndarray, fetch: int, modality: str) -> tuple[np.ndarray, np.ndarray]:
         """FAISS top ``fetch`` live rows of one modality: (scores, segment rows) [fetch], rows -1 past the end.
         ``q`` is in this segment's space (indexer.projection.Query.of); scores come back on the query model's scale."""
-        if self.projection is None:
-            return self._faiss_rows(q, fetch, modality)
         scores, rows = self._faiss_rows(q, fetch, modality)
-        return self.projection.scores(scores), rows
+        return (scores if self.projection is None else self.projection.scores(scores)), rows
 
     def _faiss_rows(self, q: np.ndarray, fetch: int, modality: str) -> tuple[np.ndarray, np.ndarray]:
         if modality not in self.data.indexes or self.live.get(modality, 0) == 0:

@@ -42,8 +42,8 @@ def exact_topk(queries: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(top, order, axis=1)
 
 
-def sample_rows(n: int, seed: int = 0, size: int = RECALL_SAMPLE) -> np.ndarray:
-    return np.random.default_rng(seed).choice(n, size=min(size, n), replace=False)
+def sample_rows(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).choice(n, size=min(RECALL_SAMPLE, n), replace=False)
 
 
 @dataclass
@@ -61,10 +61,6 @@ class Truth:
     @property
     def kth(self) -> np.ndarray:
         return self.scores[:, self.k - 1] if self.k else np.zeros(len(self.queries), np.float32)
-
-    def subset(self, rows: slice | np.ndarray) -> Truth:
-        own = None if self.own is None else self.own[rows]
-        return Truth(self.queries[rows], self.ids[rows], self.scores[rows], self.k, own)
 
 
 class TopK:

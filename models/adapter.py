@@ -153,7 +153,7 @@ class Adapter:
     def project(self, vectors: np.ndarray, modality: str | None = None) -> np.ndarray:
         x = np.ascontiguousarray(vectors, dtype=np.float32)
         flat = x.reshape(-1, x.shape[-1])
-        session = self.towers.get(modality, self.session) if modality else self.session
+        session = self.towers.get(modality, self.session)
         out = session.run([self.manifest.output], {self.manifest.input: flat})[0]
         return out.reshape(*x.shape[:-1], out.shape[-1])
 

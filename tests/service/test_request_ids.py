@@ -6,7 +6,6 @@ threads that decode its files; the encoder lanes, which serve every request, car
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import logging
@@ -16,11 +15,9 @@ import threading
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from service.app import create_app
 from service.logs import configure_logging
@@ -28,6 +25,7 @@ from service.serving import serving_options
 from service.settings import Settings
 from tests.conftest import ServerThread, free_port
 from tests.service.log_records import Records
+from tests.service.test_metrics import png_b64
 
 TEXT = {"index": "demo", "query": {"text": "a comet"}, "k": 1}
 GENERATED = re.compile(r"[0-9a-f]{32}")
@@ -163,13 +161,6 @@ def test_a_500_under_uvicorn_is_json_closes_the_connection_cleanly_and_logs_once
     ]
     assert not [x for x in lines if "Exception in ASGI application" in x["message"]]
     assert any(x["logger"] == "uvicorn.error" for x in lines)  # uvicorn's lines do reach this log
-
-
-def png_b64(seed: int) -> str:
-    pixels = np.random.default_rng(seed).integers(0, 256, (40, 56, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def test_decoding_threads_carry_the_request_id_and_encoder_lanes_none(served_data: Path) -> None:
