@@ -388,15 +388,14 @@ def main() -> None:
     print(f"\nload average (1, 5, 15 min): {load0} at the start, {load_average()} at the end; ", end="")
     print(f"{time.monotonic() - t1:.0f} s measuring, {t1 - t0:.0f} s preparing; {os.cpu_count()} CPUs")
     cores = ["load gen cores", "service cores", "other cores"]
+    rate_head = ["micro-batching", "clients", "q/s", "p50 ms", "p99 ms", "mean batch", "not 200", *cores]
     if encode_rows:
         print("\n## Cache-missing text searches (every request encodes; closed loop, fixed limit 512)\n")
-        head = ["micro-batching", "clients", "q/s", "p50 ms", "p99 ms", "mean batch", "not 200", *cores]
-        print(table(head, encode_rows))
+        print(table(rate_head, encode_rows))
         print(f"\nSustainable peak (best micro-batched row, 8+ clients): {peak:.1f} q/s at {best} clients")
     if image_rows:
         print(f"\n## Cache-missing image searches (COCO photos of {PHOTOS}, each request's bytes distinct)\n")
-        head = ["micro-batching", "clients", "q/s", "p50 ms", "p99 ms", "mean batch", "not 200", *cores]
-        print(table(head, image_rows))
+        print(table(rate_head, image_rows))
     elif "1" in parts:
         print(f"\nImage searches not measured: no photos at {PHOTOS} (the shared data folder is absent).")
     if overload_rows:

@@ -66,9 +66,16 @@ class AdminGate:
 
     def __init__(self, app: ASGIApp, routes: Sequence[BaseRoute], keys: list[str]) -> None:
         self.app, self.routes, self.keys = app, list(routes), keys
+        # the routes' paths up to their first parameter: a request on no such path (a search) is not matched against
+        # each route's pattern
+        self.prefixes = tuple({route.path.split("{", 1)[0] for route in self.routes})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not any(route.matches(scope)[0] == Match.FULL for route in self.routes):
+        if (
+            scope["type"] != "http"
+            or not scope["path"].startswith(self.prefixes)
+            or not any(route.matches(scope)[0] == Match.FULL for route in self.routes)
+        ):
             return await self.app(scope, receive, send)
         refusal = admin_refusal(presented_key(HTTPConnection(scope)), self.keys)
         if refusal is not None:

@@ -73,6 +73,11 @@ class Lane:
     def __init__(self, batcher: MicroBatcher, key: LaneKey) -> None:
         self.batcher, self.key, self.label = batcher, key, key.label
         self.series = (batcher.model, key.label)  # the batch metrics' labels: model and lane
+        metrics = batcher.metrics  # this lane's series, looked up once (not per query)
+        self.rejected, self.failed = metrics.rejected.labels(*self.series), metrics.failed.labels(*self.series)
+        self.queue_seconds = metrics.queue_seconds.labels(*self.series)
+        self.batch_size = metrics.batch_size.labels(*self.series)
+        self.encode_seconds = metrics.encode_seconds.labels(*self.series)
         settings = batcher.settings
         self.max_items = settings.batch_max
         self.max_cost = {"text": settings.batch_max_tokens, "image": settings.batch_max_pixels}.get(key.modality)
@@ -93,7 +98,7 @@ class Lane:
         """All of ``items`` join the queue, or none does (Overloaded)."""
         limit = self.batcher.settings.batch_queue
         if len(self.queue) + len(items) > limit:
-            self.batcher.metrics.rejected.labels(*self.series).inc(len(items))
+            self.rejected.inc(len(items))
             raise Overloaded(f"the {self.label} encoder has {len(self.queue)} queries waiting (limit {limit})")
         loop = asyncio.get_running_loop()
         futures = []
@@ -171,9 +176,9 @@ class Lane:
         now = time.monotonic()
         metrics, modality = self.batcher.metrics, self.key.modality
         for query in batch:
-            metrics.queue_seconds.labels(*self.series).observe(now - query.queued)
+            self.queue_seconds.observe(now - query.queued)
             metrics.stages.labels("queue", query.index, modality).observe(now - query.queued)
-        metrics.batch_size.labels(*self.series).observe(len(batch))
+        self.batch_size.observe(len(batch))
         loop = asyncio.get_running_loop()
         items = [q.item for q in batch]
         pool = self.batcher.executor
@@ -182,7 +187,7 @@ class Lane:
             try:
                 results: list[Any] = await loop.run_in_executor(pool, self.batcher.encode_batch, self.key, items)
             except Exception as exc:  # noqa: BLE001 - whichever input made it raise fails alone, below
-                metrics.failed.labels(*self.series).inc()
+                self.failed.inc()
                 log.warning(
                     "a %s batch of %d queries raised (%s: %s); encoding them one by one",
                     self.label,
@@ -193,7 +198,7 @@ class Lane:
                 )
                 results = await loop.run_in_executor(pool, self.batcher.encode_each, self.key, items)
             took = time.perf_counter() - t0
-            metrics.encode_seconds.labels(*self.series).observe(took)
+            self.encode_seconds.observe(took)
             for query in batch:
                 metrics.stages.labels("encode", query.index, modality).observe(took)
             for query, result in zip(batch, results, strict=True):

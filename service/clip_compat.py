@@ -233,7 +233,7 @@ async def knn_service(request: Request, state: ServiceState = Depends(get_state)
     k = min(total, state.settings.max_k)
     search_req = search_request(req, name, max(k, 1))
     if k == 0:
-        return await json_response([])
+        return await json_response([], large=False)
     results, index = await served_search(search_req, state, request, life)
     if req.deduplicate:
         results = await run_in_threadpool(deduplicated, index, results, req.modality)
@@ -263,7 +263,7 @@ async def indices_list(state: ServiceState = Depends(get_state)) -> list[str]:
 async def metadata(request: Request, state: ServiceState = Depends(get_state)) -> Response:
     req = await read_body(request, MetadataRequest)
     if not req.ids:
-        return await json_response([])  # as clip_back, before looking at the index
+        return await json_response([], large=False)  # as clip_back, before looking at the index
     if len(req.ids) > state.settings.max_k:
         raise InvalidInput(f"ids holds {len(req.ids)} ids; the limit is {state.settings.max_k}")
     index = state.registry.index(req.indice_name)

@@ -22,7 +22,6 @@ from service.payloads import decode_base64, input_modality
 from service.render import render_in_pieces
 from service.routes import ERRORS, while_connected
 from service.schemas import RequestBody
-from service.settings import Settings
 from service.state import ServiceState, deadline_of, get_state
 
 router = APIRouter(tags=["OpenAI compatibility"])
@@ -87,7 +86,7 @@ async def embeddings(req: EmbeddingsRequest, request: Request, state: ServiceSta
         queries.check_texts(inputs)
         usage = sum(await run_in_threadpool(encoder.count_tokens, inputs))  # 256 long texts: not on the event loop
         if req.tokens:  # refuse before the work: each token is a dim-float vector in the answer
-            check_response_floats(state.settings, (usage + len(inputs)) * encoder.dim)
+            check_response_floats((usage + len(inputs)) * encoder.dim, state.settings.max_response_floats)
         items: list[str | bytes] = list(inputs)
     else:  # files of up to XMODAL_MAX_BODY_BYTES: decoded off the event loop
         items = await run_in_threadpool(decoded, inputs)
@@ -109,8 +108,7 @@ def embeddings_answer(found: list, req: EmbeddingsRequest, dims: int, model: str
         vecs = np.stack([f.embedding[0] for f in found])
         tokens = [f.tokens[0] for f in found]
         floats = vecs.size + sum(t.size for t in tokens)
-        if floats > max_floats:
-            raise ResponseTooLarge(too_many_floats(floats, max_floats), param="tokens")
+        check_response_floats(floats, max_floats)
     else:
         vecs = np.stack(found)
     if dims != vecs.shape[1]:  # Matryoshka: the leading dims, renormalised
@@ -143,16 +141,13 @@ def output_dims(encoder: Encoder, wanted: int | None) -> int:
     return wanted
 
 
-def check_response_floats(settings: Settings, floats: int) -> None:
-    if floats > settings.max_response_floats:
-        raise ResponseTooLarge(too_many_floats(floats, settings.max_response_floats), param="tokens")
-
-
-def too_many_floats(floats: int, limit: int) -> str:
-    return (
-        f"the answer would hold {floats:,} floats, over the limit of {limit:,} (XMODAL_MAX_RESPONSE_FLOATS); "
-        "send fewer or shorter inputs, or leave out `tokens`"
-    )
+def check_response_floats(floats: int, limit: int) -> None:
+    if floats > limit:
+        raise ResponseTooLarge(
+            f"the answer would hold {floats:,} floats, over the limit of {limit:,} (XMODAL_MAX_RESPONSE_FLOATS); "
+            "send fewer or shorter inputs, or leave out `tokens`",
+            param="tokens",
+        )
 
 
 class ModelCard(BaseModel):

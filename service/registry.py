@@ -100,24 +100,12 @@ class Registry:
 
     # --- the published snapshot, read ----------------------------------------------------------
     @property
-    def models(self) -> dict[str, QueryEncoder]:
-        return self.served.models
-
-    @property
-    def model_errors(self) -> dict[str, str]:
-        return self.served.model_errors
-
-    @property
     def indexes(self) -> dict[str, LoadedIndex]:
         return self.served.indexes
 
     @property
     def index_errors(self) -> dict[str, str]:
         return self.served.index_errors
-
-    @property
-    def default(self) -> str | None:
-        return self.served.default
 
     # --- loading -------------------------------------------------------------------------------
     @property
@@ -264,9 +252,6 @@ class Registry:
                 index.close()
 
     # --- serving: each answer from one snapshot ------------------------------------------------
-    def ready(self) -> bool:
-        return self.served.ready()
-
     def index(self, name: str) -> LoadedIndex:
         served = self.served
         loaded = served.indexes.get(name)
@@ -302,7 +287,3 @@ class Registry:
 
     def model_ids(self) -> dict[str, str]:
         return self.served.model_ids()
-
-    @property
-    def model_error(self) -> str | None:
-        return self.served.model_error

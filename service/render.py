@@ -67,10 +67,8 @@ def _plain(value: Any) -> Any:
     return _model(value)
 
 
-async def json_response(
-    content: Any, status_code: int = 200, headers: dict[str, str] | None = None, large: bool = True
-) -> Response:
+async def json_response(content: Any, large: bool = True) -> Response:
     """``content`` as an application/json response: rendered in pieces in a worker thread when it may be ``large``,
     else at once (a search of 10 results: a thread hop would cost more than rendering it)."""
     body = await run_in_threadpool(render_in_pieces, content) if large else render(content)
-    return Response(body, status_code=status_code, headers=headers, media_type="application/json")
+    return Response(body, media_type="application/json")

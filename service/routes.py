@@ -17,10 +17,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from indexer import faiss_backend, gpu
+from indexer import gpu
 from indexer.layout import IndexDir
 from models.errors import InvalidInput
-from models.runtime import device_of, import_onnxruntime
+from models.runtime import device_of
 from service.errors import ClientGone
 from service.fetch import with_fetched_image
 from service.payloads import upload_modality
@@ -145,6 +145,7 @@ async def search_file(
 
 @router.get("/v1/indexes", response_model=IndexList, summary="Published indexes being served")
 async def list_served(state: ServiceState = Depends(get_state)) -> IndexList:
+    served = state.registry.served  # one snapshot: the indexes and the refusals that belong together
     return IndexList(
         indexes=[
             IndexSummary(
@@ -158,9 +159,9 @@ async def list_served(state: ServiceState = Depends(get_state)) -> IndexList:
                 late=idx.has_tokens,
                 upgrading_from=idx.manifest.upgrade.from_model.name if idx.manifest.upgrade else None,
             )
-            for name, idx in sorted(state.registry.indexes.items())
+            for name, idx in sorted(served.indexes.items())
         ],
-        refused=state.registry.index_errors,
+        refused=served.index_errors,
     )
 
 
@@ -228,21 +229,11 @@ async def readyz(state: ServiceState = Depends(get_state)) -> JSONResponse:
             }
             for n, i in registry.indexes.items()
         },
-        "devices": devices(state.settings.device),
+        "devices": state.devices,
         "refused_indexes": registry.index_errors,
         "cache": state.cache.status(),
     }
     return JSONResponse(body, status_code=200 if body["ready"] else 503)
-
-
-def devices(setting: str) -> dict:
-    """What this process could run on: the device setting (XMODAL_DEVICE), the GPUs FAISS sees, the providers this
-    ONNX Runtime offers. What each model and index does run on is reported beside them."""
-    return {
-        "setting": setting,
-        "faiss_gpus": faiss_backend.gpu_count(faiss_backend.import_faiss()),
-        "onnxruntime_providers": import_onnxruntime().get_available_providers(),
-    }
 
 
 @router.get(

@@ -150,8 +150,7 @@ class SearchService:
     def _stage(self, stage: str, index: LoadedIndex, req: SearchRequest) -> Iterator[None]:
         t0 = time.perf_counter()
         yield
-        modality = req.query.modality or "embedding"
-        self.metrics.stage_seconds.labels(stage, index.name, modality).observe(time.perf_counter() - t0)
+        self.metrics.stage(stage, index.name, req.query.modality or "embedding", time.perf_counter() - t0)
 
 
 def carries_file(q: Query) -> bool:

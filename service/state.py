@@ -8,11 +8,14 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 from fastapi import Request
 
+from indexer import faiss_backend
 from models.encoder import Encoder
+from models.runtime import import_onnxruntime
 from service.admission import Admission
 from service.budget import BODIES, MB, MemoryBudget
 from service.cache import Cache, CircuitBreaker, LocalCache, RedisCache
@@ -53,6 +56,17 @@ class ServiceState:
         return QueryEncoder(
             encoder, self.settings, self.cache, self.decode_budget, self.metrics, lambda: self.admission.inflight
         )
+
+    @functools.cached_property
+    def devices(self) -> dict:
+        """What this process could run on: the device setting (XMODAL_DEVICE), the GPUs FAISS sees, the providers this
+        ONNX Runtime offers (read once: they do not change while the process runs; /readyz asks on every probe). What
+        each model and index does run on is reported beside them."""
+        return {
+            "setting": self.settings.device,
+            "faiss_gpus": faiss_backend.gpu_count(faiss_backend.import_faiss()),
+            "onnxruntime_providers": import_onnxruntime().get_available_providers(),
+        }
 
     def _index_loaded(self, index) -> None:  # noqa: ANN001 - a LoadedIndex
         self.metrics.index_items.labels(index.name).set(index.size)
