@@ -320,7 +320,7 @@ def align(
     order = np.random.default_rng(seed).permutation(len(texts))  # only the plain texts are held out
     n_held = max(10, int(round(heldout * len(texts))))
     data = AlignData(x, y, np.concatenate([order[n_held:], np.arange(len(texts), len(x))]), np.sort(order[:n_held]))
-    text_rows = len(texts) + counts.get("pair_texts", 0)
+    text_rows = len(texts) + counts.get("pair_texts", 0) * PAIR_WEIGHT  # counts are pairs; each is PAIR_WEIGHT rows
     media = {m: counts[f"pair_{m}"] * PAIR_WEIGHT for m in ("image", "audio") if f"pair_{m}" in counts}
     data.train = data.train[data.train < text_rows]  # the text map: texts only; each media tower gets its own below
     method, w, figures = fit(data)
